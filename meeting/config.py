@@ -1,0 +1,169 @@
+"""Configuration: one YAML file, every key overridable by ``MEETING_<SECTION>_<KEY>``.
+
+The dataclasses below are the single source of the schema: their types and
+``metadata["validate"]`` drive a marshmallow schema built from them, so a bad
+value fails at start-up with a message naming the key instead of surfacing
+later as a confusing runtime error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from marshmallow import Schema, ValidationError, fields, validate
+
+#: Shipped so that `python -m meeting` works with no setup; the server warns
+#: loudly whenever it runs with it.
+DEV_SECRET = "dev-secret-change-me-0123456789abcdef"
+ENV_PREFIX = "MEETING_"
+
+
+class ConfigError(Exception):
+    """Raised for any invalid configuration; the message names the bad key."""
+
+
+def _opt(default: Any, *validators: Any) -> Any:
+    return field(default=default, metadata={"validate": list(validators)})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = _opt(8080, validate.Range(1, 65535))
+    max_body_size: int = _opt(1024 * 1024, validate.Range(min=1024))
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = _opt("sqlite+aiosqlite:///meeting.db", validate.Length(min=1))
+    pool_size: int = _opt(10, validate.Range(1, 1000))
+    connect_timeout: float = _opt(5.0, validate.Range(min=0.1))
+    echo: bool = False
+    auto_migrate: bool = True
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str | None = None
+    prefix: str = _opt("meeting", validate.Length(min=1))
+    socket_timeout: float = _opt(0.5, validate.Range(min=0.01))
+    cache_ttl: int = _opt(300, validate.Range(min=1))
+    error_log_interval: float = _opt(30.0, validate.Range(min=0))
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    secret: str = _opt(DEV_SECRET, validate.Length(min=32, error="must be at least 32 characters (HS256 needs a 256-bit key)"))
+    token_ttl: int = _opt(3600, validate.Range(min=1))
+    hash_time_cost: int = _opt(3, validate.Range(1, 20))
+    hash_memory_kib: int = _opt(65536, validate.Range(min=8))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _opt("INFO", validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]))
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_FIELD_TYPES: dict[Any, type[fields.Field]] = {
+    str: fields.String, int: fields.Integer, float: fields.Float, bool: fields.Boolean,
+}
+
+
+def _section_schema(cls: type) -> Schema:
+    hints = typing.get_type_hints(cls)
+    declared: dict[str, fields.Field] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        optional = type(None) in typing.get_args(hint)
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        declared[f.name] = _FIELD_TYPES[base](
+            allow_none=optional, validate=f.metadata.get("validate", []),
+            **({"strict": True} if base is int else {}),
+        )
+    return Schema.from_dict(declared, name=cls.__name__)()
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Environment values are parsed as YAML scalars, so `10` is an int and `true` a bool."""
+    sections = _sections()
+    result: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if section not in sections:
+            continue  # not a config variable (e.g. MEETING_REQUIRE_SERVICES)
+        known = {f.name for f in dataclasses.fields(sections[section])}
+        if key not in known:
+            raise ConfigError(f"{name}: unknown setting {section}.{key!r}; known: {', '.join(sorted(known))}")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, (dict, list)):
+            value = raw
+        result.setdefault(section, {})[key] = value
+    return result
+
+
+def build_config(data: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate ``data`` (file contents) with ``environ`` applied on top."""
+    data = dict(data or {})
+    sections = _sections()
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    overrides = _env_overrides(os.environ if environ is None else environ)
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        raw = data.get(name) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{name}: must be a mapping")
+        merged = {**raw, **overrides.get(name, {})}
+        try:
+            loaded = _section_schema(cls).load(merged)
+        except ValidationError as exc:
+            key, msgs = next(iter(exc.normalized_messages().items()))
+            raise ConfigError(f"{name}.{key}: {' '.join(map(str, msgs))}") from None
+        built[name] = cls(**loaded)
+    return Config(**built)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or ``./config.yaml`` if present, else the defaults)."""
+    if path is None and Path("config.yaml").is_file():
+        path = "config.yaml"
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path} must be a mapping of sections")
+    return build_config(data, environ)
+
+
+def with_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """A copy of ``config`` with some keys replaced (used by tests and tools)."""
+    changed = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(config, **changed)

@@ -1,0 +1,29 @@
+"""Every typed key of the application and of requests, in one place.
+
+Keys are typed so that handlers get precise types from ``request.app[key]`` and
+so that aiohttp does not warn about string keys (tests turn warnings into errors).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .auth import AuthService, TokenCodec
+    from .config import Config
+    from .users import UserService
+
+config_key = web.AppKey("config", "Config")
+engine_key = web.AppKey("engine", "AsyncEngine")
+redis_key = web.AppKey("redis", "aioredis.Redis | None")
+tokens_key = web.AppKey("tokens", "TokenCodec")
+auth_service_key = web.AppKey("auth_service", "AuthService")
+user_service_key = web.AppKey("user_service", "UserService")
+
+#: The authenticated user's id, set by the auth middleware from the JWT.
+user_id_key = web.RequestKey("user_id", int)
