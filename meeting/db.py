@@ -1,0 +1,206 @@
+"""Storage: table definitions, the engine's lifecycle and the migration entry point.
+
+One SQLAlchemy Core code path serves MariaDB/MySQL (aiomysql) and SQLite
+(aiosqlite). The per-backend differences live here and only here: column
+variants, connection set-up, and the transaction mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+from sqlalchemy import (
+    BigInteger, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+    TypeDecorator, event, text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .config import DatabaseConfig
+from .typedefs import config_key, engine_key
+
+log = logging.getLogger(__name__)
+
+MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_unicode_ci", "mysql_engine": "InnoDB"}
+#: Auto-increment ids: BIGINT on MySQL, but INTEGER on SQLite (only INTEGER PRIMARY KEY is the rowid).
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stores naive UTC with microseconds (DATETIME(6) on MySQL) and returns aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+metadata = MetaData()
+
+users = Table(
+    "users", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # utf8mb4_bin: usernames are stored lower-cased, compared byte for byte on both backends.
+    Column("username", String(32).with_variant(mysql.VARCHAR(32, collation="utf8mb4_bin"), "mysql", "mariadb"), nullable=False, unique=True),
+    Column("display_name", String(64), nullable=False),
+    Column("password_hash", String(255), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE_ARGS,
+)
+
+meetings = Table(
+    "meetings", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("title", String(200), nullable=False),
+    Column("organizer_id", Id, ForeignKey("users.id"), nullable=False, index=True),
+    Column("starts_at", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE_ARGS,
+)
+
+meeting_participants = Table(
+    "meeting_participants", metadata,
+    Column("meeting_id", Id, ForeignKey("meetings.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", Id, ForeignKey("users.id"), primary_key=True),
+    Index("ix_meeting_participants_user", "user_id", "meeting_id"),
+    **MYSQL_TABLE_ARGS,
+)
+
+messages = Table(
+    "messages", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("sender_id", Id, ForeignKey("users.id"), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("content", Text(), nullable=False),
+    Column("meeting_id", Id, ForeignKey("meetings.id"), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_messages_sender", "sender_id", "id"),
+    **MYSQL_TABLE_ARGS,
+)
+
+message_recipients = Table(
+    "message_recipients", metadata,
+    Column("message_id", Id, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("recipient_id", Id, ForeignKey("users.id"), primary_key=True),
+    Column("read_at", UTCDateTime(), nullable=True),
+    Index("ix_message_recipients_inbox", "recipient_id", "message_id"),
+    # "unread of user X, oldest first" is an index range scan: read_at IS NULL is an equality.
+    Index("ix_message_recipients_unread", "recipient_id", "read_at", "message_id"),
+    **MYSQL_TABLE_ARGS,
+)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
+    url = make_url(cfg.url)
+    backend = url.get_backend_name()
+    kwargs: dict[str, Any] = {"echo": cfg.echo, "pool_pre_ping": True}
+    if backend in ("mysql", "mariadb"):
+        if "charset" not in url.query:
+            url = url.update_query_dict({"charset": "utf8mb4"})
+        kwargs.update(
+            pool_size=cfg.pool_size, max_overflow=cfg.pool_size, pool_recycle=3600,
+            isolation_level="READ COMMITTED",
+            connect_args={"connect_timeout": max(1, round(cfg.connect_timeout))},
+        )
+    elif backend == "sqlite":
+        kwargs.update(connect_args={"timeout": max(cfg.connect_timeout, 5.0)})
+        if url.database and url.database != ":memory:":
+            kwargs.update(pool_size=cfg.pool_size, max_overflow=0)
+    engine = create_async_engine(url, **kwargs)
+    if backend == "sqlite":
+        _tune_sqlite(engine)
+    return engine
+
+
+def _tune_sqlite(engine: AsyncEngine) -> None:
+    """Foreign keys on, WAL, and BEGIN IMMEDIATE.
+
+    pysqlite's implicit deferred transactions let two writers both take a read
+    lock and then fail to upgrade ("database is locked") without waiting; taking
+    the write lock at BEGIN makes concurrent writers queue on the busy timeout.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Apply Alembic migrations up to ``revision`` over the given engine."""
+    from alembic import command
+
+    def _upgrade(sync_conn: Any) -> None:
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = sync_conn
+        command.upgrade(cfg, revision)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade)
+    log.info("database schema is at %s", revision)
+
+
+async def ping(engine: AsyncEngine, timeout: float) -> None:
+    async def _select_one() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    await asyncio.wait_for(_select_one(), timeout)
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the engine lives exactly as long as the app."""
+    cfg = app[config_key].database
+    engine = create_engine(cfg)
+    if cfg.auto_migrate:
+        await migrate(engine)
+    app[engine_key] = engine
+    yield
+    await engine.dispose()
+

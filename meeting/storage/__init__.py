@@ -1,0 +1,1 @@
+"""SQL for each aggregate, owned by meeting.db: the only modules that build queries."""
