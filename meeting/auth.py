@@ -1,0 +1,95 @@
+"""Identity: password hashing, JWT access tokens, registration and login.
+
+Argon2 is deliberately slow (tens of milliseconds), so hashing and verifying run
+in the default executor: a burst of logins must not stall live websockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .config import AuthConfig
+from .errors import Conflict, Unauthorized
+from .storage import users as user_store
+
+log = logging.getLogger(__name__)
+ALGORITHM = "HS256"
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    user_id: int
+    expires_at: dt.datetime
+
+
+class TokenCodec:
+    """HS256 only: the algorithm list is pinned on decode, so `alg: none` or RS/HS confusion is refused."""
+
+    def __init__(self, secret: str, ttl: int):
+        self._secret = secret
+        self.ttl = ttl
+
+    def issue(self, user_id: int, now: dt.datetime | None = None) -> str:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        claims = {"sub": str(user_id), "iat": now, "exp": now + dt.timedelta(seconds=self.ttl)}
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def decode(self, token: str) -> TokenClaims:
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM], options={"require": ["sub", "iat", "exp"]})
+            user_id = int(claims["sub"])
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("The access token has expired.", code="token_expired") from None
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            raise Unauthorized("The access token is invalid.", code="invalid_token") from None
+        return TokenClaims(user_id, dt.datetime.fromtimestamp(claims["exp"], dt.timezone.utc))
+
+
+class AuthService:
+    def __init__(self, engine: AsyncEngine, tokens: TokenCodec, cfg: AuthConfig):
+        self._engine = engine
+        self._tokens = tokens
+        self._hasher = PasswordHasher(time_cost=cfg.hash_time_cost, memory_cost=cfg.hash_memory_kib)
+        # Verified against when the username is unknown, so both failures take the same time.
+        self._dummy_hash = self._hasher.hash("not-a-real-password")
+
+    async def _in_executor(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def register(self, username: str, password: str, display_name: str | None) -> dict[str, Any]:
+        username = username.lower()
+        password_hash = await self._in_executor(self._hasher.hash, password)
+        try:
+            async with self._engine.begin() as conn:
+                user = await user_store.insert(conn, username, display_name or username, password_hash)
+        except user_store.UsernameTaken:
+            raise Conflict("That username is already taken.", code="username_taken") from None
+        log.info("registered user %s", user["id"])
+        return user
+
+    async def login(self, username: str, password: str) -> dict[str, Any]:
+        async with self._engine.connect() as conn:
+            user = await user_store.by_username(conn, username.lower())
+        stored = user["password_hash"] if user else self._dummy_hash
+        try:
+            await self._in_executor(self._hasher.verify, stored, password)
+        except (VerificationError, InvalidHashError):
+            user = None
+        if user is None:
+            raise Unauthorized("Wrong username or password.", code="invalid_credentials")
+        del user["password_hash"]
+        return {
+            "access_token": self._tokens.issue(user["id"]),
+            "token_type": "bearer",
+            "expires_in": self._tokens.ttl,
+            "user": user,
+        }

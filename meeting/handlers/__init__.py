@@ -1,0 +1,1 @@
+"""HTTP handlers: parse with a schema, call a service, serialise. No business rules here."""

@@ -1,0 +1,20 @@
+"""POST /auth/register and /auth/login."""
+
+from aiohttp import web
+
+from ..schemas import LoginResponseSchema, LoginSchema, RegisterSchema, UserSchema
+from ..typedefs import auth_service_key
+from .common import parse_body, public, respond
+
+
+@public
+async def register(request: web.Request) -> web.Response:
+    body = await parse_body(request, RegisterSchema())
+    user = await request.app[auth_service_key].register(**body)
+    return respond(UserSchema(), user, status=201)
+
+
+@public
+async def login(request: web.Request) -> web.Response:
+    body = await parse_body(request, LoginSchema())
+    return respond(LoginResponseSchema(), await request.app[auth_service_key].login(**body))

@@ -1,0 +1,122 @@
+"""The application factory, the route table and the middlewares.
+
+`create_app(config)` is the only way an app is built, by `python -m meeting`
+and by the tests alike; every resource it needs is opened and closed by a
+cleanup context, in the order listed in `_resources`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from marshmallow import ValidationError
+
+from . import db
+from .auth import AuthService, TokenCodec
+from .config import DEV_SECRET, Config
+from .errors import DomainError, Unauthorized
+from .handlers import auth, health, users
+from .handlers.common import Handler, error_response
+from .redis_client import redis_ctx
+from .typedefs import auth_service_key, config_key, engine_key, tokens_key, user_id_key, user_service_key
+from .users import UserService
+
+log = logging.getLogger(__name__)
+
+#: Stable codes for errors raised by aiohttp itself (routing, body size).
+HTTP_ERROR_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 422: "validation_error",
+}
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_routes([
+        web.get("/healthz", health.healthz),
+        web.post("/auth/register", auth.register),
+        web.post("/auth/login", auth.login),
+        web.get("/users/me", users.me),
+        web.get(r"/users/{id:\d+}", users.get_user),
+        web.get("/users", users.search),
+    ])
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as `{"error": {...}}` JSON; tracebacks stay in the log."""
+    try:
+        return await handler(request)
+    except DomainError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+    except ValidationError as exc:
+        return error_response(422, "validation_error", "The request is not valid.", exc.normalized_messages())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        code = HTTP_ERROR_CODES.get(exc.status, exc.reason.lower().replace(" ", "_"))
+        return error_response(exc.status, code, exc.reason, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "Something went wrong on our side.")
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routes need a bearer token unless their handler is marked `@public`."""
+    route_handler = request.match_info.handler
+    if getattr(request.match_info, "http_exception", None) is None and not getattr(route_handler, "public", False):
+        token = bearer_token(request)
+        if token is None:
+            raise Unauthorized("A bearer token is required.", code="missing_token")
+        request[user_id_key] = request.app[tokens_key].decode(token).user_id
+    return await handler(request)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path, status, duration. Never the query
+    string, where WebSocket clients may carry their token."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[config_key]
+    tokens = TokenCodec(cfg.auth.secret, cfg.auth.token_ttl)
+    app[tokens_key] = tokens
+    app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth)
+    app[user_service_key] = UserService(app[engine_key])
+    yield
+
+
+def create_app(config: Config) -> web.Application:
+    if config.auth.secret == DEV_SECRET:
+        log.warning("!!! running with the shipped development JWT secret: set MEETING_AUTH_SECRET in production !!!")
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=config.server.max_body_size,
+    )
+    app[config_key] = config
+    for ctx in (db.engine_ctx, redis_ctx, services_ctx):
+        app.cleanup_ctx.append(ctx)
+    setup_routes(app)
+    return app
