@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meeting.config import DEV_SECRET, Config, ConfigError, build_config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_yaml_states_exactly_the_defaults() -> None:
+    data = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    assert load_config(ROOT / "config.yaml", environ={}) == Config()
+    assert set(data) == set(Config.__dataclass_fields__)
+
+
+def test_environment_overrides_file_with_typed_values() -> None:
+    cfg = build_config(
+        {"database": {"url": "sqlite+aiosqlite:///a.db"}},
+        environ={"MEETING_DATABASE_URL": "mysql+aiomysql://u@h/db", "MEETING_DATABASE_POOL_SIZE": "3",
+                 "MEETING_DATABASE_ECHO": "true", "MEETING_REDIS_URL": "redis://x:1/0", "MEETING_REQUIRE_SERVICES": "1"},
+    )
+    assert cfg.database.url == "mysql+aiomysql://u@h/db"
+    assert cfg.database.pool_size == 3 and cfg.database.echo is True
+    assert cfg.redis.url == "redis://x:1/0"
+
+
+@pytest.mark.parametrize(
+    ("data", "environ", "named"),
+    [
+        ({"database": {"pool_size": "many"}}, {}, "database.pool_size"),
+        ({"server": {"port": 70000}}, {}, "server.port"),
+        ({"server": {"prot": 1}}, {}, "server.prot"),
+        ({"databse": {}}, {}, "databse"),
+        ({}, {"MEETING_DATABASE_URLL": "x"}, "MEETING_DATABASE_URLL"),
+        ({}, {"MEETING_LOGGING_LEVEL": "LOUD"}, "logging.level"),
+        ({"auth": {"secret": ""}}, {}, "auth.secret"),
+        ({"auth": {"secret": "short"}}, {}, "auth.secret"),
+    ],
+)
+def test_bad_settings_fail_loudly_naming_the_key(data: dict, environ: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        build_config(data, environ=environ)
+
+
+def test_empty_secret_from_environment_is_refused() -> None:
+    with pytest.raises(ConfigError, match="auth.secret"):
+        build_config({}, environ={"MEETING_AUTH_SECRET": ""})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_default_secret_is_the_development_one() -> None:
+    assert build_config({}, environ={}).auth.secret == DEV_SECRET

@@ -1,0 +1,92 @@
+"""`python -m meeting` as a newcomer runs it: real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import TEST_SECRET
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEETING_")}
+    env.update(MEETING_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}", MEETING_AUTH_SECRET=TEST_SECRET,
+               MEETING_AUTH_HASH_TIME_COST="1", MEETING_AUTH_HASH_MEMORY_KIB="1024", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+async def _run(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meeting", *args, cwd=tmp_path, env=_env(tmp_path, **env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_help_explains_serve_and_migrate(tmp_path: Path) -> None:
+    code, out = await _run(tmp_path, "--help")
+    assert code == 0
+    for word in ("migrate", "--config", "--host", "--port", "MEETING_"):
+        assert word in out
+
+
+async def test_migrate_creates_the_schema_and_exits(tmp_path: Path) -> None:
+    code, out = await _run(tmp_path, "migrate")
+    assert code == 0, out
+    with sqlite3.connect(tmp_path / "cli.db") as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"users", "meetings", "meeting_participants", "messages", "message_recipients", "alembic_version"} <= tables
+
+
+async def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    code, out = await _run(tmp_path, "migrate", MEETING_DATABASE_POOL_SIZE="lots")
+    assert code == 2
+    assert "database.pool_size" in out and "Traceback" not in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_serve_on_sqlite_prints_its_address_and_answers(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meeting", "--port", str(port), cwd=tmp_path, env=_env(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        seen = []
+        async def _wait_for_address() -> None:
+            assert proc.stdout is not None
+            while line := (await proc.stdout.readline()).decode():
+                seen.append(line)
+                if f"http://127.0.0.1:{port}" in line:
+                    return
+            raise AssertionError(f"server exited: {''.join(seen)}")
+        await asyncio.wait_for(_wait_for_address(), 30)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            async with http.post("/auth/register", json={"username": "newcomer", "password": "password123"}) as r:
+                assert r.status == 201
+            async with http.post("/auth/login", json={"username": "newcomer", "password": "password123"}) as r:
+                token = (await r.json())["access_token"]
+            async with http.get("/users/me", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert (await r.json())["username"] == "newcomer"
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+    assert proc.returncode is not None
+
+
+async def test_empty_secret_refuses_to_start(tmp_path: Path) -> None:
+    code, out = await _run(tmp_path, "--port", str(_free_port()), MEETING_AUTH_SECRET="")
+    assert code == 2 and "auth.secret" in out
