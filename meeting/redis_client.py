@@ -13,6 +13,8 @@ from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .typedefs import config_key, redis_key
 
@@ -28,6 +30,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
             socket_timeout=cfg.socket_timeout,
             socket_connect_timeout=cfg.socket_timeout,
             health_check_interval=30,
+            # One immediate retry (a pooled connection gone stale), never seconds of
+            # backoff: callers fall back to the database instead of waiting.
+            retry=Retry(NoBackoff(), 1),
         )
     app[redis_key] = client
     yield

@@ -1,0 +1,173 @@
+"""MessageService: the one place messages are written and read.
+
+It knows nothing of HTTP or websockets. Whoever needs to react to a stored or
+read message (real-time push) registers a listener; listeners run only after
+the transaction committed, so nobody is ever told about a message that a
+rollback then erased.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .cache import MessageCache
+from .errors import Forbidden, Invalid, NotFound
+from .storage import meetings as meeting_store
+from .storage import messages as store
+from .storage import users as user_store
+
+log = logging.getLogger(__name__)
+
+TEXT = "text"
+MEETING_INVITE = "meeting.invite"
+MAX_RECIPIENTS = 1000
+MAX_CONTENT = 10_000
+PAGE_SIZE = 50
+
+Message = dict[str, Any]
+StoredListener = Callable[[Message], Awaitable[None]]
+ReadListener = Callable[[int, list[int], int], Awaitable[None]]
+
+
+def _encode_rows(rows: list[Message]) -> str:
+    return json.dumps(rows, default=lambda v: v.isoformat(), ensure_ascii=False)
+
+
+def _decode_rows(raw: str) -> list[Message]:
+    rows = json.loads(raw)
+    for row in rows:
+        for key in ("created_at", "read_at"):
+            if row.get(key) is not None:
+                row[key] = dt.datetime.fromisoformat(row[key])
+    return rows
+
+
+class Batch:
+    """Messages sent inside one transaction (e.g. a meeting and its invitations)."""
+
+    def __init__(self, conn: AsyncConnection):
+        self.conn = conn
+        self.stored: list[Message] = []
+
+    async def send(self, sender_id: int, recipient_ids: Iterable[int], content: str, *,
+                   type_: str = TEXT, meeting_id: int | None = None) -> Message:
+        recipients = sorted(set(recipient_ids))
+        errors: dict[str, list[str]] = {}
+        if not recipients or len(recipients) > MAX_RECIPIENTS:
+            errors["recipient_ids"] = [f"Between 1 and {MAX_RECIPIENTS} distinct user ids."]
+        if not content.strip() or len(content) > MAX_CONTENT:
+            errors["content"] = [f"1 to {MAX_CONTENT} characters, not only white space."]
+        if errors:
+            raise Invalid("The message is not valid.", errors)
+        unknown = sorted(set(recipients) - await user_store.existing_ids(self.conn, recipients))
+        if unknown:
+            raise Invalid("Some recipients do not exist.", {"recipient_ids": [f"Unknown user ids: {unknown}"], "unknown_ids": unknown})
+        if meeting_id is not None:
+            members = await meeting_store.participants_among(self.conn, meeting_id, [sender_id, *recipients])
+            if members != {sender_id, *recipients}:
+                raise Forbidden("The sender and every recipient must take part in that meeting.", code="not_a_participant")
+        message = await store.insert(self.conn, sender_id, type_, content, meeting_id, recipients)
+        self.stored.append(message)
+        return message
+
+
+class MessageService:
+    def __init__(self, engine: AsyncEngine, cache: MessageCache):
+        self._engine = engine
+        self._cache = cache
+        self.on_stored: list[StoredListener] = []
+        self.on_read: list[ReadListener] = []
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[Batch]:
+        async with self._engine.begin() as conn:
+            batch = Batch(conn)
+            yield batch
+        if batch.stored:
+            await self._cache.invalidate({r for m in batch.stored for r in m["recipient_ids"]})
+            for message in batch.stored:
+                await self._notify(self.on_stored, message)
+
+    async def send_message(self, sender_id: int, recipient_ids: Iterable[int], content: str,
+                           meeting_id: int | None = None) -> Message:
+        async with self.batch() as batch:
+            return await batch.send(sender_id, recipient_ids, content, meeting_id=meeting_id)
+
+    async def _notify(self, listeners: list[Any], *args: Any) -> None:
+        """The data is committed whatever a listener does: log its failure, never raise it."""
+        for listener in listeners:
+            try:
+                await listener(*args)
+            except Exception:
+                log.exception("message listener %r failed", listener)
+
+    async def received(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
+        async def fetch() -> list[Message]:
+            async with self._engine.connect() as conn:
+                return await store.received(conn, user_id, limit + 1, before)
+
+        if before is None and limit == PAGE_SIZE:
+            rows = await self._cache.get("inbox", user_id, fetch, _encode_rows, _decode_rows)
+        else:
+            rows = await fetch()
+        return _page(rows, limit)
+
+    async def sent(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
+        async with self._engine.connect() as conn:
+            return _page(await store.sent(conn, user_id, limit + 1, before), limit)
+
+    async def unread(self, user_id: int, limit: int = PAGE_SIZE, after: int | None = None) -> dict[str, Any]:
+        async with self._engine.connect() as conn:
+            rows = await store.unread(conn, user_id, limit, after)
+        return {"messages": rows, "count": await self.unread_count(user_id)}
+
+    async def unread_count(self, user_id: int) -> int:
+        async def fetch() -> int:
+            async with self._engine.connect() as conn:
+                return await store.count_unread(conn, user_id)
+
+        return await self._cache.get("unread", user_id, fetch, str, int)
+
+    async def get(self, user_id: int, message_id: int) -> Message:
+        async with self._engine.connect() as conn:
+            message = await store.visible(conn, user_id, message_id)
+        if message is None:
+            raise NotFound("No such message.")
+        return message
+
+    async def mark_one_read(self, user_id: int, message_id: int) -> dict[str, Any]:
+        """Idempotent: a second call keeps the first read_at."""
+        async with self._engine.begin() as conn:
+            is_recipient, read_at = await store.read_at(conn, user_id, message_id)
+            if not is_recipient:
+                raise NotFound("No such message.")
+            changed: list[int] = []
+            if read_at is None:
+                changed, read_at = await store.mark_read(conn, user_id, [message_id])
+        if changed:
+            await self._after_read(user_id, changed)
+        return {"id": message_id, "read_at": read_at}
+
+    async def mark_read(self, user_id: int, ids: Iterable[int] | None) -> dict[str, Any]:
+        """Mark `ids` (or, for None, everything) read; ids not the user's are ignored."""
+        async with self._engine.begin() as conn:
+            changed, _ = await store.mark_read(conn, user_id, ids)
+        count = await self._after_read(user_id, changed) if changed else await self.unread_count(user_id)
+        return {"updated": len(changed), "count": count}
+
+    async def _after_read(self, user_id: int, changed: list[int]) -> int:
+        await self._cache.invalidate([user_id])
+        count = await self.unread_count(user_id)
+        await self._notify(self.on_read, user_id, changed, count)
+        return count
+
+
+def _page(rows: list[Message], limit: int) -> dict[str, Any]:
+    page = rows[:limit]
+    return {"messages": page, "next_before": page[-1]["id"] if len(rows) > limit else None}
