@@ -1,0 +1,73 @@
+"""GET /ws/meetings/{id}: the meeting-room WebSocket (join, chat, leave)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import WSMsgType, web
+from marshmallow import Schema, ValidationError, fields, validate
+
+from .. import frames
+from ..connection import CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
+from ..errors import Forbidden, Unauthorized
+from ..rooms import RoomManager
+from ..typedefs import config_key, meeting_service_key, rooms_key, tokens_key
+from .common import path_id, public, websocket_token
+
+log = logging.getLogger(__name__)
+
+
+class ChatIn(Schema):
+    text = fields.String(required=True, validate=[validate.Length(1, 2000), validate.Regexp(r"\S", error="Must not be blank.")])
+
+
+async def authenticate(request: web.Request) -> int:
+    """401 before the upgrade for a missing or bad token."""
+    token = websocket_token(request)
+    if token is None:
+        raise Unauthorized("A token is required (query `token`, Authorization header or `bearer` subprotocol).", code="missing_token")
+    return request.app[tokens_key].decode(token).user_id
+
+
+@public  # authenticates itself: browsers cannot set headers on a WebSocket
+async def room(request: web.Request) -> web.StreamResponse:
+    user_id = await authenticate(request)
+    meeting_id = path_id(request)
+    if not await request.app[meeting_service_key].is_participant(user_id, meeting_id):
+        raise Forbidden("Only participants may join this meeting's room.", code="not_a_participant")
+    cfg = request.app[config_key].push
+    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",))
+    await ws.prepare(request)
+    rooms = request.app[rooms_key]
+    conn = Connection(ws, user_id, cfg.queue_limit)
+    rooms.broadcast(meeting_id, frames.encode("meeting.joined", {"user_id": user_id}))
+    rooms.join(meeting_id, conn)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                _on_text(rooms, meeting_id, conn, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await conn.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
+            elif msg.type == WSMsgType.ERROR:
+                if ws.close_code == CLOSE_TOO_BIG:
+                    break
+                log.debug("room socket error: %s", ws.exception())
+    finally:
+        # Synchronous clean-up first: with handler cancellation the first await may be the last.
+        rooms.leave(meeting_id, conn)
+        rooms.broadcast(meeting_id, frames.encode("meeting.left", {"user_id": user_id}))
+        await conn.stop()
+    return ws
+
+
+def _on_text(rooms: RoomManager, meeting_id: int, conn: Connection, data: str) -> None:
+    try:
+        frame = json.loads(data)
+        if not isinstance(frame, dict) or frame.get("type") != "meeting.chat":
+            raise ValueError("expected {\"type\": \"meeting.chat\", \"payload\": {\"text\": ...}}")
+        text = ChatIn().load(frame.get("payload") or {})["text"]
+    except (ValueError, ValidationError) as exc:
+        conn.push(frames.error("bad_frame", str(exc)))
+        return
+    rooms.broadcast(meeting_id, frames.encode("meeting.chat", {"user_id": conn.user_id, "text": text}))

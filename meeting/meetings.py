@@ -1,0 +1,65 @@
+"""Meetings: creation with invitations, listing, and who may enter a room.
+
+A meeting and its invitations are written in one transaction through the
+MessageService's batch, so nobody is left uninvited by a half-done creation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterable
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .errors import Invalid, NotFound
+from .messages import MEETING_INVITE, MessageService
+from .storage import meetings as store
+from .storage import users as user_store
+
+MAX_PARTICIPANTS = 1000
+
+
+def invitation_text(title: str, starts_at: dt.datetime | None) -> str:
+    when = f" at {starts_at.isoformat()}" if starts_at else ""
+    return f"You are invited to the meeting \"{title}\"{when}."
+
+
+class MeetingService:
+    def __init__(self, engine: AsyncEngine, messages: MessageService):
+        self._engine = engine
+        self._messages = messages
+
+    async def create(self, organizer_id: int, title: str, participant_ids: Iterable[int],
+                     starts_at: dt.datetime | None = None) -> dict[str, Any]:
+        if starts_at is not None:
+            starts_at = starts_at.astimezone(dt.timezone.utc)
+        invitees = sorted(set(participant_ids) - {organizer_id})
+        if len(invitees) >= MAX_PARTICIPANTS:
+            raise Invalid("Too many participants.", {"participant_ids": [f"At most {MAX_PARTICIPANTS - 1} besides the organizer."]})
+        async with self._messages.batch() as batch:
+            unknown = sorted(set(invitees) - await user_store.existing_ids(batch.conn, invitees))
+            if unknown:
+                raise Invalid("Some participants do not exist.", {"participant_ids": [f"Unknown user ids: {unknown}"], "unknown_ids": unknown})
+            meeting = await store.insert(batch.conn, title, organizer_id, starts_at, sorted([organizer_id, *invitees]))
+            if invitees:
+                await batch.send(organizer_id, invitees, invitation_text(title, starts_at),
+                                 type_=MEETING_INVITE, meeting_id=meeting["id"])
+        return meeting
+
+    async def list_for(self, user_id: int, limit: int, before: int | None) -> dict[str, Any]:
+        async with self._engine.connect() as conn:
+            rows = await store.of_user(conn, user_id, limit + 1, before)
+        page = rows[:limit]
+        return {"meetings": page, "next_before": page[-1]["id"] if len(rows) > limit else None}
+
+    async def get(self, user_id: int, meeting_id: int) -> dict[str, Any]:
+        """Participants only; anyone else gets the same 404 as for a meeting that does not exist."""
+        async with self._engine.connect() as conn:
+            meeting = await store.visible(conn, user_id, meeting_id)
+        if meeting is None:
+            raise NotFound("No such meeting.")
+        return meeting
+
+    async def is_participant(self, user_id: int, meeting_id: int) -> bool:
+        async with self._engine.connect() as conn:
+            return bool(await store.participants_among(conn, meeting_id, [user_id]))
