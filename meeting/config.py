@@ -66,6 +66,18 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class PushConfig:
+    enabled: bool = True
+    heartbeat: float = _opt(30.0, validate.Range(min=0.05))
+    max_connections_per_user: int = _opt(10, validate.Range(min=1))
+    queue_limit: int = _opt(1000, validate.Range(min=1))
+    max_frame_size: int = _opt(65536, validate.Range(min=256))
+    cleanup_interval: float = _opt(60.0, validate.Range(min=0.01))
+    backlog_limit: int = _opt(1000, validate.Range(min=0))
+    token_expiry_notice: float = _opt(60.0, validate.Range(min=0))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _opt("INFO", validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]))
 
@@ -76,6 +88,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

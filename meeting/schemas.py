@@ -5,7 +5,21 @@ The OpenAPI document is generated from these, so a schema here is the contract.
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+MAX_ID = 2**63 - 1
+
+
+def Id(**kwargs: Any) -> fields.Integer:
+    """A database id: a JSON integer (not a string) within BIGINT range."""
+    return fields.Integer(strict=True, validate=validate.Range(1, MAX_ID), **kwargs)
+
+
+def QueryId(**kwargs: Any) -> fields.Integer:
+    return fields.Integer(validate=validate.Range(1, MAX_ID), **kwargs)
+
 
 USERNAME = validate.Regexp(r"^[A-Za-z0-9_.-]{3,32}$", error="3-32 characters of letters, digits, '_', '.', '-'.")
 
@@ -60,3 +74,91 @@ class ErrorBodySchema(Schema):
 
 class ErrorSchema(Schema):
     error = fields.Nested(ErrorBodySchema, required=True)
+
+
+class PageQuery(Schema):
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 100))
+    before = QueryId(load_default=None)
+
+
+class LimitQuery(Schema):
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 100))
+
+
+class SendMessageSchema(Schema):
+    recipient_ids = fields.List(Id(), required=True, validate=validate.Length(max=10_000))
+    content = fields.String(required=True)
+    meeting_id = Id(load_default=None, allow_none=True)
+
+
+class MessageSchema(Schema):
+    id = fields.Integer()
+    sender_id = fields.Integer()
+    recipient_ids = fields.List(fields.Integer())
+    content = fields.String()
+    type = fields.String()
+    meeting_id = fields.Integer(allow_none=True)
+    created_at = fields.AwareDateTime()
+
+
+class ReceivedMessageSchema(MessageSchema):
+    read_at = fields.AwareDateTime(allow_none=True)
+
+
+class ReceivedPageSchema(Schema):
+    messages = fields.List(fields.Nested(ReceivedMessageSchema))
+    next_before = fields.Integer(allow_none=True)
+
+
+class SentPageSchema(Schema):
+    messages = fields.List(fields.Nested(MessageSchema))
+    next_before = fields.Integer(allow_none=True)
+
+
+class UnreadSchema(Schema):
+    messages = fields.List(fields.Nested(ReceivedMessageSchema))
+    count = fields.Integer()
+
+
+class CountSchema(Schema):
+    count = fields.Integer()
+
+
+class ReadOneSchema(Schema):
+    id = fields.Integer()
+    read_at = fields.AwareDateTime()
+
+
+class MarkReadSchema(Schema):
+    ids = fields.List(Id(), validate=validate.Length(1, 1000))
+    all = fields.Boolean()
+
+    @validates_schema
+    def _exactly_one(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if ("ids" in data) == bool(data.get("all")):
+            raise ValidationError('Give either "ids" or "all": true.', "_schema")
+
+
+class MarkReadResultSchema(Schema):
+    updated = fields.Integer()
+    count = fields.Integer()
+
+
+class CreateMeetingSchema(Schema):
+    title = fields.String(required=True, validate=[validate.Length(1, 200), validate.Regexp(r"\S", error="Must not be blank.")])
+    participant_ids = fields.List(Id(), required=True, validate=validate.Length(max=1000))
+    starts_at = fields.AwareDateTime(load_default=None, allow_none=True)
+
+
+class MeetingSchema(Schema):
+    id = fields.Integer()
+    title = fields.String()
+    organizer_id = fields.Integer()
+    participant_ids = fields.List(fields.Integer())
+    starts_at = fields.AwareDateTime(allow_none=True)
+    created_at = fields.AwareDateTime()
+
+
+class MeetingPageSchema(Schema):
+    meetings = fields.List(fields.Nested(MeetingSchema))
+    next_before = fields.Integer(allow_none=True)

@@ -15,7 +15,11 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from .auth import AuthService, TokenCodec
+    from .cache import MessageCache
     from .config import Config
+    from .meetings import MeetingService
+    from .messages import MessageService
+    from .rooms import RoomManager
     from .users import UserService
 
 config_key = web.AppKey("config", "Config")
@@ -24,6 +28,11 @@ redis_key = web.AppKey("redis", "aioredis.Redis | None")
 tokens_key = web.AppKey("tokens", "TokenCodec")
 auth_service_key = web.AppKey("auth_service", "AuthService")
 user_service_key = web.AppKey("user_service", "UserService")
+cache_key = web.AppKey("cache", "MessageCache")
+message_service_key = web.AppKey("message_service", "MessageService")
+meeting_service_key = web.AppKey("meeting_service", "MeetingService")
+#: meeting id -> the sockets in that meeting's room (separate from user push connections).
+rooms_key = web.AppKey("rooms", "RoomManager")
 
 #: The authenticated user's id, set by the auth middleware from the JWT.
 user_id_key = web.RequestKey("user_id", int)

@@ -19,10 +19,17 @@ from . import db
 from .auth import AuthService, TokenCodec
 from .config import DEV_SECRET, Config
 from .errors import DomainError, Unauthorized
-from .handlers import auth, health, users
-from .handlers.common import Handler, error_response
+from .cache import MessageCache
+from .handlers import auth, health, meetings, messages, rooms, users
+from .handlers.common import Handler, bearer_token, error_response
 from .redis_client import redis_ctx
-from .typedefs import auth_service_key, config_key, engine_key, tokens_key, user_id_key, user_service_key
+from .meetings import MeetingService
+from .messages import MessageService
+from .rooms import RoomManager
+from .typedefs import (
+    auth_service_key, cache_key, config_key, engine_key, meeting_service_key, message_service_key, redis_key,
+    rooms_key, tokens_key, user_id_key, user_service_key,
+)
 from .users import UserService
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,18 @@ def setup_routes(app: web.Application) -> None:
         web.get("/users/me", users.me),
         web.get(r"/users/{id:\d+}", users.get_user),
         web.get("/users", users.search),
+        web.post("/messages", messages.send),
+        web.get("/messages", messages.received),
+        web.get("/messages/sent", messages.sent),
+        web.get("/messages/unread", messages.unread),
+        web.get("/messages/unread/count", messages.unread_count),
+        web.post("/messages/read", messages.read_many),
+        web.get(r"/messages/{id:\d+}", messages.get_one),
+        web.post(r"/messages/{id:\d+}/read", messages.read_one),
+        web.post("/meetings", meetings.create),
+        web.get("/meetings", meetings.list_mine),
+        web.get(r"/meetings/{id:\d+}", meetings.get_one),
+        web.get(r"/ws/meetings/{id:\d+}", rooms.room),
     ])
 
 
@@ -65,14 +84,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "Something went wrong on our side.")
-
-
-def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
 
 
 @web.middleware
@@ -105,7 +116,16 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[tokens_key] = tokens
     app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth)
     app[user_service_key] = UserService(app[engine_key])
+    app[cache_key] = MessageCache(app[redis_key], cfg.redis)
+    app[message_service_key] = MessageService(app[engine_key], app[cache_key])
+    app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
     yield
+
+
+async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[rooms_key] = RoomManager()
+    yield
+    await app[rooms_key].close_all()
 
 
 def create_app(config: Config) -> web.Application:
@@ -116,7 +136,7 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.server.max_body_size,
     )
     app[config_key] = config
-    for ctx in (db.engine_ctx, redis_ctx, services_ctx):
+    for ctx in (db.engine_ctx, redis_ctx, services_ctx, rooms_ctx):
         app.cleanup_ctx.append(ctx)
     setup_routes(app)
     return app

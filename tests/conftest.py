@@ -108,6 +108,17 @@ def config(db_url: str) -> Config:
     return base_config(database={"url": db_url})
 
 
+@pytest.fixture(params=["redis-off", "redis-on", "redis-down"])
+def redis_mode(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Redis settings for tests that must hold with no Redis, a live one, and a dead one."""
+    if request.param == "redis-off":
+        return {"url": None}
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    if request.param == "redis-on":
+        return {"url": request.getfixturevalue("redis_url"), "prefix": prefix}
+    return {"url": "redis://127.0.0.1:1/0", "prefix": prefix, "socket_timeout": 0.2}
+
+
 @pytest.fixture
 def make_client(aiohttp_client: Any) -> Any:
     """Serve an app (or a config) the way `python -m meeting` does: with our access logger."""

@@ -40,3 +40,10 @@ class Api:
 
     async def users(self, n: int) -> list[User]:
         return [await self.user() for _ in range(n)]
+
+    async def send(self, sender: User, recipients: list[User], content: str = "hello", expect: int = 201, **extra: Any) -> Any:
+        body = {"recipient_ids": [r.id for r in recipients], "content": content, **extra}
+        return await self.call("POST", "/messages", user=sender, json=body, expect=expect)
+
+    async def unread_count(self, user: User) -> int:
+        return int((await self.call("GET", "/messages/unread/count", user=user, expect=200))["count"])

@@ -57,3 +57,20 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     if details:
         body["details"] = details
     return web.json_response({"error": body}, status=status, headers=headers, dumps=dumps)
+
+
+def bearer_token(request: web.BaseRequest) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def websocket_token(request: web.BaseRequest) -> str | None:
+    """A WebSocket token from, in order: the `bearer, <jwt>` subprotocol pair
+    (browsers), the Authorization header, or the `token` query parameter."""
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    if len(protocols) >= 2 and protocols[0].lower() == "bearer":
+        return protocols[1]
+    return bearer_token(request) or request.query.get("token") or None

@@ -1,0 +1,52 @@
+"""The messages REST API: send, inbox, sent, unread, read marks."""
+
+from aiohttp import web
+
+from ..schemas import (
+    CountSchema, LimitQuery, MarkReadResultSchema, MarkReadSchema, MessageSchema, PageQuery,
+    ReadOneSchema, ReceivedMessageSchema, ReceivedPageSchema, SendMessageSchema, SentPageSchema, UnreadSchema,
+)
+from ..typedefs import message_service_key, user_id_key
+from .common import parse_body, parse_query, path_id, respond
+
+
+async def send(request: web.Request) -> web.Response:
+    body = await parse_body(request, SendMessageSchema())
+    message = await request.app[message_service_key].send_message(request[user_id_key], **body)
+    return respond(MessageSchema(), message, status=201)
+
+
+async def received(request: web.Request) -> web.Response:
+    query = parse_query(request, PageQuery())
+    return respond(ReceivedPageSchema(), await request.app[message_service_key].received(request[user_id_key], **query))
+
+
+async def sent(request: web.Request) -> web.Response:
+    query = parse_query(request, PageQuery())
+    return respond(SentPageSchema(), await request.app[message_service_key].sent(request[user_id_key], **query))
+
+
+async def unread(request: web.Request) -> web.Response:
+    query = parse_query(request, LimitQuery())
+    return respond(UnreadSchema(), await request.app[message_service_key].unread(request[user_id_key], **query))
+
+
+async def unread_count(request: web.Request) -> web.Response:
+    count = await request.app[message_service_key].unread_count(request[user_id_key])
+    return respond(CountSchema(), {"count": count})
+
+
+async def get_one(request: web.Request) -> web.Response:
+    message = await request.app[message_service_key].get(request[user_id_key], path_id(request))
+    return respond(ReceivedMessageSchema(), message)
+
+
+async def read_one(request: web.Request) -> web.Response:
+    result = await request.app[message_service_key].mark_one_read(request[user_id_key], path_id(request))
+    return respond(ReadOneSchema(), result)
+
+
+async def read_many(request: web.Request) -> web.Response:
+    body = await parse_body(request, MarkReadSchema())
+    result = await request.app[message_service_key].mark_read(request[user_id_key], body.get("ids"))
+    return respond(MarkReadResultSchema(), result)

@@ -1,0 +1,122 @@
+"""Meetings, invitations, meeting-scoped messages and the meeting-room WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from meeting.frames import validate_frame
+from tests.helpers import Api, User
+
+
+async def _meeting(api: Api, organizer: User, participants: list[User], title: str = "Weekly 周会") -> Any:
+    body = {"title": title, "participant_ids": [p.id for p in participants], "starts_at": "2026-12-01T09:30:00+08:00"}
+    return await api.call("POST", "/meetings", user=organizer, json=body, expect=201)
+
+
+async def test_creating_a_meeting_invites_every_other_participant(api: Api) -> None:
+    org, bob, carol, dave = await api.users(4)
+    meeting = await _meeting(api, org, [bob, carol, org])
+    assert meeting["organizer_id"] == org.id
+    assert meeting["participant_ids"] == sorted([org.id, bob.id, carol.id])
+    assert meeting["starts_at"] == "2026-12-01T01:30:00+00:00"
+    for user in (bob, carol):
+        invite = (await api.call("GET", "/messages/unread", user=user))["messages"]
+        assert len(invite) == 1
+        assert invite[0]["type"] == "meeting.invite" and invite[0]["meeting_id"] == meeting["id"]
+        assert invite[0]["sender_id"] == org.id and "Weekly 周会" in invite[0]["content"]
+    assert await api.unread_count(org) == 0 and await api.unread_count(dave) == 0
+
+
+async def test_meeting_visibility_listing_and_validation(api: Api) -> None:
+    org, bob, eve = await api.users(3)
+    first = await _meeting(api, org, [bob], "one")
+    second = await _meeting(api, org, [], "two")
+    assert (await api.call("GET", f"/meetings/{first['id']}", user=bob, expect=200))["title"] == "one"
+    assert (await api.call("GET", f"/meetings/{first['id']}", user=eve, expect=404))["error"]["code"] == "not_found"
+    page = await api.call("GET", "/meetings", user=org, params={"limit": "1"}, expect=200)
+    assert [m["id"] for m in page["meetings"]] == [second["id"]] and page["next_before"] == second["id"]
+    rest = await api.call("GET", "/meetings", user=org, params={"limit": "1", "before": str(page["next_before"])}, expect=200)
+    assert [m["id"] for m in rest["meetings"]] == [first["id"]] and rest["next_before"] is None
+    assert [m["id"] for m in (await api.call("GET", "/meetings", user=bob))["meetings"]] == [first["id"]]
+    for body, field in (({"participant_ids": []}, "title"), ({"title": "  ", "participant_ids": []}, "title"),
+                        ({"title": "x"}, "participant_ids"), ({"title": "x", "participant_ids": [], "starts_at": "2026-12-01T09:30:00"}, "starts_at"),
+                        ({"title": "x", "participant_ids": [424242]}, "participant_ids")):
+        error = (await api.call("POST", "/meetings", user=org, json=body, expect=422))["error"]
+        assert field in error["details"]
+
+
+async def test_meeting_messages_require_every_party_to_participate(api: Api) -> None:
+    org, bob, eve = await api.users(3)
+    meeting = await _meeting(api, org, [bob])
+    ok = await api.send(org, [bob], "agenda", meeting_id=meeting["id"])
+    assert ok["meeting_id"] == meeting["id"]
+    assert (await api.send(org, [eve], "psst", expect=403, meeting_id=meeting["id"]))["error"]["code"] == "not_a_participant"
+    await api.send(eve, [bob], "let me in", expect=403, meeting_id=meeting["id"])
+    await api.send(org, [bob], "nowhere", expect=403, meeting_id=987654)
+    assert await api.unread_count(eve) == 0
+
+
+async def _room(api: Api, meeting_id: int, user: User) -> aiohttp.ClientWebSocketResponse:
+    return await api.client.ws_connect(f"/ws/meetings/{meeting_id}", params={"token": user.token})
+
+
+async def _frame(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return validate_frame(msg.data)
+
+
+async def test_room_join_chat_leave(api: Api) -> None:
+    org, bob = await api.users(2)
+    meeting = await _meeting(api, org, [bob])
+    ws_org = await _room(api, meeting["id"], org)
+    ws_bob = await _room(api, meeting["id"], bob)
+    joined = await _frame(ws_org)
+    assert joined["type"] == "meeting.joined" and joined["payload"] == {"user_id": bob.id}
+    await ws_bob.send_json({"type": "meeting.chat", "payload": {"text": "大家好 👋"}})
+    for ws in (ws_org, ws_bob):
+        chat = await _frame(ws)
+        assert chat["type"] == "meeting.chat" and chat["payload"] == {"user_id": bob.id, "text": "大家好 👋"}
+    await ws_bob.send_str("not json")
+    assert (await _frame(ws_bob))["type"] == "error"
+    await ws_bob.send_json({"type": "meeting.chat", "payload": {"text": ""}})
+    assert (await _frame(ws_bob))["type"] == "error"
+    await ws_bob.close()
+    left = await _frame(ws_org)
+    assert left["type"] == "meeting.left" and left["payload"] == {"user_id": bob.id}
+    from meeting.typedefs import rooms_key
+    rooms = api.client.app[rooms_key]
+    assert len(rooms.rooms[meeting["id"]]) == 1
+    await ws_org.close()
+    await asyncio.wait_for(_until(lambda: meeting["id"] not in rooms.rooms), 5)
+
+
+async def _until(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("who", ["stranger", "bad-token", "no-token"])
+async def test_room_refuses_before_upgrade(api: Api, who: str) -> None:
+    org, eve = await api.users(2)
+    meeting = await _meeting(api, org, [])
+    params = {"stranger": {"token": eve.token}, "bad-token": {"token": "x.y.z"}, "no-token": {}}[who]
+    resp = await api.client.get(f"/ws/meetings/{meeting['id']}", params=params,
+                                headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                                         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert resp.status == (403 if who == "stranger" else 401)
+    assert "error" in json.loads(await resp.text())
+
+
+async def test_binary_frame_closes_room_socket_with_1003(api: Api) -> None:
+    org = await api.user()
+    meeting = await _meeting(api, org, [])
+    ws = await _room(api, meeting["id"], org)
+    await ws.send_bytes(b"\x00\x01")
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1003
