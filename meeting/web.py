@@ -24,6 +24,7 @@ from .handlers import auth, health, meetings, messages, rooms, users
 from .handlers.common import Handler, bearer_token, error_response
 from .redis_client import redis_ctx
 from .meetings import MeetingService
+from .openapi import openapi_json
 from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
@@ -44,6 +45,7 @@ HTTP_ERROR_CODES = {
 def setup_routes(app: web.Application) -> None:
     app.router.add_routes([
         web.get("/healthz", health.healthz),
+        web.get("/openapi.json", openapi_json),
         web.post("/auth/register", auth.register),
         web.post("/auth/login", auth.login),
         web.get("/users/me", users.me),

@@ -4,9 +4,10 @@ from aiohttp import web
 
 from ..schemas import LoginResponseSchema, LoginSchema, RegisterSchema, UserSchema
 from ..typedefs import auth_service_key
-from .common import parse_body, public, respond
+from .common import doc, parse_body, public, respond
 
 
+@doc("Create an account", body=RegisterSchema, response=(201, UserSchema), errors=(409,), tag="auth")
 @public
 async def register(request: web.Request) -> web.Response:
     body = await parse_body(request, RegisterSchema())
@@ -14,6 +15,7 @@ async def register(request: web.Request) -> web.Response:
     return respond(UserSchema(), user, status=201)
 
 
+@doc("Log in and get a bearer token", body=LoginSchema, response=(200, LoginResponseSchema), errors=(401,), tag="auth")
 @public
 async def login(request: web.Request) -> web.Response:
     body = await parse_body(request, LoginSchema())

@@ -19,6 +19,18 @@ H = TypeVar("H", bound=Handler)
 dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 
 
+def doc(summary: str, *, body: type[Schema] | None = None, query: type[Schema] | None = None,
+        response: tuple[int, type[Schema] | None] = (200, None), errors: tuple[int, ...] = (), tag: str = "") -> Callable[[H], H]:
+    """Describe a handler for the OpenAPI document (see meeting.openapi)."""
+
+    def mark(handler: H) -> H:
+        handler.apidoc = {"summary": summary, "body": body, "query": query, "response": response,  # type: ignore[attr-defined]
+                          "errors": errors, "tag": tag, "description": (handler.__doc__ or "").strip()}
+        return handler
+
+    return mark
+
+
 def public(handler: H) -> H:
     """Mark a handler as reachable without a bearer token."""
     handler.public = True  # type: ignore[attr-defined]

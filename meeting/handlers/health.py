@@ -7,11 +7,12 @@ from aiohttp import web
 from .. import db, redis_client
 from ..schemas import HealthSchema
 from ..typedefs import config_key, engine_key, redis_key
-from .common import public, respond
+from .common import doc, public, respond
 
 log = logging.getLogger(__name__)
 
 
+@doc("Liveness and dependencies; 503 when the database is unreachable", response=(200, HealthSchema), tag="meta")
 @public
 async def healthz(request: web.Request) -> web.Response:
     app = request.app

@@ -13,7 +13,7 @@ from ..connection import CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
 from ..errors import Forbidden, Unauthorized
 from ..rooms import RoomManager
 from ..typedefs import config_key, meeting_service_key, rooms_key, tokens_key
-from .common import path_id, public, websocket_token
+from .common import doc, path_id, public, websocket_token
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ async def authenticate(request: web.Request) -> int:
     return request.app[tokens_key].decode(token).user_id
 
 
+@doc("Meeting-room WebSocket (upgrade); token in `token` query, Authorization header or `bearer` subprotocol", response=(101, None), errors=(401, 403), tag="meetings")
 @public  # authenticates itself: browsers cannot set headers on a WebSocket
 async def room(request: web.Request) -> web.StreamResponse:
     user_id = await authenticate(request)
