@@ -34,10 +34,12 @@ class Connection:
         self.ws = ws
         self.user_id = user_id
         self.id = uuid.uuid4().hex[:16]
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()  # None wakes the writer to exit
         self._queue_limit = queue_limit
         self._on_dead = on_dead
         self._closing: asyncio.Task[None] | None = None
+        self._sending = False
+        self._stopped = False
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
         self.high_water = 0
 
@@ -63,9 +65,10 @@ class Connection:
 
     async def _write_loop(self) -> None:
         try:
-            while True:
-                frame = await self._queue.get()
+            while (frame := await self._queue.get()) is not None and self._closing is None and not self._stopped:
+                self._sending = True
                 await self.ws.send_str(frame)
+                self._sending = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reset, closing transport: the peer is gone
@@ -85,7 +88,13 @@ class Connection:
             self._closing = asyncio.create_task(self._close(code, reason), name=f"ws-close-{self.id}")
 
     async def _close(self, code: int, reason: str) -> None:
-        self._writer.cancel()
+        # Never cancel a writer blocked on drain: aiohttp shares one drain waiter per
+        # socket, and cancelling it would abort this close frame too (1006, not `code`).
+        # Drop what is queued (the client resyncs from the database) and let the writer
+        # exit after the frame it is sending.
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
         try:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode(), drain=False), CLOSE_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
@@ -97,9 +106,20 @@ class Connection:
         await asyncio.shield(self._closing)
 
     async def stop(self) -> None:
-        """Called by the handler when its read loop ended: release the writer."""
+        """Called by the handler when its read loop ended: release the writer.
+
+        A writer blocked mid-send is not cancelled (see `_close`): it is woken to
+        exit, and cancelled only if the transport still has not moved after the
+        close timeout.
+        """
         self._mark_dead()
-        self._writer.cancel()
+        self._stopped = True
+        self._queue.put_nowait(None)
+        if not self._sending:
+            self._writer.cancel()
+        done, _ = await asyncio.wait({self._writer}, timeout=CLOSE_TIMEOUT)
+        if not done:
+            self._writer.cancel()
         await asyncio.gather(self._writer, return_exceptions=True)
         if self._closing is not None:
             await asyncio.gather(self._closing, return_exceptions=True)
