@@ -12,6 +12,8 @@ from typing import Any
 
 from marshmallow import Schema, fields
 
+from .schemas import ReceivedMessageSchema
+
 
 class UserIdPayload(Schema):
     user_id = fields.Integer(required=True)
@@ -27,8 +29,40 @@ class ErrorPayload(Schema):
     message = fields.String(required=True)
 
 
+class ConnectedPayload(Schema):
+    user_id = fields.Integer(required=True)
+    connection_id = fields.String(required=True)
+    heartbeat = fields.Float(required=True)
+
+
+class UnreadPayload(Schema):
+    messages = fields.List(fields.Nested(ReceivedMessageSchema), required=True)
+    count = fields.Integer(required=True)
+    has_more = fields.Boolean(required=True)
+
+
+class ReadPayload(Schema):
+    ids = fields.List(fields.Integer(), required=True)
+    count = fields.Integer(required=True)
+
+
+class EmptyPayload(Schema):
+    pass
+
+
+class ExpiringPayload(Schema):
+    expires_at = fields.AwareDateTime(required=True)
+
+
 #: Every server -> client frame type and the schema of its payload.
 SERVER_FRAMES: dict[str, type[Schema]] = {
+    "connected": ConnectedPayload,
+    "message.unread": UnreadPayload,
+    "message.new": ReceivedMessageSchema,
+    "message.read": ReadPayload,
+    "pong": EmptyPayload,
+    "token.expiring": ExpiringPayload,
+    "token.refreshed": ExpiringPayload,
     "meeting.joined": UserIdPayload,
     "meeting.left": UserIdPayload,
     "meeting.chat": ChatPayload,

@@ -154,9 +154,14 @@ class MessageService:
             await self._after_read(user_id, changed)
         return {"id": message_id, "read_at": read_at}
 
-    async def mark_read(self, user_id: int, ids: Iterable[int] | None) -> dict[str, Any]:
-        """Mark `ids` (or, for None, everything) read; ids not the user's are ignored."""
+    async def mark_read(self, user_id: int, ids: list[int] | None, *, strict: bool = False) -> dict[str, Any]:
+        """Mark `ids` (or, for None, everything) read. Ids the user did not receive
+        are ignored, or with `strict` refused all-or-nothing (NotFound naming them)."""
         async with self._engine.begin() as conn:
+            if strict and ids:
+                foreign = sorted(set(ids) - await store.received_among(conn, user_id, ids))
+                if foreign:
+                    raise NotFound("Some of these messages are not yours.", {"ids": foreign})
             changed, _ = await store.mark_read(conn, user_id, ids)
         count = await self._after_read(user_id, changed) if changed else await self.unread_count(user_id)
         return {"updated": len(changed), "count": count}

@@ -162,3 +162,17 @@ class MeetingSchema(Schema):
 class MeetingPageSchema(Schema):
     meetings = fields.List(fields.Nested(MeetingSchema))
     next_before = fields.Integer(allow_none=True)
+
+
+class PresenceSchema(Schema):
+    online = fields.Boolean()
+    last_seen = fields.AwareDateTime(allow_none=True)
+    devices = fields.Integer()
+
+
+class PresenceQuery(Schema):
+    ids = fields.String(required=True, validate=validate.Regexp(r"^\d{1,19}(,\d{1,19}){0,99}$", error="1 to 100 comma-separated user ids."))
+
+
+class PresenceManySchema(Schema):
+    users = fields.Dict(keys=fields.String(), values=fields.Nested(PresenceSchema))

@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     from .config import Config
     from .meetings import MeetingService
     from .messages import MessageService
+    from .presence import Presence
+    from .push import PushHub
     from .rooms import RoomManager
     from .users import UserService
+    from .ws import UserConnection
 
 config_key = web.AppKey("config", "Config")
 engine_key = web.AppKey("engine", "AsyncEngine")
@@ -31,6 +34,10 @@ user_service_key = web.AppKey("user_service", "UserService")
 cache_key = web.AppKey("cache", "MessageCache")
 message_service_key = web.AppKey("message_service", "MessageService")
 meeting_service_key = web.AppKey("meeting_service", "MeetingService")
+presence_key = web.AppKey("presence", "Presence")
+push_hub_key = web.AppKey("push_hub", "PushHub")
+#: The connection map: user id -> that user's live /ws/messages connections.
+ws_users = web.AppKey("ws_users", "dict[int, set[UserConnection]]")
 #: meeting id -> the sockets in that meeting's room (separate from user push connections).
 rooms_key = web.AppKey("rooms", "RoomManager")
 

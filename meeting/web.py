@@ -20,18 +20,22 @@ from .auth import AuthService, TokenCodec
 from .config import DEV_SECRET, Config
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
-from .handlers import auth, health, meetings, messages, rooms, users
+from .handlers import auth, health, meetings, messages, presence, rooms, users
 from .handlers.common import Handler, bearer_token, error_response
 from .redis_client import redis_ctx
 from .meetings import MeetingService
 from .openapi import openapi_json
+from .presence import Presence
+from .push import on_shutdown as push_shutdown
+from .push import push_ctx
 from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
     auth_service_key, cache_key, config_key, engine_key, meeting_service_key, message_service_key, redis_key,
-    rooms_key, tokens_key, user_id_key, user_service_key,
+    presence_key, rooms_key, tokens_key, user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
+from .ws import messages_ws
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,11 @@ def setup_routes(app: web.Application) -> None:
         web.get("/meetings", meetings.list_mine),
         web.get(r"/meetings/{id:\d+}", meetings.get_one),
         web.get(r"/ws/meetings/{id:\d+}", rooms.room),
+        web.get(r"/users/{id:\d+}/presence", presence.one),
+        web.get("/presence", presence.many),
     ])
+    if app[config_key].push.enabled:
+        app.router.add_get("/ws/messages", messages_ws)
 
 
 @web.middleware
@@ -121,6 +129,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[cache_key] = MessageCache(app[redis_key], cfg.redis)
     app[message_service_key] = MessageService(app[engine_key], app[cache_key])
     app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
+    app[presence_key] = Presence(app[redis_key], cfg.redis)
     yield
 
 
@@ -138,7 +147,11 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.server.max_body_size,
     )
     app[config_key] = config
-    for ctx in (db.engine_ctx, redis_ctx, services_ctx, rooms_ctx):
-        app.cleanup_ctx.append(ctx)
+    app[ws_users] = {}
+    resources = [db.engine_ctx, redis_ctx, services_ctx, rooms_ctx]
+    if config.push.enabled:  # push off: no route, no listener; storing and pulling unchanged
+        resources.append(push_ctx)
+        app.on_shutdown.append(push_shutdown)
+    app.cleanup_ctx.extend(resources)
     setup_routes(app)
     return app

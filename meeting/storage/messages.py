@@ -107,3 +107,9 @@ async def read_at(conn: AsyncConnection, user_id: int, message_id: int) -> tuple
     """(is the user a recipient, when they read it)."""
     row = (await conn.execute(sa.select(mr.c.read_at).where(mr.c.message_id == message_id, mr.c.recipient_id == user_id))).first()
     return (row is not None, row.read_at if row else None)
+
+
+async def received_among(conn: AsyncConnection, user_id: int, ids: Iterable[int]) -> set[int]:
+    """Which of `ids` the user received."""
+    query = sa.select(mr.c.message_id).where(mr.c.recipient_id == user_id, mr.c.message_id.in_(list(ids)))
+    return set((await conn.execute(query)).scalars())

@@ -1,0 +1,130 @@
+"""Real-time push: the connection map and delivery of stored messages to it.
+
+The map is `app[ws_users]`: user id -> that user's live connections. The hub
+is the MessageService's listener: after each commit it encodes the frame once
+and queues that same string on every live connection of every recipient. It
+never awaits a socket, so `POST /messages` returns as soon as the message is
+stored and handed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine
+
+from aiohttp import web
+
+from . import frames
+from .connection import CLOSE_GOING_AWAY
+from .presence import Presence
+from .typedefs import config_key, message_service_key, presence_key, push_hub_key, ws_users
+
+if TYPE_CHECKING:
+    from .ws import UserConnection
+
+log = logging.getLogger(__name__)
+
+
+class PushHub:
+    def __init__(self, users: dict[int, set["UserConnection"]], presence: Presence, max_per_user: int):
+        self.users = users
+        self.presence = presence
+        self.max_per_user = max_per_user
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Fire-and-forget that survives handler cancellation and is awaited at shutdown."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def register(self, conn: "UserConnection") -> bool:
+        live = self.users.setdefault(conn.user_id, set())
+        if len([c for c in live if not c.closed]) >= self.max_per_user:
+            if not live:
+                del self.users[conn.user_id]
+            return False
+        live.add(conn)
+        self.spawn(self.presence.connected(conn.user_id))
+        return True
+
+    def unregister(self, conn: "UserConnection") -> None:
+        """Idempotent and synchronous: safe from a writer task, a finally block, or the sweeper."""
+        live = self.users.get(conn.user_id)
+        if live is None or conn not in live:
+            return
+        live.discard(conn)
+        if not live:
+            del self.users[conn.user_id]
+        self.spawn(self.presence.disconnected(conn.user_id))
+
+    async def on_stored(self, message: dict[str, Any]) -> None:
+        frame = frames.encode("message.new", {**message, "read_at": None})
+        for user_id in message["recipient_ids"]:
+            for conn in list(self.users.get(user_id, ())):
+                conn.deliver(message["id"], frame)
+
+    async def on_read(self, user_id: int, ids: list[int], count: int) -> None:
+        frame = frames.encode("message.read", {"ids": ids, "count": count})
+        for conn in list(self.users.get(user_id, ())):
+            conn.push(frame)
+
+    def sweep(self) -> int:
+        """Drop connections that closed without their handler noticing yet."""
+        removed = 0
+        for conn in [c for conns in list(self.users.values()) for c in list(conns) if c.closed]:
+            self.unregister(conn)
+            removed += 1
+        return removed
+
+    async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server going away") -> None:
+        conns = [c for conns in list(self.users.values()) for c in list(conns)]
+        await asyncio.gather(*(c.close(code, reason) for c in conns), return_exceptions=True)
+
+    async def drain_background(self) -> None:
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+async def _every(interval: float, job: Any) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await job()
+        except Exception:
+            log.exception("periodic push job failed")
+
+
+async def push_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The hub, its listeners and its periodic jobs; torn down in reverse."""
+    cfg = app[config_key].push
+    hub = PushHub(app[ws_users], app[presence_key], cfg.max_connections_per_user)
+    app[push_hub_key] = hub
+    service = app[message_service_key]
+    service.on_stored.append(hub.on_stored)
+    service.on_read.append(hub.on_read)
+
+    async def sweep() -> None:
+        removed = hub.sweep()
+        if removed:
+            log.info("sweeper removed %d closed connection(s); %d user(s) connected", removed, len(hub.users))
+
+    async def refresh_presence() -> None:
+        await app[presence_key].heartbeat(list(hub.users))
+
+    tasks = [asyncio.create_task(_every(cfg.cleanup_interval, sweep), name="push-sweeper"),
+             asyncio.create_task(_every(cfg.heartbeat, refresh_presence), name="presence-refresh")]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await hub.close_all()
+    await hub.drain_background()
+    service.on_stored.remove(hub.on_stored)
+    service.on_read.remove(hub.on_read)
+
+
+async def on_shutdown(app: web.Application) -> None:
+    """Before handlers are cancelled: tell every client to reconnect elsewhere (1001)."""
+    if push_hub_key in app:
+        await app[push_hub_key].close_all()
