@@ -47,3 +47,57 @@ class Api:
 
     async def unread_count(self, user: User) -> int:
         return int((await self.call("GET", "/messages/unread/count", user=user, expect=200))["count"])
+
+
+class Device:
+    """One client WebSocket on /ws/messages; every frame it reads is schema-validated."""
+
+    def __init__(self, ws: Any):
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, api: "Api", user: User, **kwargs: Any) -> "Device":
+        params = kwargs.pop("params", {"token": user.token})
+        return cls(await api.client.ws_connect("/ws/messages", params=params, **kwargs))
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        import asyncio
+
+        import aiohttp
+
+        from meeting.frames import validate_frame
+
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, self.ws.close_code)
+        frame = validate_frame(msg.data)
+        self.frames.append(frame)
+        return frame
+
+    async def expect(self, type_: str, timeout: float = 5.0) -> dict[str, Any]:
+        frame = await self.next(timeout)
+        assert frame["type"] == type_, frame
+        return frame["payload"]
+
+    async def handshake(self) -> dict[str, Any]:
+        """`connected`, then the backlog: returns the backlog's messages and last count."""
+        await self.expect("connected")
+        unread = await self.expect("message.unread")
+        messages = list(unread["messages"])
+        while len(messages) < min(unread["count"], 1000) and not unread["has_more"] and len(unread["messages"]) == 200:
+            unread = await self.expect("message.unread")
+            messages.extend(unread["messages"])
+        return {"messages": messages, "count": unread["count"], "has_more": unread["has_more"]}
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Read until the server closes; the close code the server sent."""
+        import asyncio
+
+        import aiohttp
+
+        while True:
+            msg = await asyncio.wait_for(self.ws.receive(), timeout)
+            if msg.type == aiohttp.WSMsgType.CLOSE:
+                return int(msg.data)  # what the server said, even if our reply could not be sent
+            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                return self.ws.close_code
