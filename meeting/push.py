@@ -122,9 +122,3 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.drain_background()
     service.on_stored.remove(hub.on_stored)
     service.on_read.remove(hub.on_read)
-
-
-async def on_shutdown(app: web.Application) -> None:
-    """Before handlers are cancelled: tell every client to reconnect elsewhere (1001)."""
-    if push_hub_key in app:
-        await app[push_hub_key].close_all()

@@ -26,13 +26,12 @@ from .redis_client import redis_ctx
 from .meetings import MeetingService
 from .openapi import openapi_json
 from .presence import Presence
-from .push import on_shutdown as push_shutdown
 from .push import push_ctx
 from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
     auth_service_key, cache_key, config_key, engine_key, meeting_service_key, message_service_key, redis_key,
-    presence_key, rooms_key, tokens_key, user_id_key, user_service_key, ws_users,
+    presence_key, push_hub_key, rooms_key, tokens_key, user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
 from .ws import messages_ws
@@ -133,6 +132,14 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def close_sockets(app: web.Application) -> None:
+    """on_shutdown, before handlers are cancelled: every client is told 1001 (reconnect)."""
+    closing = [app[rooms_key].close_all()]
+    if push_hub_key in app:
+        closing.append(app[push_hub_key].close_all())
+    await asyncio.gather(*closing)
+
+
 async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     app[rooms_key] = RoomManager()
     yield
@@ -151,7 +158,7 @@ def create_app(config: Config) -> web.Application:
     resources = [db.engine_ctx, redis_ctx, services_ctx, rooms_ctx]
     if config.push.enabled:  # push off: no route, no listener; storing and pulling unchanged
         resources.append(push_ctx)
-        app.on_shutdown.append(push_shutdown)
     app.cleanup_ctx.extend(resources)
+    app.on_shutdown.append(close_sockets)
     setup_routes(app)
     return app

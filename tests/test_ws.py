@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from meeting.auth import TokenCodec
 from meeting.config import Config, with_overrides
-from meeting.typedefs import push_hub_key, ws_users
+from meeting.typedefs import push_hub_key, rooms_key, ws_users
 from meeting.ws import UserConnection
 from meeting.web import create_app
 from tests.conftest import TEST_SECRET
@@ -259,8 +259,12 @@ async def test_graceful_shutdown_closes_every_socket_with_1001(aiohttp_client: A
     devices = [await Device.connect(api, bob) for _ in range(3)]
     for device in devices:
         await device.handshake()
+    meeting = await api.call("POST", "/meetings", user=bob, json={"title": "t", "participant_ids": []}, expect=201)
+    room = Device(await client.ws_connect(f"/ws/meetings/{meeting['id']}", params={"token": bob.token}))
+    await until(lambda: meeting["id"] in client.app[rooms_key].rooms)
     await server.close()
     assert [await d.closed() for d in devices] == [1001, 1001, 1001]
+    assert await room.closed() == 1001
 
 
 def _short_token(user: User, ttl: int) -> str:
