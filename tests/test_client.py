@@ -1,0 +1,36 @@
+"""`python -m meeting.client listen` against a live test server, as a person would run it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from tests.helpers import Api
+
+
+async def test_listen_prints_connected_backlog_and_live_frames(api: Api) -> None:
+    alice, bob = await api.users(2)
+    await api.send(alice, [bob], "waiting for you")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meeting.client", "listen", "--url", str(api.client.make_url("")).rstrip("/"),
+        "--username", bob.username, "--password", "correct horse", "--max-frames", "3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+
+    async def frame() -> dict:
+        return json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))
+
+    try:
+        assert (await frame())["type"] == "connected"
+        backlog = await frame()
+        assert backlog["type"] == "message.unread" and backlog["payload"]["messages"][0]["content"] == "waiting for you"
+        await api.send(alice, [bob], "live 🎧")
+        live = await frame()
+        assert live["type"] == "message.new" and live["payload"]["content"] == "live 🎧"
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
