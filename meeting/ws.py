@@ -100,9 +100,9 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         await conn.stop()
         return ws
     try:
-        conn.expire_at(claims.expires_at, cfg.token_expiry_notice)
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))
         await _send_backlog(app, conn)
+        conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # after the backlog: connected, backlog, then anything
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await _on_text(app, conn, msg.data)

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import gc
 import socket
+import uuid
 from typing import Any, Callable
 
 import aiohttp
@@ -23,6 +24,14 @@ from tests.helpers import Api, Device, User
 
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+@pytest.fixture(params=["redis-off", "redis-on"])
+def config(config: Config, request: pytest.FixtureRequest) -> Config:
+    """Push must behave the same with and without Redis (cache and presence in play)."""
+    if request.param == "redis-off":
+        return config
+    return with_overrides(config, redis={"url": request.getfixturevalue("redis_url"), "prefix": f"t{uuid.uuid4().hex[:10]}"})
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -279,7 +288,7 @@ def early_notice(config: Config) -> Config:
 async def test_token_expiry_warns_then_closes_with_4001(make_client: Any, early_notice: Config) -> None:
     api = Api(await make_client(early_notice))
     bob = await api.user()
-    device = await Device.connect(api, bob, params={"token": _short_token(bob, 2)})
+    device = await Device.connect(api, bob, params={"token": _short_token(bob, 3)})  # exp is whole seconds: 2-3 s left
     await device.handshake()
     expiring = await device.expect("token.expiring")
     assert dt.datetime.fromisoformat(expiring["expires_at"]) > dt.datetime.now(dt.timezone.utc)
@@ -290,7 +299,7 @@ async def test_token_expiry_warns_then_closes_with_4001(make_client: Any, early_
 async def test_refresh_extends_the_connection_and_rejects_others_tokens(make_client: Any, early_notice: Config) -> None:
     api = Api(await make_client(early_notice))
     bob, eve = await api.users(2)
-    device = await Device.connect(api, bob, params={"token": _short_token(bob, 2)})
+    device = await Device.connect(api, bob, params={"token": _short_token(bob, 3)})
     await device.handshake()
     old_expiry = dt.datetime.fromisoformat((await device.expect("token.expiring"))["expires_at"])
     await device.ws.send_json({"type": "refresh", "payload": {"token": eve.token}})
