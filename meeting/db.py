@@ -68,6 +68,8 @@ users = Table(
     Column("display_name", String(64), nullable=False),
     Column("password_hash", String(255), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    # The last per-recipient sequence number given to this user (see message_recipients.seq).
+    Column("last_seq", Id, nullable=False, server_default="0"),
     **MYSQL_TABLE_ARGS,
 )
 
@@ -106,7 +108,10 @@ message_recipients = Table(
     Column("message_id", Id, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
     Column("recipient_id", Id, ForeignKey("users.id"), primary_key=True),
     Column("read_at", UTCDateTime(), nullable=True),
+    # 1, 2, 3... per recipient, in commit order, no holes: the resume cursor for `since`.
+    Column("seq", Id, nullable=False),
     Index("ix_message_recipients_inbox", "recipient_id", "message_id"),
+    Index("uq_message_recipients_seq", "recipient_id", "seq", unique=True),
     # "unread of user X, oldest first" is an index range scan: read_at IS NULL is an equality.
     Index("ix_message_recipients_unread", "recipient_id", "read_at", "message_id"),
     **MYSQL_TABLE_ARGS,

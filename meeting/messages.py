@@ -65,14 +65,15 @@ class Batch:
             errors["content"] = [f"1 to {MAX_CONTENT} characters, not only white space."]
         if errors:
             raise Invalid("The message is not valid.", errors)
-        unknown = sorted(set(recipients) - await user_store.existing_ids(self.conn, recipients))
-        if unknown:
+        seqs = await store.allocate_seqs(self.conn, sender_id, recipients)  # also proves the recipients exist
+        unknown = sorted(set(recipients) - set(seqs))
+        if unknown:  # raising rolls the seq increments back: no holes
             raise Invalid("Some recipients do not exist.", {"recipient_ids": [f"Unknown user ids: {unknown}"], "unknown_ids": unknown})
         if meeting_id is not None:
             members = await meeting_store.participants_among(self.conn, meeting_id, [sender_id, *recipients])
             if members != {sender_id, *recipients}:
                 raise Forbidden("The sender and every recipient must take part in that meeting.", code="not_a_participant")
-        message = await store.insert(self.conn, sender_id, type_, content, meeting_id, recipients)
+        message = await store.insert(self.conn, sender_id, type_, content, meeting_id, seqs)
         self.stored.append(message)
         return message
 
@@ -107,7 +108,12 @@ class MessageService:
             except Exception:
                 log.exception("message listener %r failed", listener)
 
-    async def received(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
+    async def received(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None,
+                       after_seq: int | None = None) -> dict[str, Any]:
+        """Newest first by id, or with `after_seq` oldest first by seq (catching up)."""
+        if after_seq is not None:
+            return await self.after_seq(user_id, after_seq, limit)
+
         async def fetch() -> list[Message]:
             async with self._engine.connect() as conn:
                 return await store.received(conn, user_id, limit + 1, before)
@@ -122,10 +128,22 @@ class MessageService:
         async with self._engine.connect() as conn:
             return _page(await store.sent(conn, user_id, limit + 1, before), limit)
 
-    async def unread(self, user_id: int, limit: int = PAGE_SIZE, after: int | None = None) -> dict[str, Any]:
+    async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None,
+                     upto_seq: int | None = None) -> dict[str, Any]:
         async with self._engine.connect() as conn:
-            rows = await store.unread(conn, user_id, limit, after)
+            rows = await store.unread(conn, user_id, limit, after_seq, upto_seq)
         return {"messages": rows, "count": await self.unread_count(user_id)}
+
+    async def last_seq(self, user_id: int) -> int:
+        async with self._engine.connect() as conn:
+            return await store.last_seq(conn, user_id)
+
+    async def after_seq(self, user_id: int, after: int, limit: int = PAGE_SIZE) -> dict[str, Any]:
+        """Catch-up by seq: what the user received after `after`, oldest first."""
+        async with self._engine.connect() as conn:
+            rows = await store.received_after_seq(conn, user_id, after, limit + 1)
+        page = rows[:limit]
+        return {"messages": page, "next_before": None, "next_after_seq": page[-1]["seq"] if len(rows) > limit else None}
 
     async def unread_count(self, user_id: int) -> int:
         async def fetch() -> int:

@@ -103,11 +103,23 @@ class MessageSchema(Schema):
 
 class ReceivedMessageSchema(MessageSchema):
     read_at = fields.AwareDateTime(allow_none=True)
+    #: The recipient's own sequence number (1, 2, 3... in commit order): the resume cursor.
+    seq = fields.Integer(allow_none=True)
 
 
 class ReceivedPageSchema(Schema):
     messages = fields.List(fields.Nested(ReceivedMessageSchema))
     next_before = fields.Integer(allow_none=True)
+    next_after_seq = fields.Integer(allow_none=True)
+
+
+class ReceivedQuery(PageQuery):
+    after_seq = fields.Integer(load_default=None, validate=validate.Range(0, MAX_ID))
+
+    @validates_schema
+    def _one_cursor(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("after_seq") is not None and data.get("before") is not None:
+            raise ValidationError("Use either before (newest first) or after_seq (oldest first).", "_schema")
 
 
 class SentPageSchema(Schema):

@@ -127,7 +127,7 @@ async def _send_backlog(app: web.Application, conn: UserConnection) -> None:
     after: int | None = None
     while True:
         size = min(BACKLOG_FRAME, limit - len(sent))
-        page = await service.unread(conn.user_id, limit=size, after=after) if size > 0 else {"messages": [], "count": await service.unread_count(conn.user_id)}
+        page = await service.unread(conn.user_id, limit=size, after_seq=after) if size > 0 else {"messages": [], "count": await service.unread_count(conn.user_id)}
         batch = page["messages"]
         sent.update(m["id"] for m in batch)
         done = len(batch) < size or len(sent) >= limit
@@ -136,7 +136,7 @@ async def _send_backlog(app: web.Application, conn: UserConnection) -> None:
             conn.push(frames.encode("message.unread", {"messages": batch, "count": page["count"], "has_more": truncated}))
         if done:
             break
-        after = batch[-1]["id"]
+        after = batch[-1]["seq"]
     conn.finish_sync(sent)
 
 

@@ -4,7 +4,7 @@ from aiohttp import web
 
 from ..schemas import (
     CountSchema, LimitQuery, MarkReadResultSchema, MarkReadSchema, MessageSchema, PageQuery,
-    ReadOneSchema, ReceivedMessageSchema, ReceivedPageSchema, SendMessageSchema, SentPageSchema, UnreadSchema,
+    ReadOneSchema, ReceivedMessageSchema, ReceivedPageSchema, ReceivedQuery, SendMessageSchema, SentPageSchema, UnreadSchema,
 )
 from ..typedefs import message_service_key, user_id_key
 from .common import doc, parse_body, parse_query, path_id, respond
@@ -17,9 +17,10 @@ async def send(request: web.Request) -> web.Response:
     return respond(MessageSchema(), message, status=201)
 
 
-@doc("Messages received, newest first", query=PageQuery, response=(200, ReceivedPageSchema), tag="messages")
+@doc("Messages received: newest first, or with after_seq oldest first by seq", query=ReceivedQuery,
+     response=(200, ReceivedPageSchema), tag="messages")
 async def received(request: web.Request) -> web.Response:
-    query = parse_query(request, PageQuery())
+    query = parse_query(request, ReceivedQuery())
     return respond(ReceivedPageSchema(), await request.app[message_service_key].received(request[user_id_key], **query))
 
 
