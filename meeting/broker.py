@@ -1,0 +1,206 @@
+"""Deliver "this frame for user X" to X's connections, wherever they are.
+
+Two implementations of one interface, chosen by configuration, never both (a
+frame must not reach a device twice because it went locally *and* via Redis):
+
+- InProcessBroker: no Redis configured; delivery is a function call.
+- RedisBroker: per-user channels `<prefix>:user:<id>`. An instance subscribes
+  when its first local connection of a user opens and unsubscribes when the
+  last one closes, so it receives only what its own users need. One pub/sub
+  connection and one reader task per instance. Publishing a message for K
+  recipients is one pipelined round trip.
+
+Pub/sub is fire-and-forget: whatever is published while a subscriber is
+disconnected is gone. So the reader keeps an outer loop that reconnects with
+backoff, re-subscribes, and then asks the hub to bring every local connection
+up to date from the database (`on_resync`). A publish that failed is repaired
+the same way on every instance, through the `<prefix>:resync` channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Awaitable, Callable, Iterable
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .cache import REDIS_FAILURES
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[int, int, str], None]  # user id, seq (0: no seq), encoded frame
+Resync = Callable[[], Awaitable[int]]      # returns how many connections were resynchronised
+Wants = Callable[[int], bool]              # does this instance have a connection of that user now
+SUBSCRIBE_TIMEOUT = 2.0
+
+
+class InProcessBroker:
+    def __init__(self, deliver: Deliver, resync: Resync):
+        self._deliver = deliver
+        self.publishes = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def want(self, user_id: int) -> None:
+        pass
+
+    async def publish(self, items: Iterable[tuple[int, int, str]]) -> None:
+        for user_id, seq, frame in items:
+            self.publishes += 1
+            self._deliver(user_id, seq, frame)
+
+
+class RedisBroker:
+    def __init__(self, url: str, prefix: str, socket_timeout: float, deliver: Deliver, resync: Resync, wants: Wants):
+        # A client of its own with no retries: a dropped pub/sub connection must
+        # surface here (redis-py would otherwise reconnect it silently and the
+        # messages published meanwhile would be lost without a resync).
+        self._client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                               health_check_interval=30, retry=Retry(NoBackoff(), 0))
+        self._prefix = prefix
+        self._deliver = deliver
+        self._resync = resync
+        self._wants = wants
+        self._resync_channel = f"{prefix}:resync"
+        self._subscribed: set[int] = set()
+        self._pubsub: aioredis.client.PubSub | None = None
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._publish_lost = False
+        self._closing = False
+        self._outbox: asyncio.Queue[list[tuple[int, int, str]]] = asyncio.Queue()
+        self._publisher: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.publishes = self.received = self.reconnects = 0
+
+    def channel(self, user_id: int) -> str:
+        return f"{self._prefix}:user:{user_id}"
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_forever(), name="broker-reader")
+        self._publisher = asyncio.create_task(self._publish_forever(), name="broker-publisher")
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._publisher, self._reader):
+            await _stop(task)
+        await self._client.aclose()
+
+    async def want(self, user_id: int) -> None:
+        """Align the user's subscription with whether we have a connection of theirs *now*
+        (so a late unsubscribe cannot undo a newer subscribe). A subscribe returns once
+        Redis confirmed it: everything published after that reaches us."""
+        async with self._lock:
+            wanted = self._wants(user_id)
+            if wanted == (user_id in self._subscribed):
+                return
+            (self._subscribed.add if wanted else self._subscribed.discard)(user_id)
+            pubsub = self._pubsub
+            if pubsub is None or not self.connected.is_set():
+                return  # the reader subscribes to everything wanted when it reconnects
+            channel = self.channel(user_id)
+            try:
+                if wanted:
+                    confirmed = self._confirmations.setdefault(channel, asyncio.get_running_loop().create_future())
+                    await pubsub.subscribe(channel)
+                    await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
+                else:
+                    await pubsub.unsubscribe(channel)
+            except (*REDIS_FAILURES, asyncio.TimeoutError) as exc:
+                log.warning("broker: (un)subscribe of %s failed: %s; the reader will resubscribe", channel, type(exc).__name__)
+
+    async def publish(self, items: Iterable[tuple[int, int, str]]) -> None:
+        """Hand over without waiting on Redis: a slow Redis must not slow the sender.
+        One publisher task sends the outbox in order, in pipelined batches."""
+        self._outbox.put_nowait(list(items))
+
+    async def _publish_forever(self) -> None:
+        while not self._closing:
+            batch = await self._outbox.get()
+            while not self._outbox.empty() and (len(batch) < 1000 or self._publish_lost):  # failing: drain, do not pile up
+                batch.extend(self._outbox.get_nowait())
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for user_id, seq, frame in batch:
+                        pipe.publish(self.channel(user_id), f"{seq} {frame}")
+                    if self._publish_lost:
+                        pipe.publish(self._resync_channel, "lost")
+                    await pipe.execute()
+                self._publish_lost = False
+                self.publishes += len(batch)
+            except REDIS_FAILURES as exc:
+                # The messages are stored; every instance resyncs its devices once Redis is back.
+                self._publish_lost = True
+                log.warning("broker: publish of %d frame(s) failed (%s); devices will be resynchronised",
+                            len(batch), type(exc).__name__)
+
+    async def _read_forever(self) -> None:
+        backoff = 0.1
+        first = True
+        while not self._closing:
+            pubsub = self._client.pubsub()
+            try:
+                async with self._lock:
+                    await pubsub.subscribe(self._resync_channel, *[self.channel(u) for u in self._subscribed])
+                    self._pubsub = pubsub
+                self.connected.set()
+                if not first:
+                    self.reconnects += 1
+                    resynced = await self._resync()
+                    log.info("broker: reconnected to Redis; %d connection(s) resynchronised", resynced)
+                if self._publish_lost:
+                    await self._client.publish(self._resync_channel, "lost")
+                    self._publish_lost = False
+                first, backoff = False, 0.1
+                while not self._closing:
+                    # Shorter than health_check_interval: a blocking read never health-checks.
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        await self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except REDIS_FAILURES as exc:
+                if self.connected.is_set():
+                    log.warning("broker: disconnected from Redis (%s: %s); reconnecting", type(exc).__name__, exc)
+                first = False
+            finally:
+                self.connected.clear()
+                self._pubsub = None
+                await asyncio.shield(pubsub.aclose())
+            await asyncio.sleep(backoff * (1 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def _dispatch(self, message: dict[str, object]) -> None:
+        kind = message["type"]
+        channel = message["channel"].decode() if isinstance(message["channel"], bytes) else str(message["channel"])
+        if kind == "subscribe":
+            future = self._confirmations.pop(channel, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind == "message":
+            data = message["data"]
+            text = data.decode() if isinstance(data, bytes) else str(data)
+            if channel == self._resync_channel:
+                resynced = await self._resync()
+                log.info("broker: a publish was lost somewhere; %d connection(s) resynchronised", resynced)
+                return
+            self.received += 1
+            seq, _, frame = text.partition(" ")
+            self._deliver(int(channel.rsplit(":", 1)[1]), int(seq), frame)
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel until the task is really gone: redis-py can swallow a CancelledError
+    that lands inside a command (seen in SUBSCRIBE and pipeline execute)."""
+    while task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
