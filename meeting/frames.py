@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from typing import Any, Callable
 
 from marshmallow import Schema, fields
 
@@ -50,6 +50,11 @@ class EmptyPayload(Schema):
     pass
 
 
+class SyncedPayload(Schema):
+    seq = fields.Integer(required=True)
+    count = fields.Integer(required=True)
+
+
 class ExpiringPayload(Schema):
     expires_at = fields.AwareDateTime(required=True)
 
@@ -60,6 +65,7 @@ SERVER_FRAMES: dict[str, type[Schema]] = {
     "message.unread": UnreadPayload,
     "message.new": ReceivedMessageSchema,
     "message.read": ReadPayload,
+    "message.synced": SyncedPayload,
     "pong": EmptyPayload,
     "token.expiring": ExpiringPayload,
     "token.refreshed": ExpiringPayload,
@@ -81,6 +87,14 @@ def encode(type_: str, payload: dict[str, Any]) -> str:
     body = {"type": type_, "payload": _SCHEMAS[type_].dump(payload),
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat()}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def message_new(message: dict[str, Any]) -> Callable[[int], str]:
+    """`message.new` for one message, encoded once; each recipient's `seq` is spliced in."""
+    body = json.dumps(_SCHEMAS["message.new"].dump({**message, "read_at": None}), ensure_ascii=False, separators=(",", ":"))
+    head = '{"type":"message.new","payload":{"seq":'
+    tail = f',{body[1:]},"timestamp":"{dt.datetime.now(dt.timezone.utc).isoformat()}"}}'
+    return lambda seq: f"{head}{seq}{tail}"
 
 
 def error(code: str, message: str) -> str:

@@ -138,10 +138,13 @@ class MessageService:
         async with self._engine.connect() as conn:
             return await store.last_seq(conn, user_id)
 
+    async def received_after_seq(self, user_id: int, after: int, limit: int) -> list[Message]:
+        async with self._engine.connect() as conn:
+            return await store.received_after_seq(conn, user_id, after, limit)
+
     async def after_seq(self, user_id: int, after: int, limit: int = PAGE_SIZE) -> dict[str, Any]:
         """Catch-up by seq: what the user received after `after`, oldest first."""
-        async with self._engine.connect() as conn:
-            rows = await store.received_after_seq(conn, user_id, after, limit + 1)
+        rows = await self.received_after_seq(user_id, after, limit + 1)
         page = rows[:limit]
         return {"messages": page, "next_before": None, "next_after_seq": page[-1]["seq"] if len(rows) > limit else None}
 

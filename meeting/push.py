@@ -1,10 +1,11 @@
 """Real-time push: the connection map and delivery of stored messages to it.
 
-The map is `app[ws_users]`: user id -> that user's live connections. The hub
-is the MessageService's listener: after each commit it encodes the frame once
-and queues that same string on every live connection of every recipient. It
-never awaits a socket, so `POST /messages` returns as soon as the message is
-stored and handed over.
+The map is `app[ws_users]`: user id -> that user's live connections on this
+process. The hub is the MessageService's listener: after each commit it
+encodes the frame once per message (each recipient's seq spliced in) and hands
+it to the broker, which delivers it to the recipients' connections here or on
+other instances. It never awaits a socket, so `POST /messages` returns as soon
+as the message is stored and handed over.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine
 from aiohttp import web
 
 from . import frames
+from .broker import InProcessBroker, RedisBroker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence
 from .typedefs import config_key, message_service_key, presence_key, push_hub_key, ws_users
@@ -31,6 +33,7 @@ class PushHub:
         self.users = users
         self.presence = presence
         self.max_per_user = max_per_user
+        self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local, self.resync)
         self._background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -57,18 +60,29 @@ class PushHub:
         live.discard(conn)
         if not live:
             del self.users[conn.user_id]
+            self.spawn(self.broker.want(conn.user_id))  # re-evaluated under the broker's lock
         self.spawn(self.presence.disconnected(conn.user_id))
 
+    def wants(self, user_id: int) -> bool:
+        return user_id in self.users
+
+    def deliver_local(self, user_id: int, seq: int, frame: str) -> None:
+        for conn in list(self.users.get(user_id, ())):
+            conn.deliver(seq, frame)
+
+    async def resync(self) -> int:
+        """After broker trouble: every local connection catches up from the database."""
+        conns = [c for conns in list(self.users.values()) for c in list(conns)]
+        for conn in conns:
+            conn.request_catch_up()
+        return len(conns)
+
     async def on_stored(self, message: dict[str, Any]) -> None:
-        frame = frames.encode("message.new", {**message, "read_at": None})
-        for user_id in message["recipient_ids"]:
-            for conn in list(self.users.get(user_id, ())):
-                conn.deliver(message["id"], frame)
+        frame_for = frames.message_new(message)
+        await self.broker.publish((user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items())
 
     async def on_read(self, user_id: int, ids: list[int], count: int) -> None:
-        frame = frames.encode("message.read", {"ids": ids, "count": count})
-        for conn in list(self.users.get(user_id, ())):
-            conn.push(frame)
+        await self.broker.publish([(user_id, 0, frames.encode("message.read", {"ids": ids, "count": count}))])
 
     def sweep(self) -> int:
         """Drop connections that closed without their handler noticing yet."""
@@ -99,6 +113,11 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     """The hub, its listeners and its periodic jobs; torn down in reverse."""
     cfg = app[config_key].push
     hub = PushHub(app[ws_users], app[presence_key], cfg.max_connections_per_user)
+    redis_cfg = app[config_key].redis
+    if redis_cfg.url:  # one path per configuration: never local *and* Redis delivery
+        hub.broker = RedisBroker(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0),
+                                 hub.deliver_local, hub.resync, hub.wants)
+    await hub.broker.start()
     app[push_hub_key] = hub
     service = app[message_service_key]
     service.on_stored.append(hub.on_stored)
@@ -120,5 +139,6 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
     await hub.close_all()
     await hub.drain_background()
+    await hub.broker.close()
     service.on_stored.remove(hub.on_stored)
     service.on_read.remove(hub.on_read)

@@ -1,13 +1,15 @@
 """GET /ws/messages: every online device of a user gets each of its messages at once.
 
 Connect sequence, gap-free and duplicate-free:
-1. authenticate (HTTP 401 before any upgrade), upgrade, register in the map in
-   *syncing* mode: live messages are held back, not sent;
-2. `connected`; then the unread backlog read from the database *after*
-   registering, as `message.unread` frames;
-3. the held-back live messages, minus those already in the backlog; then live.
-A message committed while this runs is in the backlog, or held back, or both
-(and then sent once): never neither, never twice.
+1. authenticate (HTTP 401 before any upgrade), upgrade, register in the map and
+   subscribe on the broker (confirmed): from here every new message reaches us,
+   and is held back until step 3;
+2. `connected`; then, read from the database *after* step 1, either the unread
+   backlog up to the user's last seq (`message.unread`), or with `?since=` every
+   message after it (`message.new`);
+3. `message.synced`, and live frames through the connection's SeqGate, which
+   drops what was already sent and fills any gap from the database.
+So a device sees every message exactly once, in seq order, whatever the broker did.
 """
 
 from __future__ import annotations
@@ -16,44 +18,93 @@ import asyncio
 import datetime as dt
 import json
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from . import frames
 from .connection import (
     CLOSE_SERVER_ERROR, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED, Connection,
 )
 from .errors import DomainError, Unauthorized
-from .handlers.common import doc, public, websocket_token
+from .handlers.common import doc, parse_query, public, websocket_token
 from .schemas import Id
+from .sequencing import SeqGate
 from .typedefs import config_key, message_service_key, push_hub_key, tokens_key
 
 log = logging.getLogger(__name__)
-BACKLOG_FRAME = 200
+PAGE = 200
+Fetch = Callable[[int, int, int], Awaitable[list[dict[str, Any]]]]  # user id, after seq, limit
 
 
 class UserConnection(Connection):
-    """A user's push socket: sync state and token-expiry timers on top of the queue."""
+    """A user's push socket: seq ordering, catch-up and token timers on top of the queue."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.syncing = True
-        self._held: list[tuple[int, str]] = []
+    def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
+                 on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None):
+        super().__init__(ws, user_id, queue_limit, on_dead)
+        self.gate: SeqGate[str] | None = None  # set when the initial sync starts
+        self._live = False                     # until message.synced went out, broker frames wait
+        self._early: list[tuple[int, str]] = []
+        self._fetch = fetch
+        self._catching_up: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
 
-    def deliver(self, message_id: int, frame: str) -> None:
-        if self.syncing:
-            self._held.append((message_id, frame))
-        else:
+    def deliver(self, seq: int, frame: str) -> None:
+        """A frame from the broker. seq 0: not a message (read sync), sent as is."""
+        if seq == 0:
             self.push(frame)
+        elif not self._live or self.gate is None:
+            self._early.append((seq, frame))
+        else:
+            for ready in self.gate.offer(seq, frame):
+                self.push(ready)
+            if self.gate.waiting:
+                self.request_catch_up()
 
-    def finish_sync(self, already_sent: set[int]) -> None:
-        held, self._held, self.syncing = self._held, [], False
-        for message_id, frame in held:
-            if message_id not in already_sent:
-                self.push(frame)
+    def start(self, last_seq: int) -> None:
+        """The device has (or is being sent) everything up to `last_seq`."""
+        self.gate = SeqGate(last_seq)
+
+    def go_live(self) -> None:
+        """After message.synced: release what the broker brought meanwhile, in order."""
+        assert self.gate is not None
+        self._live = True
+        early, self._early = self._early, []
+        for seq, frame in early:
+            for ready in self.gate.offer(seq, frame):
+                self.push(ready)
+        if self.gate.waiting:
+            self.request_catch_up()
+
+    def request_catch_up(self) -> None:
+        if self.gate is not None and not self.closed and (self._catching_up is None or self._catching_up.done()):
+            self._catching_up = asyncio.create_task(self._catch_up_or_close(), name=f"ws-catchup-{self.id}")
+
+    async def catch_up(self) -> None:
+        """Send, in seq order, everything stored after what this device has."""
+        assert self.gate is not None and self._fetch is not None
+        while True:
+            rows = await self._fetch(self.user_id, self.gate.last, PAGE)
+            for row in rows:
+                if row["seq"] > self.gate.last:
+                    for ready in self.gate.offer(row["seq"], frames.encode("message.new", row)):
+                        self.push(ready)
+            if len(rows) < PAGE:
+                return
+
+    async def _catch_up_or_close(self) -> None:
+        try:
+            await self.catch_up()
+        except Exception:
+            log.exception("catch-up of connection %s failed", self.id)
+            self.close_soon(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
+
+    async def stop(self) -> None:
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+        await super().stop()
 
     def expire_at(self, expires_at: dt.datetime, notice: float) -> None:
         self.cancel_timers()
@@ -67,6 +118,13 @@ class UserConnection(Connection):
         for timer in self._timers:
             timer.cancel()
         self._timers = []
+
+
+class ConnectQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE  # a client's own parameters (cache busters...) are none of our business
+
+    since = fields.Integer(load_default=None, validate=validate.Range(0, 2**63 - 1))
 
 
 class ClientFrame(Schema):
@@ -90,19 +148,31 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     if token is None:
         raise Unauthorized("A token is required (`bearer` subprotocol, Authorization header or `token` query).", code="missing_token")
     claims = app[tokens_key].decode(token)
+    since = parse_query(request, ConnectQuery())["since"]
     cfg = app[config_key].push
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",))
     await ws.prepare(request)
     hub = app[push_hub_key]
-    conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister)
+    service = app[message_service_key]
+    conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister, fetch=service.received_after_seq)
     if not hub.register(conn):
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
         return ws
     try:
+        await hub.broker.want(conn.user_id)
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))
-        await _send_backlog(app, conn)
-        conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # after the backlog: connected, backlog, then anything
+        last = await service.last_seq(conn.user_id)
+        if since is None:
+            await _send_backlog(app, conn, last)
+            conn.start(last)
+        else:
+            conn.start(min(since, last))  # a `since` from the future must not hide new messages
+            await conn.catch_up()
+        assert conn.gate is not None
+        conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": await service.unread_count(conn.user_id)}))
+        conn.go_live()
+        conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # after the sync: connected, backlog, then anything
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await _on_text(app, conn, msg.data)
@@ -120,14 +190,16 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _send_backlog(app: web.Application, conn: UserConnection) -> None:
+async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: int) -> None:
+    """The unread messages up to `upto_seq`, oldest first, in frames of PAGE."""
     service = app[message_service_key]
     limit = app[config_key].push.backlog_limit
     sent: set[int] = set()
     after: int | None = None
     while True:
-        size = min(BACKLOG_FRAME, limit - len(sent))
-        page = await service.unread(conn.user_id, limit=size, after_seq=after) if size > 0 else {"messages": [], "count": await service.unread_count(conn.user_id)}
+        size = min(PAGE, limit - len(sent))
+        page = (await service.unread(conn.user_id, limit=size, after_seq=after, upto_seq=upto_seq) if size > 0
+                else {"messages": [], "count": await service.unread_count(conn.user_id)})
         batch = page["messages"]
         sent.update(m["id"] for m in batch)
         done = len(batch) < size or len(sent) >= limit
@@ -137,7 +209,6 @@ async def _send_backlog(app: web.Application, conn: UserConnection) -> None:
         if done:
             break
         after = batch[-1]["seq"]
-    conn.finish_sync(sent)
 
 
 async def _on_text(app: web.Application, conn: UserConnection, data: str) -> None:

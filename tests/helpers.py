@@ -80,14 +80,24 @@ class Device:
         return frame["payload"]
 
     async def handshake(self) -> dict[str, Any]:
-        """`connected`, then the backlog: returns the backlog's messages and last count."""
+        """`connected`, the backlog frames, `message.synced`: returns the backlog and the marker."""
         await self.expect("connected")
-        unread = await self.expect("message.unread")
-        messages = list(unread["messages"])
-        while len(messages) < min(unread["count"], 1000) and not unread["has_more"] and len(unread["messages"]) == 200:
-            unread = await self.expect("message.unread")
-            messages.extend(unread["messages"])
-        return {"messages": messages, "count": unread["count"], "has_more": unread["has_more"]}
+        messages: list[dict[str, Any]] = []
+        has_more = False
+        while (frame := await self.next())["type"] == "message.unread":
+            messages.extend(frame["payload"]["messages"])
+            has_more = frame["payload"]["has_more"]
+        assert frame["type"] == "message.synced", frame
+        return {"messages": messages, "count": frame["payload"]["count"], "has_more": has_more, "synced": frame["payload"]}
+
+    async def resume(self) -> dict[str, Any]:
+        """After connecting with `since`: `connected`, the replay (`message.new`), `message.synced`."""
+        await self.expect("connected")
+        replayed: list[dict[str, Any]] = []
+        while (frame := await self.next())["type"] == "message.new":
+            replayed.append(frame["payload"])
+        assert frame["type"] == "message.synced", frame
+        return {"messages": replayed, "synced": frame["payload"]}
 
     async def closed(self, timeout: float = 5.0) -> int | None:
         """Read until the server closes; the close code the server sent."""

@@ -14,7 +14,7 @@ async def test_listen_prints_connected_backlog_and_live_frames(api: Api) -> None
     await api.send(alice, [bob], "waiting for you")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meeting.client", "listen", "--url", str(api.client.make_url("")).rstrip("/"),
-        "--username", bob.username, "--password", "correct horse", "--max-frames", "3",
+        "--username", bob.username, "--password", "correct horse", "--max-frames", "4",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -26,6 +26,7 @@ async def test_listen_prints_connected_backlog_and_live_frames(api: Api) -> None
         assert (await frame())["type"] == "connected"
         backlog = await frame()
         assert backlog["type"] == "message.unread" and backlog["payload"]["messages"][0]["content"] == "waiting for you"
+        assert (await frame())["type"] == "message.synced"
         await api.send(alice, [bob], "live 🎧")
         live = await frame()
         assert live["type"] == "message.new" and live["payload"]["content"] == "live 🎧"

@@ -162,6 +162,7 @@ async def test_7_large_backlogs_come_in_frames_of_200_up_to_the_limit(make_clien
     device = await Device.connect(api, bob)
     await device.expect("connected")
     frames = [await device.expect("message.unread") for _ in range(3)]
+    assert (await device.expect("message.synced")) == {"seq": 460, "count": 460}
     assert [len(f["messages"]) for f in frames] == [200, 200, 50]
     assert [f["has_more"] for f in frames] == [False, False, True] and {f["count"] for f in frames} == {460}
     ids = [m["id"] for f in frames for m in f["messages"]]
