@@ -1,9 +1,14 @@
 """Who is online: last-seen time and device count per user.
 
-With Redis, the seed plan's hash `online_users` (user id -> last-seen unix
-time, namespaced as `<prefix>:online_users`) plus `<prefix>:online_devices`
-(user id -> open connections) are shared by every instance. Without Redis, or
-while Redis fails, the answer comes from this process's own connections.
+With Redis, shared by every instance:
+- the seed plan's hash `online_users` (namespaced `<prefix>:online_users`):
+  user id -> last-seen unix time, written on connect, disconnect and heartbeat;
+- `<prefix>:devices:<user id>`, a sorted set of that user's connection ids
+  scored by an expiry two heartbeats ahead, refreshed every heartbeat. A
+  connection is counted while its entry has not expired, so the devices of an
+  instance that dies without cleaning up (SIGKILL) go offline by themselves
+  within two heartbeat intervals.
+Without Redis, or while Redis fails, each process answers from its own connections.
 """
 
 from __future__ import annotations
@@ -21,65 +26,64 @@ Status = dict[str, object]
 
 
 class Presence:
-    def __init__(self, client: aioredis.Redis | None, cfg: RedisConfig):
+    def __init__(self, client: aioredis.Redis | None, cfg: RedisConfig, heartbeat: float):
         self._guard = RedisGuard(client, cfg.error_log_interval, "presence")
+        self._prefix = cfg.prefix
         self._seen_key = f"{cfg.prefix}:online_users"
-        self._devices_key = f"{cfg.prefix}:online_devices"
-        self._local_devices: dict[int, int] = {}
+        self._lifetime = 2 * heartbeat
+        self._local: dict[int, set[str]] = {}
         self._local_seen: dict[int, float] = {}
 
-    async def connected(self, user_id: int) -> None:
-        self._local_devices[user_id] = self._local_devices.get(user_id, 0) + 1
-        await self._update(user_id, +1)
+    def _devices_key(self, user_id: int) -> str:
+        return f"{self._prefix}:devices:{user_id}"
 
-    async def disconnected(self, user_id: int) -> None:
-        left = self._local_devices.get(user_id, 0) - 1
-        if left > 0:
-            self._local_devices[user_id] = left
-        else:
-            self._local_devices.pop(user_id, None)
-        await self._update(user_id, -1)
+    async def connected(self, user_id: int, connection_id: str) -> None:
+        self._local.setdefault(user_id, set()).add(connection_id)
+        await self._write([(user_id, connection_id)], [])
 
-    async def _update(self, user_id: int, delta: int) -> None:
+    async def disconnected(self, user_id: int, connection_id: str) -> None:
+        devices = self._local.get(user_id, set())
+        devices.discard(connection_id)
+        if not devices:
+            self._local.pop(user_id, None)
+        await self._write([], [(user_id, connection_id)])
+
+    async def heartbeat(self, connections: Iterable[tuple[int, str]]) -> None:
+        """Extend every local connection's entry, in one round trip."""
+        await self._write(list(connections), [])
+
+    async def _write(self, alive: list[tuple[int, str]], gone: list[tuple[int, str]]) -> None:
         now = time.time()
-        self._local_seen[user_id] = now
-        if not self._guard.available:
-            return
-        try:
-            async with self._guard.client.pipeline(transaction=True) as pipe:  # type: ignore[union-attr]
-                pipe.hset(self._seen_key, str(user_id), f"{now:.3f}")
-                pipe.hincrby(self._devices_key, str(user_id), delta)
-                devices = (await pipe.execute())[1]
-            if devices <= 0:
-                await self._guard.client.hdel(self._devices_key, str(user_id))  # type: ignore[union-attr]
-        except REDIS_FAILURES as exc:
-            self._guard.failed(exc)
-
-    async def heartbeat(self, user_ids: Iterable[int]) -> None:
-        """Refresh last-seen for every locally connected user in one round trip."""
-        now = time.time()
-        ids = list(user_ids)
-        for user_id in ids:
+        for user_id, _ in (*alive, *gone):
             self._local_seen[user_id] = now
-        if not ids or not self._guard.available:
+        if not (alive or gone) or not self._guard.available:
             return
         try:
-            await self._guard.client.hset(self._seen_key, mapping={str(u): f"{now:.3f}" for u in ids})  # type: ignore[union-attr]
+            async with self._guard.client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
+                for user_id, connection_id in alive:
+                    key = self._devices_key(user_id)
+                    pipe.zadd(key, {connection_id: now + self._lifetime})
+                    pipe.expire(key, int(self._lifetime) + 1)
+                for user_id, connection_id in gone:
+                    pipe.zrem(self._devices_key(user_id), connection_id)
+                pipe.hset(self._seen_key, mapping={str(u): f"{now:.3f}" for u, _ in (*alive, *gone)})
+                await pipe.execute()
         except REDIS_FAILURES as exc:
             self._guard.failed(exc)
 
     async def status(self, user_ids: list[int]) -> dict[int, Status]:
         seen: list[float | None] = [self._local_seen.get(u) for u in user_ids]
-        devices = [self._local_devices.get(u, 0) for u in user_ids]
+        devices = [len(self._local.get(u, ())) for u in user_ids]
         if self._guard.available and user_ids:
-            keys = [str(u) for u in user_ids]
+            now = time.time()
             try:
                 async with self._guard.client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
-                    pipe.hmget(self._seen_key, keys)
-                    pipe.hmget(self._devices_key, keys)
-                    raw_seen, raw_devices = await pipe.execute()
+                    pipe.hmget(self._seen_key, [str(u) for u in user_ids])
+                    for user_id in user_ids:
+                        pipe.zcount(self._devices_key(user_id), now, "+inf")
+                    raw_seen, *counts = await pipe.execute()
                 seen = [float(v) if v is not None else None for v in raw_seen]
-                devices = [max(0, int(v)) if v is not None else 0 for v in raw_devices]
+                devices = [int(c) for c in counts]
             except REDIS_FAILURES as exc:
                 self._guard.failed(exc)
         return {u: {"online": n > 0, "last_seen": dt.datetime.fromtimestamp(s, dt.timezone.utc) if s else None, "devices": n}

@@ -49,7 +49,7 @@ class PushHub:
                 del self.users[conn.user_id]
             return False
         live.add(conn)
-        self.spawn(self.presence.connected(conn.user_id))
+        self.spawn(self.presence.connected(conn.user_id, conn.id))
         return True
 
     def unregister(self, conn: "UserConnection") -> None:
@@ -61,7 +61,7 @@ class PushHub:
         if not live:
             del self.users[conn.user_id]
             self.spawn(self.broker.want(conn.user_id))  # re-evaluated under the broker's lock
-        self.spawn(self.presence.disconnected(conn.user_id))
+        self.spawn(self.presence.disconnected(conn.user_id, conn.id))
 
     def wants(self, user_id: int) -> bool:
         return user_id in self.users
@@ -129,7 +129,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
             log.info("sweeper removed %d closed connection(s); %d user(s) connected", removed, len(hub.users))
 
     async def refresh_presence() -> None:
-        await app[presence_key].heartbeat(list(hub.users))
+        await app[presence_key].heartbeat([(c.user_id, c.id) for conns in list(hub.users.values()) for c in conns])
 
     tasks = [asyncio.create_task(_every(cfg.cleanup_interval, sweep), name="push-sweeper"),
              asyncio.create_task(_every(cfg.heartbeat, refresh_presence), name="presence-refresh")]

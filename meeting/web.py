@@ -128,7 +128,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[cache_key] = MessageCache(app[redis_key], cfg.redis)
     app[message_service_key] = MessageService(app[engine_key], app[cache_key])
     app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
-    app[presence_key] = Presence(app[redis_key], cfg.redis)
+    app[presence_key] = Presence(app[redis_key], cfg.redis, cfg.push.heartbeat)
     yield
 
 

@@ -69,8 +69,8 @@ async def test_presence_is_kept_in_the_redis_hashes(make_client: Any, db_url: st
     client = api.client.app[redis_key]
     assert client is not None
 
-    async def devices() -> bytes | None:
-        return await client.hget(f"{prefix}:online_devices", str(bob.id))
+    async def devices() -> int:
+        return int(await client.zcard(f"{prefix}:devices:{bob.id}"))
 
-    await _eventually(devices, lambda v: v == b"1")
+    await _eventually(devices, lambda n: n == 1)
     assert await client.hget(f"{prefix}:online_users", str(bob.id)) is not None

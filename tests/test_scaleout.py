@@ -1,0 +1,182 @@
+"""Two app instances sharing MariaDB and Redis: delivery, read sync, presence, broker faults."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from meeting.config import Config
+from meeting.typedefs import push_hub_key, ws_users
+from tests.conftest import _clean_mariadb, base_config
+from tests.helpers import Api, Device, User
+from tests.test_ws import until
+
+
+@pytest.fixture
+def shared(mariadb_url: str, redis_url: str) -> Config:
+    """What two instances must share: the database, Redis and its prefix (and the JWT secret)."""
+    _clean_mariadb(mariadb_url)
+    return base_config(database={"url": mariadb_url}, redis={"url": redis_url, "prefix": f"t{uuid.uuid4().hex[:10]}"},
+                       push={"heartbeat": 0.5})
+
+
+@pytest.fixture
+async def a(make_client: Any, shared: Config) -> Api:
+    return Api(await make_client(shared))
+
+
+@pytest.fixture
+async def b(make_client: Any, shared: Config) -> Api:
+    return Api(await make_client(shared))
+
+
+async def collect(device: Device, upto_seq: int, seen: list[int]) -> None:
+    """Read message.new frames until `upto_seq`, checking they come once each, in order."""
+    while not seen or seen[-1] < upto_seq:
+        frame = await device.next(timeout=10)
+        if frame["type"] == "message.new":
+            seq = frame["payload"]["seq"]
+            assert not seen or seq == seen[-1] + 1, f"got seq {seq} after {seen[-1:]}"
+            seen.append(seq)
+
+
+async def test_a_user_on_b_receives_what_is_sent_through_a(a: Api, b: Api) -> None:
+    alice, bob = await a.users(2)
+    device = await Device.connect(b, bob)
+    await device.handshake()
+    sent = await a.send(alice, [bob], "across instances")
+    payload = await device.expect("message.new")
+    assert payload["id"] == sent["id"] and payload["seq"] == 1
+
+
+async def test_one_device_on_each_instance_gets_it_once_each(a: Api, b: Api) -> None:
+    alice, bob = await a.users(2)
+    on_a, on_b = await Device.connect(a, bob), await Device.connect(b, bob)
+    await on_a.handshake()
+    await on_b.handshake()
+    for i in range(5):
+        await (a if i % 2 else b).send(alice, [bob], f"m{i}")
+    for device in (on_a, on_b):
+        seqs: list[int] = []
+        await collect(device, 5, seqs)
+        assert seqs == [1, 2, 3, 4, 5]
+        await device.ws.send_json({"type": "ping"})
+        assert (await device.next())["type"] == "pong"  # and nothing more came: no duplicate
+
+
+async def test_read_sync_and_presence_cross_instances(a: Api, b: Api) -> None:
+    alice, bob = await a.users(2)
+    on_a, on_b = await Device.connect(a, bob), await Device.connect(b, bob)
+    await on_a.handshake()
+    await on_b.handshake()
+    sent = await a.send(alice, [bob])
+    for device in (on_a, on_b):
+        await device.expect("message.new")
+    await on_b.ws.send_json({"type": "read", "payload": {"ids": [sent["id"]]}})
+    for device in (on_a, on_b):
+        assert await device.expect("message.read") == {"ids": [sent["id"]], "count": 0}
+    for api in (a, b):
+        async def status(api: Api = api) -> Any:
+            return await api.call("GET", f"/users/{bob.id}/presence", user=alice, expect=200)
+        for _ in range(200):
+            if (await status())["devices"] == 2:
+                break
+        assert (await status()) | {"last_seen": None} == {"online": True, "devices": 2, "last_seen": None}
+
+
+async def test_resume_with_since_replays_exactly_what_was_missed(a: Api, b: Api) -> None:
+    alice, bob = await a.users(2)
+    device = await Device.connect(a, bob)
+    await device.handshake()
+    for i in range(3):
+        await a.send(alice, [bob], f"seen {i}")
+    seen: list[int] = []
+    await collect(device, 3, seen)
+    await device.ws.close()
+    for i in range(4):
+        await b.send(alice, [bob], f"missed {i}")
+    again = await Device.connect(b, bob, params={"token": bob.token, "since": "3"})
+    resumed = await again.resume()
+    assert [m["seq"] for m in resumed["messages"]] == [4, 5, 6, 7]
+    assert [m["content"] for m in resumed["messages"]] == [f"missed {i}" for i in range(4)]
+    assert resumed["synced"] == {"seq": 7, "count": 7}
+    await a.send(alice, [bob], "live")
+    assert (await again.expect("message.new"))["seq"] == 8
+    future = await Device.connect(b, bob, params={"token": bob.token, "since": "999"})
+    assert (await future.resume())["synced"]["seq"] == 8  # a cursor from the future is clamped, not trusted
+
+
+async def test_client_kill_of_the_pubsub_connection_loses_nothing(a: Api, b: Api, redis_url: str) -> None:
+    alice, bob = await a.users(2)
+    on_a, on_b = await Device.connect(a, bob), await Device.connect(b, bob)
+    await on_a.handshake()
+    await on_b.handshake()
+    killer = aioredis.Redis.from_url(redis_url)
+    total = 40
+    try:
+        for i in range(total):
+            await a.send(alice, [bob], f"m{i}")
+            if i in (10, 25):
+                brokers = [api.client.app[push_hub_key].broker for api in (a, b)]
+                await asyncio.wait_for(asyncio.gather(*(br.connected.wait() for br in brokers)), 10)
+                killed = await killer.client_kill_filter(_type="pubsub")
+                assert killed >= 2  # both instances' readers, while messages keep flowing
+    finally:
+        await killer.aclose()
+    for device in (on_a, on_b):
+        seqs: list[int] = []
+        await collect(device, total, seqs)
+        assert seqs == list(range(1, total + 1))
+    for api in (a, b):
+        assert api.client.app[push_hub_key].broker.reconnects >= 1
+
+
+async def test_concurrent_senders_and_resuming_clients_end_with_the_full_sequence(a: Api, b: Api) -> None:
+    senders = await a.users(8)
+    recipients = await a.users(3)
+    per_sender = 12
+    total = 8 * per_sender
+    rng = random.Random(20261128)
+
+    async def send_all(sender: User, api: Api) -> None:
+        for i in range(per_sender):
+            await api.send(sender, recipients, f"{sender.id}:{i}")
+
+    async def device_life(user: User) -> list[int]:
+        seqs: list[int] = []
+        api = a
+        device = await Device.connect(api, user, params={"token": user.token, "since": "0"})
+        while True:
+            frame = await device.next(timeout=15)
+            if frame["type"] == "message.new":
+                seq = frame["payload"]["seq"]
+                assert not seqs or seq == seqs[-1] + 1, f"{user.id}: seq {seq} after {seqs[-1:]}"
+                seqs.append(seq)
+                if seq == total:
+                    return seqs
+                if rng.random() < 0.08:  # drop and resume somewhere else
+                    await device.ws.close()
+                    api = b if api is a else a
+                    device = await Device.connect(api, user, params={"token": user.token, "since": str(seqs[-1])})
+
+    lives = [asyncio.create_task(device_life(u)) for u in recipients]
+    await asyncio.gather(*(send_all(s, a if i % 2 else b) for i, s in enumerate(senders)))
+    results = await asyncio.wait_for(asyncio.gather(*lives), 60)
+    for seqs in results:
+        assert seqs == list(range(1, total + 1))
+
+
+async def test_connection_maps_drain_on_both_instances(a: Api, b: Api) -> None:
+    bob = await a.user()
+    devices = [await Device.connect(api, bob) for api in (a, b, a)]
+    for device in devices:
+        await device.handshake()
+    for device in devices:
+        await device.ws.close()
+    for api in (a, b):
+        await until(lambda api=api: not api.client.app[ws_users])
