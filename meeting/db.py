@@ -187,7 +187,14 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
     async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
+        mysql_lock = conn.dialect.name in ("mysql", "mariadb")
+        if mysql_lock:  # instances starting together must not run the same DDL twice
+            await conn.exec_driver_sql("SELECT GET_LOCK('meeting_migrate', 60)")
+        try:
+            await conn.run_sync(_upgrade)
+        finally:
+            if mysql_lock:
+                await conn.exec_driver_sql("SELECT RELEASE_LOCK('meeting_migrate')")
     log.info("database schema is at %s", revision)
 
 

@@ -55,6 +55,27 @@ class Device:
     def __init__(self, ws: Any):
         self.ws = ws
         self.frames: list[dict[str, Any]] = []
+        self._inbox: Any = None
+
+    def pump(self) -> "Device":
+        """Read continuously, as a real client does (aiohttp answers pings only while
+        reading), so a short server heartbeat does not drop this device."""
+        import asyncio
+
+        self._inbox = asyncio.Queue()
+
+        async def read() -> None:
+            while True:
+                msg = await self.ws.receive()
+                await self._inbox.put(msg)
+                if msg.type.name in ("CLOSE", "CLOSED", "CLOSING", "ERROR"):
+                    return
+
+        self._pump_task = asyncio.get_running_loop().create_task(read())
+        return self
+
+    async def _receive(self) -> Any:
+        return await (self._inbox.get() if self._inbox is not None else self.ws.receive())
 
     @classmethod
     async def connect(cls, api: "Api", user: User, **kwargs: Any) -> "Device":
@@ -68,7 +89,7 @@ class Device:
 
         from meeting.frames import validate_frame
 
-        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        msg = await asyncio.wait_for(self._receive(), timeout)
         assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, self.ws.close_code)
         frame = validate_frame(msg.data)
         self.frames.append(frame)
@@ -106,7 +127,7 @@ class Device:
         import aiohttp
 
         while True:
-            msg = await asyncio.wait_for(self.ws.receive(), timeout)
+            msg = await asyncio.wait_for(self._receive(), timeout)
             if msg.type == aiohttp.WSMsgType.CLOSE:
                 return int(msg.data)  # what the server said, even if our reply could not be sent
             if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):

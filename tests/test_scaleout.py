@@ -21,8 +21,7 @@ from tests.test_ws import until
 def shared(mariadb_url: str, redis_url: str) -> Config:
     """What two instances must share: the database, Redis and its prefix (and the JWT secret)."""
     _clean_mariadb(mariadb_url)
-    return base_config(database={"url": mariadb_url}, redis={"url": redis_url, "prefix": f"t{uuid.uuid4().hex[:10]}"},
-                       push={"heartbeat": 0.5})
+    return base_config(database={"url": mariadb_url}, redis={"url": redis_url, "prefix": f"t{uuid.uuid4().hex[:10]}"})
 
 
 @pytest.fixture

@@ -1,0 +1,122 @@
+"""Two real `python -m meeting` processes behind no proxy, sharing MariaDB and Redis; one is SIGKILLed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+
+from tests.conftest import TEST_SECRET, _clean_mariadb
+from tests.helpers import Device
+from tests.test_main import _free_port
+
+HEARTBEAT = 0.5
+
+
+class Instance:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int):
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+
+
+async def _start(tmp_path: Path, env: dict[str, str]) -> Instance:
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meeting", "--port", str(port), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+
+    async def ready() -> None:
+        while line := (await proc.stdout.readline()).decode():  # type: ignore[union-attr]
+            seen.append(line)
+            if f"127.0.0.1:{port}" in line:
+                return
+        raise AssertionError("instance exited:\n" + "".join(seen))
+
+    await asyncio.wait_for(ready(), 30)
+    # keep draining its output so the pipe never blocks the server
+    asyncio.get_running_loop().create_task(_drain(proc))
+    return Instance(proc, port)
+
+
+async def _drain(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdout is not None
+    while await proc.stdout.readline():
+        pass
+
+
+@pytest.fixture
+async def instances(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncIterator[list[Instance]]:
+    _clean_mariadb(mariadb_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEETING_")}
+    env.update(MEETING_DATABASE_URL=mariadb_url, MEETING_REDIS_URL=redis_url, MEETING_REDIS_PREFIX=f"t{uuid.uuid4().hex[:10]}",
+               MEETING_AUTH_SECRET=TEST_SECRET, MEETING_AUTH_HASH_TIME_COST="1", MEETING_AUTH_HASH_MEMORY_KIB="1024",
+               MEETING_PUSH_HEARTBEAT=str(HEARTBEAT), PYTHONUNBUFFERED="1")
+    started = list(await asyncio.gather(_start(tmp_path, env), _start(tmp_path, env)))  # both migrate at once
+    yield started
+    for instance in started:
+        if instance.proc.returncode is None:
+            instance.proc.terminate()
+            await asyncio.wait_for(instance.proc.wait(), 15)
+
+
+async def _user(http: aiohttp.ClientSession, name: str) -> dict[str, Any]:
+    async with http.post("/auth/register", json={"username": name, "password": "correct horse"}) as r:
+        user = await r.json()
+    async with http.post("/auth/login", json={"username": name, "password": "correct horse"}) as r:
+        user["token"] = (await r.json())["access_token"]
+    return user
+
+
+async def _send(http: aiohttp.ClientSession, sender: dict[str, Any], to: dict[str, Any], text: str) -> None:
+    async with http.post("/messages", json={"recipient_ids": [to["id"]], "content": text},
+                         headers={"Authorization": f"Bearer {sender['token']}"}) as r:
+        assert r.status == 201, await r.text()
+
+
+async def test_sigkill_one_instance_and_resume_on_the_other(instances: list[Instance]) -> None:
+    a, b = instances
+    async with aiohttp.ClientSession(a.url) as http_a, aiohttp.ClientSession(b.url) as http_b:
+        alice, bob = await _user(http_a, "alice"), await _user(http_a, "bob")
+        on_a = Device(await http_a.ws_connect("/ws/messages", params={"token": bob["token"]})).pump()
+        on_b = Device(await http_b.ws_connect("/ws/messages", params={"token": bob["token"]})).pump()
+        await on_a.handshake()
+        await on_b.handshake()
+        await _send(http_a, alice, bob, "one")
+        await _send(http_b, alice, bob, "two")
+        for device in (on_a, on_b):
+            assert [(await device.expect("message.new"))["seq"] for _ in range(2)] == [1, 2]
+
+        a.proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(a.proc.wait(), 10)
+
+        async def devices() -> int:
+            async with http_b.get(f"/users/{bob['id']}/presence", headers={"Authorization": f"Bearer {alice['token']}"}) as r:
+                return int((await r.json())["devices"])
+
+        async def until_one_device() -> None:
+            while await devices() != 1:
+                await asyncio.sleep(0.05)
+
+        # the killed instance never cleaned up: its device drops out within two heartbeats
+        await asyncio.wait_for(until_one_device(), 2 * HEARTBEAT + 3)
+
+        for i in range(3):
+            await _send(http_b, alice, bob, f"while away {i}")
+        resumed = Device(await http_b.ws_connect("/ws/messages", params={"token": bob["token"], "since": "2"})).pump()
+        replay = await resumed.resume()
+        assert [m["seq"] for m in replay["messages"]] == [3, 4, 5]
+        assert replay["synced"]["seq"] == 5
+        assert [(await on_b.expect("message.new"))["seq"] for _ in range(3)] == [3, 4, 5]
+        await _send(http_b, alice, bob, "after")
+        for device in (resumed, on_b):
+            assert (await device.expect("message.new"))["seq"] == 6
