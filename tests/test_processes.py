@@ -23,6 +23,7 @@ HEARTBEAT = 0.5
 class Instance:
     def __init__(self, proc: asyncio.subprocess.Process, port: int):
         self.proc = proc
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
 
 
@@ -54,13 +55,19 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-@pytest.fixture
-async def instances(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncIterator[list[Instance]]:
-    _clean_mariadb(mariadb_url)
+def instance_env(mariadb_url: str, redis_url: str) -> dict[str, str]:
+    """What must match across instances: database, Redis and its prefix, JWT secret."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEETING_")}
     env.update(MEETING_DATABASE_URL=mariadb_url, MEETING_REDIS_URL=redis_url, MEETING_REDIS_PREFIX=f"t{uuid.uuid4().hex[:10]}",
                MEETING_AUTH_SECRET=TEST_SECRET, MEETING_AUTH_HASH_TIME_COST="1", MEETING_AUTH_HASH_MEMORY_KIB="1024",
                MEETING_PUSH_HEARTBEAT=str(HEARTBEAT), PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture
+async def instances(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncIterator[list[Instance]]:
+    _clean_mariadb(mariadb_url)
+    env = instance_env(mariadb_url, redis_url)
     started = list(await asyncio.gather(_start(tmp_path, env), _start(tmp_path, env)))  # both migrate at once
     yield started
     for instance in started:
