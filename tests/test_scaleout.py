@@ -179,3 +179,30 @@ async def test_connection_maps_drain_on_both_instances(a: Api, b: Api) -> None:
         await device.ws.close()
     for api in (a, b):
         await until(lambda api=api: not api.client.app[ws_users])
+
+
+async def test_an_instance_subscribes_on_first_connection_and_unsubscribes_on_last(a: Api, redis_url: str) -> None:
+    bob = await a.user()
+    broker = a.client.app[push_hub_key].broker
+    channel = broker.channel(bob.id)
+    probe = aioredis.Redis.from_url(redis_url)
+
+    async def subscribers() -> int:
+        return int(dict(await probe.pubsub_numsub(channel))[channel.encode()])
+
+    try:
+        assert await subscribers() == 0
+        first, second = await Device.connect(a, bob), await Device.connect(a, bob)
+        await first.handshake()
+        await second.handshake()
+        assert await subscribers() == 1  # one pub/sub connection per instance, not per socket
+        await first.ws.close()
+        await until(lambda: len(a.client.app[ws_users].get(bob.id, ())) == 1)
+        assert await subscribers() == 1
+        await second.ws.close()
+        for _ in range(500):
+            if await subscribers() == 0:
+                break
+        assert await subscribers() == 0
+    finally:
+        await probe.aclose()

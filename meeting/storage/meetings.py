@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
 from typing import Any, Iterable
 
 import sqlalchemy as sa
@@ -12,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..db import meeting_participants as mp
 from ..db import meetings as mt
 from ..db import utcnow
+from . import attach_ids
 
 COLUMNS = (mt.c.id, mt.c.title, mt.c.organizer_id, mt.c.starts_at, mt.c.created_at)
 
@@ -25,14 +25,7 @@ async def insert(conn: AsyncConnection, title: str, organizer_id: int, starts_at
 
 
 async def _with_participants(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    found: dict[int, list[int]] = defaultdict(list)
-    if rows:
-        query = sa.select(mp.c.meeting_id, mp.c.user_id).where(mp.c.meeting_id.in_([r["id"] for r in rows])).order_by(mp.c.user_id)
-        for meeting_id, user_id in await conn.execute(query):
-            found[meeting_id].append(user_id)
-    for row in rows:
-        row["participant_ids"] = found[row["id"]]
-    return rows
+    return await attach_ids(conn, rows, mp.c.meeting_id, mp.c.user_id, "participant_ids")
 
 
 async def of_user(conn: AsyncConnection, user_id: int, limit: int, before: int | None) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ query is a range scan of one of message_recipients' (recipient_id, ...) indexes.
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
@@ -16,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..db import message_recipients as mr
 from ..db import messages as m
 from ..db import users, utcnow
+from . import attach_ids
 
 MESSAGE_COLUMNS = (m.c.id, m.c.sender_id, m.c.type, m.c.content, m.c.meeting_id, m.c.created_at)
 RECEIVED_COLUMNS = (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
@@ -59,16 +59,7 @@ async def received_after_seq(conn: AsyncConnection, user_id: int, after: int, li
 
 
 async def _with_recipients(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if not rows:
-        return rows
-    ids = [row["id"] for row in rows]
-    found: dict[int, list[int]] = defaultdict(list)
-    query = sa.select(mr.c.message_id, mr.c.recipient_id).where(mr.c.message_id.in_(ids)).order_by(mr.c.message_id, mr.c.recipient_id)
-    for message_id, recipient_id in await conn.execute(query):
-        found[message_id].append(recipient_id)
-    for row in rows:
-        row["recipient_ids"] = found[row["id"]]
-    return rows
+    return await attach_ids(conn, rows, mr.c.message_id, mr.c.recipient_id, "recipient_ids")
 
 
 async def received(conn: AsyncConnection, user_id: int, limit: int, before: int | None) -> list[dict[str, Any]]:
