@@ -32,7 +32,7 @@ from .cache import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[int, int, str], None]  # user id, seq (0: no seq), encoded frame
+Deliver = Callable[[int, int, str, float], None]  # user id, seq (0: no seq), encoded frame, commit time
 Resync = Callable[[], Awaitable[int]]      # returns how many connections were resynchronised
 Wants = Callable[[int], bool]              # does this instance have a connection of that user now
 SUBSCRIBE_TIMEOUT = 2.0
@@ -52,10 +52,10 @@ class InProcessBroker:
     async def want(self, user_id: int) -> None:
         pass
 
-    async def publish(self, items: Iterable[tuple[int, int, str]]) -> None:
+    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float) -> None:
         for user_id, seq, frame in items:
             self.publishes += 1
-            self._deliver(user_id, seq, frame)
+            self._deliver(user_id, seq, frame, committed_at)
 
 
 class RedisBroker:
@@ -77,7 +77,7 @@ class RedisBroker:
         self._reader: asyncio.Task[None] | None = None
         self._publish_lost = False
         self._closing = False
-        self._outbox: asyncio.Queue[list[tuple[int, int, str]]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[list[tuple[int, int, str, float]]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.publishes = self.received = self.reconnects = 0
@@ -118,10 +118,10 @@ class RedisBroker:
             except (*REDIS_FAILURES, asyncio.TimeoutError) as exc:
                 log.warning("broker: (un)subscribe of %s failed: %s; the reader will resubscribe", channel, type(exc).__name__)
 
-    async def publish(self, items: Iterable[tuple[int, int, str]]) -> None:
+    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float) -> None:
         """Hand over without waiting on Redis: a slow Redis must not slow the sender.
         One publisher task sends the outbox in order, in pipelined batches."""
-        self._outbox.put_nowait(list(items))
+        self._outbox.put_nowait([(user_id, seq, frame, committed_at) for user_id, seq, frame in items])
 
     async def _publish_forever(self) -> None:
         while not self._closing:
@@ -130,8 +130,8 @@ class RedisBroker:
                 batch.extend(self._outbox.get_nowait())
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for user_id, seq, frame in batch:
-                        pipe.publish(self.channel(user_id), f"{seq} {frame}")
+                    for user_id, seq, frame, committed_at in batch:
+                        pipe.publish(self.channel(user_id), f"{seq} {committed_at:.6f} {frame}")
                     if self._publish_lost:
                         pipe.publish(self._resync_channel, "lost")
                     await pipe.execute()
@@ -194,8 +194,8 @@ class RedisBroker:
                 log.info("broker: a publish was lost somewhere; %d connection(s) resynchronised", resynced)
                 return
             self.received += 1
-            seq, _, frame = text.partition(" ")
-            self._deliver(int(channel.rsplit(":", 1)[1]), int(seq), frame)
+            seq, committed_at, frame = text.split(" ", 2)
+            self._deliver(int(channel.rsplit(":", 1)[1]), int(seq), frame, float(committed_at))
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:

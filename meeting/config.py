@@ -77,6 +77,22 @@ class PushConfig:
     token_expiry_notice: float = _opt(60.0, validate.Range(min=0))
 
 
+def _networks(value: str) -> None:
+    import ipaddress
+
+    for net in filter(None, (n.strip() for n in value.split(","))):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValidationError(f"{net!r} is not a network like 10.0.0.0/8") from None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    allow: str = _opt("", _networks)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = _opt("INFO", validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]))
@@ -89,6 +105,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from .metrics import PushStats
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +34,13 @@ CLOSE_TIMEOUT = 5.0
 
 class Connection:
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
-                 on_dead: Callable[["Connection"], None] | None = None):
+                 on_dead: Callable[["Connection"], None] | None = None, stats: "PushStats | None" = None):
         self.ws = ws
         self.user_id = user_id
         self.id = uuid.uuid4().hex[:16]
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue()  # None wakes the writer to exit
+        self.stats = stats
+        # (frame, commit wall time or None); None wakes the writer to exit
+        self._queue: asyncio.Queue[tuple[str, float | None] | None] = asyncio.Queue()
         self._queue_limit = queue_limit
         self._on_dead = on_dead
         self._closing: asyncio.Task[None] | None = None
@@ -51,24 +57,35 @@ class Connection:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def push(self, frame: str) -> bool:
+    def push(self, frame: str, committed_at: float | None = None) -> bool:
         """Queue an encoded frame; False if the connection is (now) closing."""
         if self.closed:
             return False
         if self._queue.qsize() >= self._queue_limit:
             log.info("closing connection %s of user %s: %d frames behind", self.id, self.user_id, self._queue.qsize())
+            if self.stats is not None:
+                self.stats.slow_consumer_closes += 1
             self.close_soon(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect and resync")
             return False
-        self._queue.put_nowait(frame)
-        self.high_water = max(self.high_water, self._queue.qsize())
+        self._queue.put_nowait((frame, committed_at))
+        depth = self._queue.qsize()
+        if depth > self.high_water:
+            self.high_water = depth
+            if self.stats is not None and depth > self.stats.queue_high_water:
+                self.stats.queue_high_water = depth
         return True
 
     async def _write_loop(self) -> None:
         try:
-            while (frame := await self._queue.get()) is not None and self._closing is None and not self._stopped:
+            while (item := await self._queue.get()) is not None and self._closing is None and not self._stopped:
+                frame, committed_at = item
                 self._sending = True
                 await self.ws.send_str(frame)
                 self._sending = False
+                if self.stats is not None:
+                    self.stats.sent(frame)
+                    if committed_at is not None:
+                        self.stats.push_latency.observe(time.time() - committed_at)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reset, closing transport: the peer is gone

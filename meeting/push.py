@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine
 
 from aiohttp import web
@@ -66,9 +67,9 @@ class PushHub:
     def wants(self, user_id: int) -> bool:
         return user_id in self.users
 
-    def deliver_local(self, user_id: int, seq: int, frame: str) -> None:
+    def deliver_local(self, user_id: int, seq: int, frame: str, committed_at: float) -> None:
         for conn in list(self.users.get(user_id, ())):
-            conn.deliver(seq, frame)
+            conn.deliver(seq, frame, committed_at)
 
     async def resync(self) -> int:
         """After broker trouble: every local connection catches up from the database."""
@@ -78,11 +79,12 @@ class PushHub:
         return len(conns)
 
     async def on_stored(self, message: dict[str, Any]) -> None:
+        committed_at = time.time()
         frame_for = frames.message_new(message)
-        await self.broker.publish((user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items())
+        await self.broker.publish(((user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items()), committed_at)
 
     async def on_read(self, user_id: int, ids: list[int], count: int) -> None:
-        await self.broker.publish([(user_id, 0, frames.encode("message.read", {"ids": ids, "count": count}))])
+        await self.broker.publish([(user_id, 0, frames.encode("message.read", {"ids": ids, "count": count}))], time.time())
 
     def sweep(self) -> int:
         """Drop connections that closed without their handler noticing yet."""

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     from .cache import MessageCache
     from .config import Config
     from .meetings import MeetingService
+    from prometheus_client import CollectorRegistry
+
     from .messages import MessageService
+    from .metrics import PushStats
     from .presence import Presence
     from .push import PushHub
     from .rooms import RoomManager
@@ -38,6 +41,8 @@ presence_key = web.AppKey("presence", "Presence")
 push_hub_key = web.AppKey("push_hub", "PushHub")
 #: The connection map: user id -> that user's live /ws/messages connections.
 ws_users = web.AppKey("ws_users", "dict[int, set[UserConnection]]")
+metrics_key = web.AppKey("metrics", "CollectorRegistry")
+stats_key = web.AppKey("stats", "PushStats")
 #: meeting id -> the sockets in that meeting's room (separate from user push connections).
 rooms_key = web.AppKey("rooms", "RoomManager")
 

@@ -24,6 +24,7 @@ from .handlers import auth, health, meetings, messages, presence, rooms, users
 from .handlers.common import Handler, bearer_token, error_response
 from .redis_client import redis_ctx
 from .meetings import MeetingService
+from .metrics import metrics, setup_metrics
 from .openapi import openapi_json
 from .presence import Presence
 from .push import push_ctx
@@ -31,7 +32,7 @@ from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
     auth_service_key, cache_key, config_key, engine_key, meeting_service_key, message_service_key, redis_key,
-    presence_key, push_hub_key, rooms_key, tokens_key, user_id_key, user_service_key, ws_users,
+    presence_key, push_hub_key, rooms_key, stats_key, tokens_key, user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
 from .ws import messages_ws
@@ -71,6 +72,8 @@ def setup_routes(app: web.Application) -> None:
     ])
     if app[config_key].push.enabled:
         app.router.add_get("/ws/messages", messages_ws)
+    if app[config_key].metrics.enabled:
+        app.router.add_get("/metrics", metrics)
 
 
 @web.middleware
@@ -129,6 +132,12 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[message_service_key] = MessageService(app[engine_key], app[cache_key])
     app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
     app[presence_key] = Presence(app[redis_key], cfg.redis, cfg.push.heartbeat)
+    stats = app[stats_key]
+
+    async def count_stored(message: dict[str, object]) -> None:
+        stats.messages_stored += 1
+
+    app[message_service_key].on_stored.append(count_stored)
     yield
 
 
@@ -155,6 +164,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[config_key] = config
     app[ws_users] = {}
+    setup_metrics(app)
     resources = [db.engine_ctx, redis_ctx, services_ctx, rooms_ctx]
     if config.push.enabled:  # push off: no route, no listener; storing and pulling unchanged
         resources.append(push_ctx)

@@ -31,35 +31,37 @@ from .errors import DomainError, Unauthorized
 from .handlers.common import doc, parse_query, public, websocket_token
 from .schemas import Id
 from .sequencing import SeqGate
-from .typedefs import config_key, message_service_key, push_hub_key, tokens_key
+from .typedefs import config_key, message_service_key, push_hub_key, stats_key, tokens_key
 
 log = logging.getLogger(__name__)
 PAGE = 200
 Fetch = Callable[[int, int, int], Awaitable[list[dict[str, Any]]]]  # user id, after seq, limit
+Item = tuple[str, "float | None"]  # an encoded frame and its message's commit time
 
 
 class UserConnection(Connection):
     """A user's push socket: seq ordering, catch-up and token timers on top of the queue."""
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
-                 on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None):
-        super().__init__(ws, user_id, queue_limit, on_dead)
-        self.gate: SeqGate[str] | None = None  # set when the initial sync starts
-        self._live = False                     # until message.synced went out, broker frames wait
-        self._early: list[tuple[int, str]] = []
+                 on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
+                 stats: Any = None):
+        super().__init__(ws, user_id, queue_limit, on_dead, stats)
+        self.gate: SeqGate[Item] | None = None  # set when the initial sync starts
+        self._live = False                      # until message.synced went out, broker frames wait
+        self._early: list[tuple[int, Item]] = []
         self._fetch = fetch
         self._catching_up: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
 
-    def deliver(self, seq: int, frame: str) -> None:
+    def deliver(self, seq: int, frame: str, committed_at: float | None = None) -> None:
         """A frame from the broker. seq 0: not a message (read sync), sent as is."""
         if seq == 0:
-            self.push(frame)
+            self.push(frame, committed_at)
         elif not self._live or self.gate is None:
-            self._early.append((seq, frame))
+            self._early.append((seq, (frame, committed_at)))
         else:
-            for ready in self.gate.offer(seq, frame):
-                self.push(ready)
+            for ready in self.gate.offer(seq, (frame, committed_at)):
+                self.push(*ready)
             if self.gate.waiting:
                 self.request_catch_up()
 
@@ -72,9 +74,9 @@ class UserConnection(Connection):
         assert self.gate is not None
         self._live = True
         early, self._early = self._early, []
-        for seq, frame in early:
-            for ready in self.gate.offer(seq, frame):
-                self.push(ready)
+        for seq, item in early:
+            for ready in self.gate.offer(seq, item):
+                self.push(*ready)
         if self.gate.waiting:
             self.request_catch_up()
 
@@ -89,8 +91,8 @@ class UserConnection(Connection):
             rows = await self._fetch(self.user_id, self.gate.last, PAGE)
             for row in rows:
                 if row["seq"] > self.gate.last:
-                    for ready in self.gate.offer(row["seq"], frames.encode("message.new", row)):
-                        self.push(ready)
+                    for ready in self.gate.offer(row["seq"], (frames.encode("message.new", row), None)):
+                        self.push(*ready)
             if len(rows) < PAGE:
                 return
 
@@ -154,7 +156,9 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     hub = app[push_hub_key]
     service = app[message_service_key]
-    conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister, fetch=service.received_after_seq)
+    stats = app[stats_key]
+    conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister,
+                          fetch=service.received_after_seq, stats=stats)
     if not hub.register(conn):
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
@@ -185,6 +189,8 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         await conn.close(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
     finally:
         hub.unregister(conn)  # synchronous first: under cancellation the next await may not return
+        if isinstance(ws.exception(), asyncio.TimeoutError):
+            stats.heartbeat_timeouts += 1
         conn.cancel_timers()
         await conn.stop()
     return ws
