@@ -438,3 +438,11 @@ async def test_the_sweeper_removes_closed_connections_and_empty_users(make_clien
     await until(lambda: not connections(api))
     assert any("sweeper removed 1 closed connection" in r.getMessage() for r in caplog.records)
     await orphan.stop()
+
+
+@pytest.mark.parametrize("since", ["-1", "x", "99999999999999999999"])
+async def test_a_bad_since_is_422_before_upgrade(api: Api, since: str) -> None:
+    bob = await api.user()
+    resp = await api.client.get("/ws/messages", params={"token": bob.token, "since": since}, headers=UPGRADE)
+    assert resp.status == 422 and "since" in (await resp.json())["error"]["details"]
+    assert connections(api) == {}
