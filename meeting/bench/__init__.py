@@ -1,0 +1,1 @@
+"""`python -m meeting.bench`: reproducible load scenarios against a running or spawned server."""
