@@ -1,0 +1,80 @@
+"""python -m meeting.bench SCENARIO [--url URL | --spawn] [sizes] [--json]
+
+Scenarios so far: latency (open-loop rate, delivery p50-p99), throughput (C concurrent
+senders, stored-and-delivered per second). Receiving devices run in a separate process.
+Every run counts lost and duplicated copies and exits non-zero if there is any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from .harness import Server, spawn_server
+from .scenarios import LostOrDoubled, check, latency, throughput
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m meeting.bench", description=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    for name in ("latency", "throughput"):
+        cmd = sub.add_parser(name)
+        target = cmd.add_mutually_exclusive_group(required=True)
+        target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
+        target.add_argument("--spawn", action="store_true", help="start `python -m meeting` (SQLite unless --env says otherwise)")
+        cmd.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for --spawn (repeatable)")
+        cmd.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+        if name == "latency":
+            cmd.add_argument("--users", type=int, default=1000)
+            cmd.add_argument("--rate", type=float, default=500.0, help="messages per second, open loop")
+            cmd.add_argument("--duration", type=float, default=10.0, help="seconds of sending")
+        else:
+            cmd.add_argument("--users", type=int, default=200)
+            cmd.add_argument("--messages", type=int, default=10_000)
+            cmd.add_argument("--concurrency", type=int, default=32)
+    return parser
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    server = Server(args.url, None) if args.url else await spawn_server(dict(kv.split("=", 1) for kv in args.env))
+    try:
+        progress = _progress_bar(args)
+        if args.scenario == "latency":
+            return await latency(server.url, args.users, args.rate, args.duration, progress=progress)
+        return await throughput(server.url, args.users, args.messages, args.concurrency, progress=progress)
+    finally:
+        await server.stop()
+
+
+def _progress_bar(args: argparse.Namespace) -> Any:
+    total = int(args.rate * args.duration) if args.scenario == "latency" else args.messages
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda n: None
+    bar = tqdm(total=total, desc=f"{args.scenario}: sending", unit="msg", disable=args.json or not sys.stderr.isatty())
+    return bar.update
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    try:
+        check(result)
+    except LostOrDoubled as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""What every scenario needs: a server (spawned or given), users, and receiving devices
+in a separate process so that the load generator is not the bottleneck it measures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Server:
+    url: str
+    pid: int | None  # known when spawned: its RSS can be measured
+    proc: asyncio.subprocess.Process | None = None
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await asyncio.wait_for(self.proc.wait(), 20)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def spawn_server(env: dict[str, str]) -> Server:
+    """`python -m meeting` on a free port; SQLite in a temp dir unless env says otherwise.
+    Password hashing is cheapened: the bench measures messaging, not argon2."""
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="meeting-bench-")
+    full = {**os.environ, "MEETING_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
+            "MEETING_AUTH_HASH_TIME_COST": "1", "MEETING_AUTH_HASH_MEMORY_KIB": "1024",
+            "MEETING_LOGGING_LEVEL": "WARNING", "MEETING_PUSH_MAX_CONNECTIONS_PER_USER": "100",
+            "PYTHONUNBUFFERED": "1", **env}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting", "--port", str(port), cwd=workdir, env=full,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while line := (await asyncio.wait_for(proc.stdout.readline(), 60)).decode():
+        lines.append(line)
+        if f"127.0.0.1:{port}" in line:
+            asyncio.get_running_loop().create_task(_drain(proc))
+            return Server(f"http://127.0.0.1:{port}", proc.pid, proc)
+    raise RuntimeError("the server did not start:\n" + "".join(lines))
+
+
+async def _drain(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdout is not None
+    while await proc.stdout.readline():
+        pass
+
+
+async def make_users(url: str, count: int, concurrency: int = 16) -> list[dict[str, Any]]:
+    """Register and log in `count` fresh users; returns [{"id", "token"}]."""
+    tag = uuid.uuid4().hex[:8]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(http: aiohttp.ClientSession, i: int) -> dict[str, Any]:
+        body = {"username": f"b{tag}{i}", "password": "bench-password"}
+        async with gate:
+            async with http.post("/auth/register", json=body) as r:
+                user = await r.json()
+                if r.status != 201:
+                    raise RuntimeError(f"register failed: {user}")
+            async with http.post("/auth/login", json=body) as r:
+                return {"id": user["id"], "token": (await r.json())["access_token"]}
+
+    async with aiohttp.ClientSession(url) as http:
+        return list(await asyncio.gather(*(one(http, i) for i in range(count))))
+
+
+# -- receiving devices, in their own process ---------------------------------------------
+
+def start_receivers(url: str, tokens: list[str]) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """Device i connects with tokens[i]. Returns the process and our end of its pipe:
+    it sends ("ready", {...}) once every device is synced; after we send (expected, timeout)
+    it waits until `expected` message.new frames arrived (or the timeout passed) and sends
+    ("frames", [(message_id, device, received_at), ...], its own health)."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_receiver_main, args=(url, tokens, theirs), daemon=True)
+    proc.start()
+    return proc, ours
+
+
+def _receiver_main(url: str, tokens: list[str], pipe: Connection) -> None:
+    asyncio.run(_receive(url, tokens, pipe))
+
+
+async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
+    from .stats import ClientHealth
+
+    frames: list[tuple[int, int, float]] = []
+    health = ClientHealth()
+    health.start()
+    gate = asyncio.Semaphore(200)
+    loop = asyncio.get_running_loop()
+    order = loop.create_future()
+    loop.add_reader(pipe.fileno(), lambda: order.done() or order.set_result(pipe.recv()))
+    enough = asyncio.Event()
+    expected = [float("inf")]
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(url, connector=connector) as http:
+        synced: list[asyncio.Future[None]] = [loop.create_future() for _ in tokens]
+        started = time.monotonic()
+
+        async def device(i: int, token: str) -> None:
+            async with gate:
+                ws = await http.ws_connect("/ws/messages", protocols=("bearer", token), heartbeat=None, max_msg_size=0)
+            async for msg in ws:
+                now = time.time()
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                head = msg.data[:40]
+                if head.startswith('{"type":"message.new"'):
+                    payload = json.loads(msg.data)["payload"]
+                    frames.append((payload["id"], i, now))
+                    if len(frames) >= expected[0]:
+                        enough.set()
+                elif head.startswith('{"type":"message.synced"') and not synced[i].done():
+                    synced[i].set_result(None)
+
+        tasks = [loop.create_task(device(i, t)) for i, t in enumerate(tokens)]
+        await asyncio.gather(*synced)
+        pipe.send(("ready", {"devices": len(tokens), "connect_seconds": time.monotonic() - started}))
+        expected[0], timeout = await order
+        if len(frames) >= expected[0]:
+            enough.set()
+        try:
+            await asyncio.wait_for(enough.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass  # what is missing is reported as lost
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    pipe.send(("frames", frames, await health.stop()))
+
+
+async def wait_pipe(pipe: Connection, timeout: float) -> Any:
+    """Await one object from a multiprocessing pipe without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(pipe.fileno(), lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(pipe.fileno())
+    return pipe.recv()

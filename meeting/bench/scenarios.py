@@ -1,0 +1,119 @@
+"""The scenarios: each returns one flat result dict (also the --json line)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any, Callable
+
+import aiohttp
+
+from .harness import make_users, start_receivers, wait_pipe
+from .stats import ClientHealth, Ledger, summary
+
+Progress = Callable[[int], None]
+
+
+class LostOrDoubled(AssertionError):
+    pass
+
+
+async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[int], float] | None, concurrency: int,
+                       progress: Progress, settle: float = 30.0) -> dict[str, Any]:
+    """Users each with one device (in the receiver process); `messages` sends of one
+    recipient each, open-loop at `schedule(i)` seconds or closed-loop with `concurrency`."""
+    people = await make_users(url, users)
+    receivers, pipe = start_receivers(url, [p["token"] for p in people])
+    try:
+        kind, ready = await wait_pipe(pipe, 300)
+        assert kind == "ready", kind
+        rng = random.Random(7)
+        ledger = Ledger()
+        post_started: dict[int, float] = {}
+        post_latency: list[float] = []
+        errors = 0
+        health = ClientHealth()
+        health.start()
+        connector = aiohttp.TCPConnector(limit=0 if schedule else concurrency)
+
+        async with aiohttp.ClientSession(url, connector=connector) as http:
+            async def send_one(i: int) -> None:
+                nonlocal errors
+                sender, recipient = rng.sample(range(users), 2)
+                started = time.time()
+                async with http.post("/messages", json={"recipient_ids": [people[recipient]["id"]], "content": f"bench {i}"},
+                                     headers={"Authorization": f"Bearer {people[sender]['token']}"}) as r:
+                    if r.status != 201:
+                        errors += 1
+                        return
+                    message_id = (await r.json())["id"]
+                post_latency.append(time.time() - started)
+                post_started[message_id] = started
+                ledger.expect(message_id, [recipient])
+                progress(1)
+
+            begin = time.monotonic()
+            if schedule is not None:  # open loop: send i starts at its time, whatever came before
+                tasks = []
+                for i in range(messages):
+                    delay = begin + schedule(i) - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(send_one(i)))
+                await asyncio.gather(*tasks)
+            else:
+                counter = iter(range(messages))
+
+                async def worker() -> None:
+                    for i in counter:
+                        await send_one(i)
+
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+            sent_seconds = time.monotonic() - begin
+        client = await health.stop()
+        pipe.send((sum(ledger.expected.values()), settle))  # wait for every due copy, or report it lost
+        kind, frames, receiver_health = await wait_pipe(pipe, settle + 60)
+    finally:
+        receivers.join(10)
+        if receivers.is_alive():
+            receivers.kill()
+    delivery = []
+    last_received = 0.0
+    for message_id, device, received_at in frames:
+        ledger.record(message_id, device)
+        if message_id in post_started:
+            delivery.append(received_at - post_started[message_id])
+            last_received = max(last_received, received_at)
+    result = {
+        "users": users, "messages": messages, "post_errors": errors, "lost": ledger.lost, "duplicated": ledger.duplicated,
+        "connect_seconds": round(ready["connect_seconds"], 2), "send_seconds": round(sent_seconds, 2),
+        **{f"post_{k}": round(v, 2) for k, v in summary(post_latency).items() if k != "count"},
+        **{f"delivery_{k}": round(v, 2) for k, v in summary(delivery).items() if k != "count"},
+        **{f"client_{k}": round(v, 2) for k, v in client.items()},
+        **{f"receiver_{k}": round(v, 2) for k, v in receiver_health.items()},
+    }
+    if post_started:
+        first = min(post_started.values())
+        result["delivered_per_second"] = round(len(delivery) / max(1e-9, last_received - first), 1)
+    return result
+
+
+async def latency(url: str, users: int = 1000, rate: float = 500.0, duration: float = 10.0,
+                  progress: Progress = lambda n: None) -> dict[str, Any]:
+    messages = int(rate * duration)
+    result = await _deliver_run(url, users, messages, schedule=lambda i: i / rate, concurrency=0, progress=progress)
+    return {"scenario": "latency", "rate": rate, **result}
+
+
+async def throughput(url: str, users: int = 200, messages: int = 10_000, concurrency: int = 32,
+                     progress: Progress = lambda n: None) -> dict[str, Any]:
+    result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress)
+    return {"scenario": "throughput", "concurrency": concurrency, **result}
+
+
+def check(result: dict[str, Any]) -> None:
+    """Fail loudly: a benchmark that lost or doubled a copy has no result."""
+    if result["lost"] or result["duplicated"] or result["post_errors"]:
+        raise LostOrDoubled(f"{result['scenario']}: lost {result['lost']}, duplicated {result['duplicated']}, "
+                            f"failed sends {result['post_errors']}")
