@@ -16,6 +16,12 @@ COMMON = {"scenario", "users", "messages", "post_errors", "lost", "duplicated", 
           "receiver_cpu_percent", "receiver_loop_lag_p99_ms"}
 
 
+CONNS = {"scenario", "users", "connections", "answered_ping", "lost", "connect_seconds", "connects_per_second",
+         "handshake_p50_ms", "handshake_p99_ms", "server_rss_before_kib", "server_rss_after_kib", "kib_per_connection",
+         "receiver_cpu_percent", "receiver_loop_lag_p99_ms"}
+RECONNECT = {"scenario", "users", "backlog", "messages", "lost", "duplicated", "all_backlogs_seconds", "receiver_cpu_percent"}
+
+
 async def _bench(*args: str) -> dict:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting.bench", *args, "--spawn", "--json",
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -34,6 +40,24 @@ async def test_scenario_smoke_run(args: tuple[str, ...], extra: set[str]) -> Non
     assert COMMON | extra <= set(result), COMMON | extra - set(result)
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["post_errors"] == 0
     assert result["messages"] == 40 and result["delivery_p50_ms"] > 0
+
+
+async def test_fanout_smoke_run() -> None:
+    result = await _bench("fanout", "--users", "12", "--recipients", "5", "--messages", "10", "--concurrency", "2")
+    assert COMMON | {"recipients", "devices", "frames"} <= set(result)
+    assert result["lost"] == 0 and result["duplicated"] == 0 and result["frames"] == 10 * 5 * 2
+
+
+async def test_reconnect_smoke_run() -> None:
+    result = await _bench("reconnect", "--users", "15", "--backlog", "4")
+    assert RECONNECT <= set(result)
+    assert result["lost"] == 0 and result["duplicated"] == 0 and result["messages"] == 60
+
+
+async def test_conns_smoke_run() -> None:
+    result = await _bench("conns", "--connections", "40", "--users", "10")
+    assert CONNS <= set(result)
+    assert result["answered_ping"] == 40 and result["lost"] == 0 and result["server_rss_after_kib"] > 0
 
 
 def test_a_lost_copy_fails_the_run() -> None:

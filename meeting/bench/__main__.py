@@ -1,7 +1,9 @@
 """python -m meeting.bench SCENARIO [--url URL | --spawn] [sizes] [--json]
 
-Scenarios so far: latency (open-loop rate, delivery p50-p99), throughput (C concurrent
-senders, stored-and-delivered per second). Receiving devices run in a separate process.
+Scenarios: conns (idle connections held, memory per connection), latency (open-loop rate, delivery p50-p99), throughput (C concurrent
+senders, stored-and-delivered per second), fanout (messages to many recipients with two
+devices each, frames per second), reconnect (everyone reconnects to an unread backlog at
+once). Receiving devices run in a separate process.
 Every run counts lost and duplicated copies and exits non-zero if there is any.
 """
 
@@ -14,27 +16,39 @@ import sys
 from typing import Any
 
 from .harness import Server, spawn_server
-from .scenarios import LostOrDoubled, check, latency, throughput
+from .scenarios import LostOrDoubled, check, conns, fanout, latency, reconnect, throughput
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m meeting.bench", description=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="scenario", required=True)
-    for name in ("latency", "throughput"):
+    for name in ("conns", "latency", "throughput", "fanout", "reconnect"):
         cmd = sub.add_parser(name)
         target = cmd.add_mutually_exclusive_group(required=True)
         target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
         target.add_argument("--spawn", action="store_true", help="start `python -m meeting` (SQLite unless --env says otherwise)")
         cmd.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for --spawn (repeatable)")
         cmd.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-        if name == "latency":
+        if name == "conns":
+            cmd.add_argument("--connections", type=int, default=10_000)
+            cmd.add_argument("--users", type=int, default=2000)
+        elif name == "latency":
             cmd.add_argument("--users", type=int, default=1000)
             cmd.add_argument("--rate", type=float, default=500.0, help="messages per second, open loop")
             cmd.add_argument("--duration", type=float, default=10.0, help="seconds of sending")
-        else:
+        elif name == "throughput":
             cmd.add_argument("--users", type=int, default=200)
             cmd.add_argument("--messages", type=int, default=10_000)
             cmd.add_argument("--concurrency", type=int, default=32)
+        elif name == "fanout":
+            cmd.add_argument("--users", type=int, default=1000)
+            cmd.add_argument("--devices", type=int, default=2, help="devices per user")
+            cmd.add_argument("--recipients", type=int, default=100, help="recipients per message")
+            cmd.add_argument("--messages", type=int, default=200)
+            cmd.add_argument("--concurrency", type=int, default=8)
+        else:
+            cmd.add_argument("--users", type=int, default=2000)
+            cmd.add_argument("--backlog", type=int, default=20, help="unread messages per user")
     return parser
 
 
@@ -42,15 +56,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = Server(args.url, None) if args.url else await spawn_server(dict(kv.split("=", 1) for kv in args.env))
     try:
         progress = _progress_bar(args)
+        if args.scenario == "conns":
+            return await conns(server.url, args.connections, args.users, server.pid, progress=progress)
         if args.scenario == "latency":
             return await latency(server.url, args.users, args.rate, args.duration, progress=progress)
-        return await throughput(server.url, args.users, args.messages, args.concurrency, progress=progress)
+        if args.scenario == "throughput":
+            return await throughput(server.url, args.users, args.messages, args.concurrency, progress=progress)
+        if args.scenario == "fanout":
+            return await fanout(server.url, args.users, args.devices, args.recipients, args.messages, args.concurrency,
+                                progress=progress)
+        return await reconnect(server.url, args.users, args.backlog, progress=progress)
     finally:
         await server.stop()
 
 
 def _progress_bar(args: argparse.Namespace) -> Any:
-    total = int(args.rate * args.duration) if args.scenario == "latency" else args.messages
+    total = {"latency": lambda: int(args.rate * args.duration), "reconnect": lambda: args.users * args.backlog,
+             "conns": lambda: args.connections}.get(
+        args.scenario, lambda: args.messages)()
     try:
         from tqdm import tqdm
     except ImportError:

@@ -113,6 +113,10 @@ async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
     loop.add_reader(pipe.fileno(), lambda: order.done() or order.set_result(pipe.recv()))
     enough = asyncio.Event()
     expected = [float("inf")]
+    handshakes: list[float] = []
+    pongs = [0]
+    all_ponged = asyncio.Event()
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(url, connector=connector) as http:
         synced: list[asyncio.Future[None]] = [loop.create_future() for _ in tokens]
@@ -120,7 +124,10 @@ async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
 
         async def device(i: int, token: str) -> None:
             async with gate:
+                began = time.monotonic()
                 ws = await http.ws_connect("/ws/messages", protocols=("bearer", token), heartbeat=None, max_msg_size=0)
+                handshakes.append(time.monotonic() - began)
+            sockets.append(ws)
             async for msg in ws:
                 now = time.time()
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -131,13 +138,28 @@ async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
                     frames.append((payload["id"], i, now))
                     if len(frames) >= expected[0]:
                         enough.set()
+                elif head.startswith('{"type":"message.unread"'):  # the backlog counts as delivered too
+                    frames.extend((m["id"], i, now) for m in json.loads(msg.data)["payload"]["messages"])
                 elif head.startswith('{"type":"message.synced"') and not synced[i].done():
                     synced[i].set_result(None)
+                elif head.startswith('{"type":"pong"'):
+                    pongs[0] += 1
+                    if pongs[0] == len(tokens):
+                        all_ponged.set()
 
         tasks = [loop.create_task(device(i, t)) for i, t in enumerate(tokens)]
         await asyncio.gather(*synced)
-        pipe.send(("ready", {"devices": len(tokens), "connect_seconds": time.monotonic() - started}))
-        expected[0], timeout = await order
+        pipe.send(("ready", {"devices": len(tokens), "connect_seconds": time.monotonic() - started, "handshakes": handshakes}))
+        if (command := await order) == ("ping",):  # does every socket still answer?
+            await asyncio.gather(*(ws.send_str('{"type":"ping"}') for ws in sockets), return_exceptions=True)
+            try:
+                await asyncio.wait_for(all_ponged.wait(), 30)
+            except asyncio.TimeoutError:
+                pass
+            pipe.send(("pinged", pongs[0]))
+            order = loop.create_future()
+            command = await order
+        expected[0], timeout = command
         if len(frames) >= expected[0]:
             enough.set()
         try:

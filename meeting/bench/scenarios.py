@@ -10,7 +10,7 @@ from typing import Any, Callable
 import aiohttp
 
 from .harness import make_users, start_receivers, wait_pipe
-from .stats import ClientHealth, Ledger, summary
+from .stats import ClientHealth, Ledger, rss_kib, summary
 
 Progress = Callable[[int], None]
 
@@ -20,11 +20,11 @@ class LostOrDoubled(AssertionError):
 
 
 async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[int], float] | None, concurrency: int,
-                       progress: Progress, settle: float = 30.0) -> dict[str, Any]:
-    """Users each with one device (in the receiver process); `messages` sends of one
-    recipient each, open-loop at `schedule(i)` seconds or closed-loop with `concurrency`."""
+                       progress: Progress, settle: float = 30.0, devices: int = 1, recipients: int = 1) -> dict[str, Any]:
+    """Users with `devices` devices each (in the receiver process); `messages` sends to
+    `recipients` users each, open-loop at `schedule(i)` seconds or closed-loop with `concurrency`."""
     people = await make_users(url, users)
-    receivers, pipe = start_receivers(url, [p["token"] for p in people])
+    receivers, pipe = start_receivers(url, [p["token"] for p in people for _ in range(devices)])
     try:
         kind, ready = await wait_pipe(pipe, 300)
         assert kind == "ready", kind
@@ -40,9 +40,9 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
         async with aiohttp.ClientSession(url, connector=connector) as http:
             async def send_one(i: int) -> None:
                 nonlocal errors
-                sender, recipient = rng.sample(range(users), 2)
+                sender, *targets = rng.sample(range(users), recipients + 1)
                 started = time.time()
-                async with http.post("/messages", json={"recipient_ids": [people[recipient]["id"]], "content": f"bench {i}"},
+                async with http.post("/messages", json={"recipient_ids": [people[t]["id"] for t in targets], "content": f"bench {i}"},
                                      headers={"Authorization": f"Bearer {people[sender]['token']}"}) as r:
                     if r.status != 201:
                         errors += 1
@@ -50,7 +50,7 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
                     message_id = (await r.json())["id"]
                 post_latency.append(time.time() - started)
                 post_started[message_id] = started
-                ledger.expect(message_id, [recipient])
+                ledger.expect(message_id, [t * devices + d for t in targets for d in range(devices)])
                 progress(1)
 
             begin = time.monotonic()
@@ -86,7 +86,7 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
             delivery.append(received_at - post_started[message_id])
             last_received = max(last_received, received_at)
     result = {
-        "users": users, "messages": messages, "post_errors": errors, "lost": ledger.lost, "duplicated": ledger.duplicated,
+        "users": users, "devices": users * devices, "messages": messages, "frames": len(delivery), "post_errors": errors, "lost": ledger.lost, "duplicated": ledger.duplicated,
         "connect_seconds": round(ready["connect_seconds"], 2), "send_seconds": round(sent_seconds, 2),
         **{f"post_{k}": round(v, 2) for k, v in summary(post_latency).items() if k != "count"},
         **{f"delivery_{k}": round(v, 2) for k, v in summary(delivery).items() if k != "count"},
@@ -110,6 +110,75 @@ async def throughput(url: str, users: int = 200, messages: int = 10_000, concurr
                      progress: Progress = lambda n: None) -> dict[str, Any]:
     result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress)
     return {"scenario": "throughput", "concurrency": concurrency, **result}
+
+
+async def fanout(url: str, users: int = 1000, devices: int = 2, recipients: int = 100, messages: int = 200,
+                 concurrency: int = 8, progress: Progress = lambda n: None) -> dict[str, Any]:
+    result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress,
+                                devices=devices, recipients=recipients)
+    return {"scenario": "fanout", "recipients": recipients, "concurrency": concurrency, **result}
+
+
+async def reconnect(url: str, users: int = 2000, backlog: int = 20, progress: Progress = lambda n: None) -> dict[str, Any]:
+    """Every user has `backlog` unread messages; all devices connect at once. The time until
+    the last one has its whole backlog (message.synced comes right after it) is the result."""
+    people = await make_users(url, users + 1)
+    sender, people = people[0], people[1:]
+    ledger = Ledger()
+    async with aiohttp.ClientSession(url) as http:
+        for chunk in range(0, users, 1000):  # a message reaches up to 1000 recipients
+            group = list(range(chunk, min(users, chunk + 1000)))
+            for i in range(backlog):
+                async with http.post("/messages", json={"recipient_ids": [people[g]["id"] for g in group], "content": f"backlog {i}"},
+                                     headers={"Authorization": f"Bearer {sender['token']}"}) as r:
+                    ledger.expect((await r.json())["id"], group)
+                progress(len(group))
+    receivers, pipe = start_receivers(url, [p["token"] for p in people])
+    try:
+        kind, ready = await wait_pipe(pipe, 300)
+        pipe.send((0, 0.0))
+        kind, frames, receiver_health = await wait_pipe(pipe, 60)
+    finally:
+        receivers.join(10)
+        if receivers.is_alive():
+            receivers.kill()
+    for message_id, device, _ in frames:
+        ledger.record(message_id, device)
+    return {"scenario": "reconnect", "users": users, "backlog": backlog, "messages": users * backlog, "post_errors": 0,
+            "lost": ledger.lost, "duplicated": ledger.duplicated, "all_backlogs_seconds": round(ready["connect_seconds"], 2),
+            **{f"receiver_{k}": round(v, 2) for k, v in receiver_health.items()}}
+
+
+async def conns(url: str, connections: int = 10_000, users: int = 2000, server_pid: int | None = None,
+                progress: Progress = lambda n: None) -> dict[str, Any]:
+    """Hold `connections` idle sockets across `users`; memory per connection and a ping round."""
+    people = await make_users(url, users)
+    rss_before = rss_kib(server_pid) if server_pid else None
+    receivers, pipe = start_receivers(url, [people[i % users]["token"] for i in range(connections)])
+    try:
+        kind, ready = await wait_pipe(pipe, 600)
+        progress(connections)
+        rss_after = rss_kib(server_pid) if server_pid else None
+        pipe.send(("ping",))
+        kind, answered = await wait_pipe(pipe, 60)
+        pipe.send((0, 0.0))
+        kind, _, receiver_health = await wait_pipe(pipe, 60)
+    finally:
+        receivers.join(10)
+        if receivers.is_alive():
+            receivers.kill()
+    handshake = summary(ready["handshakes"])
+    result: dict[str, Any] = {
+        "scenario": "conns", "users": users, "connections": connections, "answered_ping": answered,
+        "lost": connections - answered, "duplicated": 0, "post_errors": 0,
+        "connect_seconds": round(ready["connect_seconds"], 2),
+        "connects_per_second": round(connections / max(ready["connect_seconds"], 1e-9), 1),
+        "handshake_p50_ms": round(handshake["p50_ms"], 2), "handshake_p99_ms": round(handshake["p99_ms"], 2),
+        "server_rss_before_kib": rss_before, "server_rss_after_kib": rss_after,
+        "kib_per_connection": round((rss_after - rss_before) / connections, 2) if rss_before and rss_after else None,
+        **{f"receiver_{k}": round(v, 2) for k, v in receiver_health.items()},
+    }
+    return result
 
 
 def check(result: dict[str, Any]) -> None:
