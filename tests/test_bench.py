@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,11 @@ def test_a_lost_copy_fails_the_run() -> None:
     for bad in ({"lost": 1, "duplicated": 0}, {"lost": 0, "duplicated": 2}):
         with pytest.raises(LostOrDoubled):
             check({"scenario": "x", "post_errors": 0, **bad})
+
+
+def test_plot_draws_the_delivery_distribution(tmp_path: Any) -> None:
+    from meeting.bench.__main__ import plot
+
+    target = tmp_path / "latency.png"
+    plot([0.001 * (i % 20 + 1) for i in range(500)], "smoke", str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 5000

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         target.add_argument("--spawn", action="store_true", help="start `python -m meeting` (SQLite unless --env says otherwise)")
         cmd.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for --spawn (repeatable)")
         cmd.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+        if name != "conns" and name != "reconnect":
+            cmd.add_argument("--plot", metavar="FILE.png", help="draw the delivery-latency distribution (needs matplotlib)")
         if name == "conns":
             cmd.add_argument("--connections", type=int, default=10_000)
             cmd.add_argument("--users", type=int, default=2000)
@@ -82,9 +84,36 @@ def _progress_bar(args: argparse.Namespace) -> Any:
     return bar.update
 
 
+def plot(samples: list[float], title: str, path: str) -> None:
+    """A histogram of delivery latency with p50/p99 marked (matplotlib: `pip install -e '.[bench]'`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .stats import percentile
+
+    ms = [s * 1000 for s in samples]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(ms, bins=100, color="#4477aa")
+    for p, style in ((50, "--"), (99, ":")):
+        value = percentile(ms, p)
+        ax.axvline(value, color="black", linestyle=style, label=f"p{p} = {value:.1f} ms")
+    ax.set_xlabel("delivery latency (POST start to frame received), ms")
+    ax.set_ylabel("messages")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     result = asyncio.run(run(args))
+    samples = result.pop("_delivery_seconds", [])
+    if getattr(args, "plot", None):
+        plot(samples, f"{args.scenario}: {len(samples)} deliveries", args.plot)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

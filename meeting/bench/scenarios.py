@@ -96,6 +96,7 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
     if post_started:
         first = min(post_started.values())
         result["delivered_per_second"] = round(len(delivery) / max(1e-9, last_received - first), 1)
+    result["_delivery_seconds"] = delivery  # raw samples for --plot; not part of the printed result
     return result
 
 
