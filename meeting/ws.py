@@ -142,6 +142,9 @@ class RefreshIn(Schema):
     token = fields.String(required=True)
 
 
+CONNECT_QUERY, CLIENT_FRAME, READ_IN, REFRESH_IN = ConnectQuery(), ClientFrame(), ReadIn(), RefreshIn()
+
+
 @doc("Real-time push WebSocket (upgrade); see docs/websocket.md", response=(101, None), errors=(401,), tag="push")
 @public  # authenticates itself: browsers cannot set headers on a WebSocket
 async def messages_ws(request: web.Request) -> web.StreamResponse:
@@ -150,7 +153,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     if token is None:
         raise Unauthorized("A token is required (`bearer` subprotocol, Authorization header or `token` query).", code="missing_token")
     claims = app[tokens_key].decode(token)
-    since = parse_query(request, ConnectQuery())["since"]
+    since = parse_query(request, CONNECT_QUERY)["since"]
     cfg = app[config_key].push
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",))
     await ws.prepare(request)
@@ -226,14 +229,14 @@ async def _on_text(app: web.Application, conn: UserConnection, data: str) -> Non
     try:
         if not isinstance(raw, dict):
             raise ValidationError("A frame is a JSON object.")
-        frame = ClientFrame().load(raw)
+        frame = CLIENT_FRAME.load(raw)
         if frame["type"] == "ping":
             conn.push(frames.encode("pong", {}))
         elif frame["type"] == "read":
-            ids = ReadIn().load(frame["payload"])["ids"]
+            ids = READ_IN.load(frame["payload"])["ids"]
             await app[message_service_key].mark_read(conn.user_id, ids, strict=True)  # message.read reaches every device
         else:
-            new_token = RefreshIn().load(frame["payload"])["token"]
+            new_token = REFRESH_IN.load(frame["payload"])["token"]
             claims = app[tokens_key].decode(new_token)
             if claims.user_id != conn.user_id:
                 raise Unauthorized("That token is for another user.", code="wrong_user")

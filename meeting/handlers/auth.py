@@ -6,17 +6,23 @@ from ..schemas import LoginResponseSchema, LoginSchema, RegisterSchema, UserSche
 from ..typedefs import auth_service_key
 from .common import doc, parse_body, public, respond
 
+# Built once: schemas are stateless, and constructing one costs more than using it.
+LOGIN_RESPONSE_SCHEMA = LoginResponseSchema()
+LOGIN_SCHEMA = LoginSchema()
+REGISTER_SCHEMA = RegisterSchema()
+USER_SCHEMA = UserSchema()
+
 
 @doc("Create an account", body=RegisterSchema, response=(201, UserSchema), errors=(409,), tag="auth")
 @public
 async def register(request: web.Request) -> web.Response:
-    body = await parse_body(request, RegisterSchema())
+    body = await parse_body(request, REGISTER_SCHEMA)
     user = await request.app[auth_service_key].register(**body)
-    return respond(UserSchema(), user, status=201)
+    return respond(USER_SCHEMA, user, status=201)
 
 
 @doc("Log in and get a bearer token", body=LoginSchema, response=(200, LoginResponseSchema), errors=(401,), tag="auth")
 @public
 async def login(request: web.Request) -> web.Response:
-    body = await parse_body(request, LoginSchema())
-    return respond(LoginResponseSchema(), await request.app[auth_service_key].login(**body))
+    body = await parse_body(request, LOGIN_SCHEMA)
+    return respond(LOGIN_RESPONSE_SCHEMA, await request.app[auth_service_key].login(**body))

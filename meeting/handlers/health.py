@@ -9,6 +9,9 @@ from ..schemas import HealthSchema
 from ..typedefs import config_key, engine_key, redis_key
 from .common import doc, public, respond
 
+# Built once: schemas are stateless, and constructing one costs more than using it.
+HEALTH_SCHEMA = HealthSchema()
+
 log = logging.getLogger(__name__)
 
 
@@ -32,4 +35,4 @@ async def healthz(request: web.Request) -> web.Response:
             log.warning("health: redis check failed: %s", type(exc).__name__)
             result.update(status="degraded" if result["status"] == "ok" else result["status"], redis="unavailable")
     status = 503 if result["database"] != "ok" else 200
-    return respond(HealthSchema(), result, status=status)
+    return respond(HEALTH_SCHEMA, result, status=status)

@@ -9,53 +9,68 @@ from ..schemas import (
 from ..typedefs import message_service_key, user_id_key
 from .common import doc, parse_body, parse_query, path_id, respond
 
+# Built once: schemas are stateless, and constructing one costs more than using it.
+COUNT_SCHEMA = CountSchema()
+LIMIT_QUERY = LimitQuery()
+MARK_READ_RESULT_SCHEMA = MarkReadResultSchema()
+MARK_READ_SCHEMA = MarkReadSchema()
+MESSAGE_SCHEMA = MessageSchema()
+PAGE_QUERY = PageQuery()
+READ_ONE_SCHEMA = ReadOneSchema()
+RECEIVED_MESSAGE_SCHEMA = ReceivedMessageSchema()
+RECEIVED_PAGE_SCHEMA = ReceivedPageSchema()
+RECEIVED_QUERY = ReceivedQuery()
+SEND_MESSAGE_SCHEMA = SendMessageSchema()
+SENT_PAGE_SCHEMA = SentPageSchema()
+UNREAD_SCHEMA = UnreadSchema()
+
 
 @doc("Send a message to 1-1000 users", body=SendMessageSchema, response=(201, MessageSchema), errors=(403,), tag="messages")
 async def send(request: web.Request) -> web.Response:
-    body = await parse_body(request, SendMessageSchema())
+    body = await parse_body(request, SEND_MESSAGE_SCHEMA)
     message = await request.app[message_service_key].send_message(request[user_id_key], **body)
-    return respond(MessageSchema(), message, status=201)
+    return respond(MESSAGE_SCHEMA, message, status=201)
 
 
 @doc("Messages received: newest first, or with after_seq oldest first by seq", query=ReceivedQuery,
      response=(200, ReceivedPageSchema), tag="messages")
 async def received(request: web.Request) -> web.Response:
-    query = parse_query(request, ReceivedQuery())
-    return respond(ReceivedPageSchema(), await request.app[message_service_key].received(request[user_id_key], **query))
+    query = parse_query(request, RECEIVED_QUERY)
+    return respond(RECEIVED_PAGE_SCHEMA, await request.app[message_service_key].received(request[user_id_key], **query))
 
 
 @doc("Messages sent, newest first", query=PageQuery, response=(200, SentPageSchema), tag="messages")
 async def sent(request: web.Request) -> web.Response:
-    query = parse_query(request, PageQuery())
-    return respond(SentPageSchema(), await request.app[message_service_key].sent(request[user_id_key], **query))
+    query = parse_query(request, PAGE_QUERY)
+    return respond(SENT_PAGE_SCHEMA, await request.app[message_service_key].sent(request[user_id_key], **query))
 
 
 @doc("Unread messages, oldest first, with the total unread count", query=LimitQuery, response=(200, UnreadSchema), tag="messages")
 async def unread(request: web.Request) -> web.Response:
-    query = parse_query(request, LimitQuery())
-    return respond(UnreadSchema(), await request.app[message_service_key].unread(request[user_id_key], **query))
+    query = parse_query(request, LIMIT_QUERY)
+    return respond(UNREAD_SCHEMA, await request.app[message_service_key].unread(request[user_id_key], **query))
 
 
 @doc("Number of unread messages", response=(200, CountSchema), tag="messages")
 async def unread_count(request: web.Request) -> web.Response:
     count = await request.app[message_service_key].unread_count(request[user_id_key])
-    return respond(CountSchema(), {"count": count})
+    return respond(COUNT_SCHEMA, {"count": count})
 
 
 @doc("One message the caller sent or received", response=(200, ReceivedMessageSchema), errors=(404,), tag="messages")
 async def get_one(request: web.Request) -> web.Response:
     message = await request.app[message_service_key].get(request[user_id_key], path_id(request))
-    return respond(ReceivedMessageSchema(), message)
+    return respond(RECEIVED_MESSAGE_SCHEMA, message)
 
 
 @doc("Mark one received message read (idempotent)", response=(200, ReadOneSchema), errors=(404,), tag="messages")
 async def read_one(request: web.Request) -> web.Response:
     result = await request.app[message_service_key].mark_one_read(request[user_id_key], path_id(request))
-    return respond(ReadOneSchema(), result)
+    return respond(READ_ONE_SCHEMA, result)
 
 
 @doc("Mark several (ids) or all received messages read", body=MarkReadSchema, response=(200, MarkReadResultSchema), tag="messages")
 async def read_many(request: web.Request) -> web.Response:
-    body = await parse_body(request, MarkReadSchema())
+    body = await parse_body(request, MARK_READ_SCHEMA)
     result = await request.app[message_service_key].mark_read(request[user_id_key], body.get("ids"))
-    return respond(MarkReadResultSchema(), result)
+    return respond(MARK_READ_RESULT_SCHEMA, result)

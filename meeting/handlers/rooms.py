@@ -22,6 +22,9 @@ class ChatIn(Schema):
     text = fields.String(required=True, validate=[validate.Length(1, 2000), validate.Regexp(r"\S", error="Must not be blank.")])
 
 
+CHAT_IN = ChatIn()
+
+
 async def authenticate(request: web.Request) -> int:
     """401 before the upgrade for a missing or bad token."""
     token = websocket_token(request)
@@ -67,7 +70,7 @@ def _on_text(rooms: RoomManager, meeting_id: int, conn: Connection, data: str) -
         frame = json.loads(data)
         if not isinstance(frame, dict) or frame.get("type") != "meeting.chat":
             raise ValueError("expected {\"type\": \"meeting.chat\", \"payload\": {\"text\": ...}}")
-        text = ChatIn().load(frame.get("payload") or {})["text"]
+        text = CHAT_IN.load(frame.get("payload") or {})["text"]
     except (ValueError, ValidationError) as exc:
         conn.push(frames.error("bad_frame", str(exc)))
         return
