@@ -55,8 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     from .web import AccessLogger, create_app
 
     web.run_app(create_app(config), host=config.server.host, port=config.server.port,
-                access_log_class=AccessLogger, shutdown_timeout=10)
+                access_log_class=AccessLogger, shutdown_timeout=10, loop=_event_loop())
     return 0
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (`pip install -e '.[speed]'`), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    logging.getLogger(__name__).info("event loop: uvloop %s", uvloop.__version__)
+    return uvloop.new_event_loop()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -90,3 +91,17 @@ async def test_serve_on_sqlite_prints_its_address_and_answers(tmp_path: Path) ->
 async def test_empty_secret_refuses_to_start(tmp_path: Path) -> None:
     code, out = await _run(tmp_path, "--port", str(_free_port()), MEETING_AUTH_SECRET="")
     assert code == 2 and "auth.secret" in out
+
+
+def test_event_loop_is_uvloop_when_installed_and_asyncio_otherwise(monkeypatch: Any) -> None:
+    import uvloop
+
+    from meeting.__main__ import _event_loop
+
+    loop = _event_loop()
+    assert isinstance(loop, uvloop.Loop)
+    loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if the extra were not installed
+    loop = _event_loop()
+    assert not isinstance(loop, uvloop.Loop) and isinstance(loop, asyncio.AbstractEventLoop)
+    loop.close()
