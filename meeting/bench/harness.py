@@ -12,9 +12,10 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 
@@ -85,16 +86,23 @@ async def make_users(url: str, count: int, concurrency: int = 16) -> list[dict[s
 
 # -- receiving devices, in their own process ---------------------------------------------
 
-def start_receivers(url: str, tokens: list[str]) -> tuple[multiprocessing.process.BaseProcess, Connection]:
-    """Device i connects with tokens[i]. Returns the process and our end of its pipe:
-    it sends ("ready", {...}) once every device is synced; after we send (expected, timeout)
-    it waits until `expected` message.new frames arrived (or the timeout passed) and sends
-    ("frames", [(message_id, device, received_at), ...], its own health)."""
+@contextmanager
+def receivers(url: str, tokens: list[str]) -> Iterator[Connection]:
+    """Device i connects with tokens[i], in a separate process, which is reaped on exit.
+    Yields our end of its pipe: it sends ("ready", {...}) once every device is synced; after
+    we send (expected, timeout) it waits until `expected` message.new frames arrived (or the
+    timeout passed) and sends ("frames", [(message_id, device, received_at), ...], its health).
+    Sending ("ping",) first makes every device ping and answers ("pinged", pongs)."""
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=_receiver_main, args=(url, tokens, theirs), daemon=True)
     proc.start()
-    return proc, ours
+    try:
+        yield ours
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _receiver_main(url: str, tokens: list[str], pipe: Connection) -> None:

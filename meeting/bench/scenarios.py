@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import aiohttp
 
-from .harness import make_users, start_receivers, wait_pipe
+from .harness import make_users, receivers, wait_pipe
 from .stats import ClientHealth, Ledger, rss_kib, summary
 
 Progress = Callable[[int], None]
@@ -24,8 +24,7 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
     """Users with `devices` devices each (in the receiver process); `messages` sends to
     `recipients` users each, open-loop at `schedule(i)` seconds or closed-loop with `concurrency`."""
     people = await make_users(url, users)
-    receivers, pipe = start_receivers(url, [p["token"] for p in people for _ in range(devices)])
-    try:
+    with receivers(url, [p["token"] for p in people for _ in range(devices)]) as pipe:
         kind, ready = await wait_pipe(pipe, 300)
         assert kind == "ready", kind
         rng = random.Random(7)
@@ -74,10 +73,6 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
         client = await health.stop()
         pipe.send((sum(ledger.expected.values()), settle))  # wait for every due copy, or report it lost
         kind, frames, receiver_health = await wait_pipe(pipe, settle + 60)
-    finally:
-        receivers.join(10)
-        if receivers.is_alive():
-            receivers.kill()
     delivery = []
     last_received = 0.0
     for message_id, device, received_at in frames:
@@ -134,15 +129,10 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, progress: Pr
                                      headers={"Authorization": f"Bearer {sender['token']}"}) as r:
                     ledger.expect((await r.json())["id"], group)
                 progress(len(group))
-    receivers, pipe = start_receivers(url, [p["token"] for p in people])
-    try:
+    with receivers(url, [p["token"] for p in people]) as pipe:
         kind, ready = await wait_pipe(pipe, 300)
         pipe.send((0, 0.0))
         kind, frames, receiver_health = await wait_pipe(pipe, 60)
-    finally:
-        receivers.join(10)
-        if receivers.is_alive():
-            receivers.kill()
     for message_id, device, _ in frames:
         ledger.record(message_id, device)
     return {"scenario": "reconnect", "users": users, "backlog": backlog, "messages": users * backlog, "post_errors": 0,
@@ -155,8 +145,7 @@ async def conns(url: str, connections: int = 10_000, users: int = 2000, server_p
     """Hold `connections` idle sockets across `users`; memory per connection and a ping round."""
     people = await make_users(url, users)
     rss_before = rss_kib(server_pid) if server_pid else None
-    receivers, pipe = start_receivers(url, [people[i % users]["token"] for i in range(connections)])
-    try:
+    with receivers(url, [people[i % users]["token"] for i in range(connections)]) as pipe:
         kind, ready = await wait_pipe(pipe, 600)
         progress(connections)
         rss_after = rss_kib(server_pid) if server_pid else None
@@ -164,10 +153,6 @@ async def conns(url: str, connections: int = 10_000, users: int = 2000, server_p
         kind, answered = await wait_pipe(pipe, 60)
         pipe.send((0, 0.0))
         kind, _, receiver_health = await wait_pipe(pipe, 60)
-    finally:
-        receivers.join(10)
-        if receivers.is_alive():
-            receivers.kill()
     handshake = summary(ready["handshakes"])
     result: dict[str, Any] = {
         "scenario": "conns", "users": users, "connections": connections, "answered_ping": answered,
