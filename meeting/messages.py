@@ -130,9 +130,14 @@ class MessageService:
 
     async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None,
                      upto_seq: int | None = None) -> dict[str, Any]:
-        async with self._engine.connect() as conn:
-            rows = await store.unread(conn, user_id, limit, after_seq, upto_seq)
+        rows = await self.unread_rows(user_id, limit, after_seq, upto_seq)
         return {"messages": rows, "count": await self.unread_count(user_id)}
+
+    async def unread_rows(self, user_id: int, limit: int, after_seq: int | None = None,
+                          upto_seq: int | None = None) -> list[Message]:
+        """Unread messages in seq order, without the total (callers paging count once)."""
+        async with self._engine.connect() as conn:
+            return await store.unread(conn, user_id, limit, after_seq, upto_seq)
 
     async def last_seq(self, user_id: int) -> int:
         async with self._engine.connect() as conn:

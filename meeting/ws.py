@@ -203,18 +203,16 @@ async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: in
     """The unread messages up to `upto_seq`, oldest first, in frames of PAGE."""
     service = app[message_service_key]
     limit = app[config_key].push.backlog_limit
-    sent: set[int] = set()
+    count = await service.unread_count(conn.user_id)  # once: every frame carries the same total
+    sent = 0
     after: int | None = None
     while True:
-        size = min(PAGE, limit - len(sent))
-        page = (await service.unread(conn.user_id, limit=size, after_seq=after, upto_seq=upto_seq) if size > 0
-                else {"messages": [], "count": await service.unread_count(conn.user_id)})
-        batch = page["messages"]
-        sent.update(m["id"] for m in batch)
-        done = len(batch) < size or len(sent) >= limit
-        truncated = done and page["count"] > len(sent)
+        size = min(PAGE, limit - sent)
+        batch = await service.unread_rows(conn.user_id, size, after, upto_seq) if size > 0 else []
+        sent += len(batch)
+        done = len(batch) < size or sent >= limit
         if batch or not sent:
-            conn.push(frames.encode("message.unread", {"messages": batch, "count": page["count"], "has_more": truncated}))
+            conn.push(frames.encode("message.unread", {"messages": batch, "count": count, "has_more": done and count > sent}))
         if done:
             break
         after = batch[-1]["seq"]
