@@ -39,7 +39,7 @@ SUBSCRIBE_TIMEOUT = 2.0
 
 
 class InProcessBroker:
-    def __init__(self, deliver: Deliver, resync: Resync):
+    def __init__(self, deliver: Deliver):
         self._deliver = deliver
         self.publishes = 0
 

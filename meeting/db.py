@@ -118,10 +118,6 @@ message_recipients = Table(
 )
 
 
-def is_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
-
-
 def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
     url = make_url(cfg.url)
     backend = url.get_backend_name()

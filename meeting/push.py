@@ -34,7 +34,7 @@ class PushHub:
         self.users = users
         self.presence = presence
         self.max_per_user = max_per_user
-        self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local, self.resync)
+        self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local)
         self._background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
