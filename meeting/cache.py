@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Awaitable, Callable, Iterable, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError

@@ -139,6 +139,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
 
     app[message_service_key].on_stored.append(count_stored)
     yield
+    await app[message_service_key].close()  # writes already accepted are finished, not dropped
 
 
 async def close_sockets(app: web.Application) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from meeting.config import Config, with_overrides
-from tests.helpers import Api
+from meeting.typedefs import message_service_key, tokens_key
+from tests.helpers import Api, User
 
 
 @pytest.fixture
@@ -179,3 +180,27 @@ async def test_cache_never_serves_stale_data_in_tight_sequences(api: Api) -> Non
     await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)
     assert await api.unread_count(bob) == 0
     assert all(m["read_at"] for m in (await api.call("GET", "/messages", user=bob))["messages"])
+
+
+async def test_concurrent_sends_share_transactions_and_each_gets_its_own_answer(api: Api) -> None:
+    """Group commit: refused sends in a shared transaction fail alone, take no seq,
+    and the accepted ones reach each recipient with dense seqs in commit order."""
+    alice, bob, carol = await api.users(3)
+    ghost = User(987654321, "ghost", api.client.app[tokens_key].issue(987654321))  # a token outliving its user
+    bodies = [(alice, {"recipient_ids": [bob.id, carol.id] + ([999999] if i % 5 == 4 else []), "content": f"m{i}"})
+              for i in range(40)] + [(ghost, {"recipient_ids": [bob.id], "content": "from nowhere"})]
+    writer = api.client.app[message_service_key].writer
+    batches_before = writer.batches
+    answers = await asyncio.gather(*[api.client.post("/messages", json=b, headers=u.headers) for u, b in bodies])
+    statuses = [a.status for a in answers]
+    assert statuses == [422 if i % 5 == 4 else 201 for i in range(40)] + [401]
+    assert (await answers[4].json())["error"]["details"]["unknown_ids"] == [999999]
+    assert (await answers[-1].json())["error"]["code"] == "unknown_user"
+    assert writer.batches - batches_before < len(bodies), "concurrent sends were not combined"
+    stored = [await a.json() for a in answers if a.status == 201]
+    for user in (bob, carol):
+        caught_up = (await api.call("GET", "/messages?after_seq=0&limit=100", user=user, expect=200))["messages"]
+        assert [m["seq"] for m in caught_up] == list(range(1, len(stored) + 1))
+        assert sorted(m["id"] for m in caught_up) == sorted(m["id"] for m in stored)
+        assert [m["id"] for m in caught_up] == sorted(m["id"] for m in caught_up)  # seq order is commit (id) order
+        assert await api.unread_count(user) == len(stored)

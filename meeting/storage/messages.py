@@ -7,6 +7,8 @@ query is a range scan of one of message_recipients' (recipient_id, ...) indexes.
 from __future__ import annotations
 
 import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
@@ -21,29 +23,73 @@ MESSAGE_COLUMNS = (m.c.id, m.c.sender_id, m.c.type, m.c.content, m.c.meeting_id,
 RECEIVED_COLUMNS = (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
 
 
-async def allocate_seqs(conn: AsyncConnection, sender_id: int, recipient_ids: Sequence[int]) -> dict[int, int]:
-    """Next `seq` of every recipient that exists, under the users rows' locks.
+@dataclass(frozen=True)
+class Draft:
+    """A validated message not stored yet; `recipient_ids` sorted and distinct."""
+    sender_id: int
+    recipient_ids: tuple[int, ...]
+    content: str
+    type: str
+    meeting_id: int | None = None
 
-    One UPDATE locks sender and recipients in ascending id order (the sender with
-    +0): every send takes its locks in the same global order, so concurrent sends
-    cannot deadlock, including on the foreign-key locks the inserts take on the
-    sender's row. The locks are held to commit, so for each recipient commit
-    order is seq order, and a rollback leaves no hole.
+
+async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[dict[str, Any] | list[int]]:
+    """Store the drafts, in order, in a fixed number of statements however many there are.
+
+    Answers per draft: the stored message, or the ids among sender and recipients
+    that do not exist (that draft is skipped and takes no seq). The users rows of every sender and
+    recipient are locked first, in ascending id order: every send locks in the same
+    global order, so concurrent writers cannot deadlock (including on the foreign-key
+    locks the inserts take), and the locks are held to commit, so for each recipient
+    commit order is seq order and a rollback leaves no hole.
     """
-    ids = sorted({sender_id, *recipient_ids})
-    bump = sa.case((users.c.id.in_(list(recipient_ids)), 1), else_=0)
-    await conn.execute(users.update().where(users.c.id.in_(ids)).values(last_seq=users.c.last_seq + bump))
-    rows = await conn.execute(sa.select(users.c.id, users.c.last_seq).where(users.c.id.in_(list(recipient_ids))))
-    return {user_id: seq for user_id, seq in rows}
+    ids = sorted({d.sender_id for d in drafts}.union(*(d.recipient_ids for d in drafts)))
+    locked = sa.select(users.c.id, users.c.last_seq).where(users.c.id.in_(ids)).order_by(users.c.id).with_for_update()
+    last_seq: dict[int, int] = {user_id: seq for user_id, seq in await conn.execute(locked)}
+    bumped: dict[int, int] = defaultdict(int)
+    answers: list[dict[str, Any] | list[int]] = []
+    now = utcnow()
+    for draft in drafts:
+        unknown = [u for u in {draft.sender_id, *draft.recipient_ids} if u not in last_seq]
+        if unknown:
+            answers.append(unknown)
+            continue
+        seqs = {}
+        for r in draft.recipient_ids:
+            last_seq[r] += 1
+            bumped[r] += 1
+            seqs[r] = last_seq[r]
+        answers.append({"sender_id": draft.sender_id, "type": draft.type, "content": draft.content,
+                        "meeting_id": draft.meeting_id, "created_at": now, "recipient_ids": list(draft.recipient_ids), "seqs": seqs})
+    stored = [a for a in answers if isinstance(a, dict)]
+    if not stored:
+        return answers
+    await _bump_seqs(conn, bumped)
+    rows = [{k: a[k] for k in ("sender_id", "type", "content", "meeting_id", "created_at")} for a in stored]
+    for message, message_id in zip(stored, await _insert_messages(conn, rows)):
+        message["id"] = message_id
+    await conn.execute(mr.insert(), [{"message_id": a["id"], "recipient_id": r, "seq": s} for a in stored for r, s in a["seqs"].items()])
+    return answers
 
 
-async def insert(conn: AsyncConnection, sender_id: int, type_: str, content: str,
-                 meeting_id: int | None, seqs: dict[int, int]) -> dict[str, Any]:
-    """The message row, then every recipient row (with its seq) in one executemany round trip."""
-    row = {"sender_id": sender_id, "type": type_, "content": content, "meeting_id": meeting_id, "created_at": utcnow()}
-    message_id = (await conn.execute(m.insert().values(**row))).inserted_primary_key[0]
-    await conn.execute(mr.insert(), [{"message_id": message_id, "recipient_id": r, "seq": s} for r, s in sorted(seqs.items())])
-    return {"id": message_id, **row, "recipient_ids": sorted(seqs), "seqs": seqs}
+async def _bump_seqs(conn: AsyncConnection, bumped: dict[int, int]) -> None:
+    """One UPDATE; users are grouped by increment so the statement's shape (and its
+    compiled-cache entry) depends on how many distinct increments there are, not on
+    how many users."""
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for user_id, step in bumped.items():
+        by_step[step].append(user_id)
+    step = sa.case(*[(users.c.id.in_(ids), n) for n, ids in sorted(by_step.items())], else_=0)
+    await conn.execute(users.update().where(users.c.id.in_(sorted(bumped))).values(last_seq=users.c.last_seq + step))
+
+
+async def _insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+    """Their ids, in order: one multi-row INSERT ... RETURNING where the database has it
+    (SQLite, MariaDB >= 10.5), one INSERT per row elsewhere (MySQL)."""
+    if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+        result = await conn.execute(m.insert().returning(m.c.id, sort_by_parameter_order=True), rows)
+        return list(result.scalars())
+    return [(await conn.execute(m.insert(), row)).inserted_primary_key[0] for row in rows]
 
 
 async def last_seq(conn: AsyncConnection, user_id: int) -> int:

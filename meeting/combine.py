@@ -1,0 +1,80 @@
+"""Group commit: requests that arrive while a write is in flight share the next one.
+
+Sending a message costs a handful of database round trips (lock, update,
+insert, insert, commit) whatever the number of messages in the transaction,
+so under load most of a send's cost is per transaction, not per message. A
+Combiner runs one batch at a time: the first request of an idle combiner starts
+at once (no timer, no added latency when idle), and everything submitted while
+it runs goes into the next batch, up to `max_batch` items.
+
+One bad item must not fail its neighbours: `run` answers per item (a result or
+an exception), and if the whole batch raises, each item is retried alone so
+the failure lands only on the item that causes it.
+
+A submitted item is written even if its submitter is cancelled meanwhile (a
+client that hung up after sending has still sent): the batch task is not the
+caller's, and `close` waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+Outcome = R | BaseException
+RunBatch = Callable[[list[T]], Awaitable[list[R | Exception]]]
+
+
+class Combiner(Generic[T, R]):
+    def __init__(self, run: RunBatch[T, R], max_batch: int = 64):
+        self._run = run
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="group-commit")
+        return await asyncio.shield(future)
+
+    async def close(self) -> None:
+        """Finish what was submitted (shutdown waits for accepted writes)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
+            items = [item for item, _ in batch]
+            self.batches += 1
+            self.items += len(items)
+            outcomes = await self._outcomes(items)
+            for (_, future), outcome in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    async def _outcomes(self, items: list[T]) -> list[R | Exception]:
+        try:
+            outcomes = await self._run(items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc]
+            log.warning("a batch of %d writes failed (%s: %s); retrying each alone", len(items), type(exc).__name__, exc)
+            outcomes = []
+            for item in items:
+                outcomes.extend(await self._outcomes([item]))
+        assert len(outcomes) == len(items), "run must answer every item"
+        return outcomes

@@ -1,0 +1,92 @@
+"""The group-commit combiner on its own: batching, isolation of failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from meeting.combine import Combiner
+
+
+class Recorder:
+    """A batch runner that records its batches and can be held open or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+
+    async def run(self, items: list[int]) -> list[int | Exception]:
+        self.batches.append(list(items))
+        self.started.set()
+        await self.gate.wait()
+        if -1 in items:  # a poisoned item breaks the whole batch, as a database error would
+            raise RuntimeError("poison")
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+
+async def test_an_idle_combiner_runs_a_lone_item_at_once() -> None:
+    recorder = Recorder()
+    combiner = Combiner(recorder.run)
+    assert await combiner.submit(2) == 20
+    assert recorder.batches == [[2]]
+
+
+async def test_items_arriving_during_a_write_share_the_next_one_up_to_max_batch() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    combiner = Combiner(recorder.run, max_batch=3)
+    first = asyncio.ensure_future(combiner.submit(0))
+    await asyncio.wait_for(recorder.started.wait(), 5)
+    rest = [asyncio.ensure_future(combiner.submit(i)) for i in (2, 4, 6, 8)]
+    await asyncio.sleep(0)  # let the submitters queue (not a synchronisation: the gate holds the batch)
+    recorder.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(first, *rest), 5) == [0, 20, 40, 60, 80]
+    assert recorder.batches == [[0], [2, 4, 6], [8]]
+    assert (combiner.batches, combiner.items) == (3, 5)
+
+
+async def test_per_item_errors_reach_only_their_submitter() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    combiner = Combiner(recorder.run)
+    held = asyncio.ensure_future(combiner.submit(0))
+    await asyncio.wait_for(recorder.started.wait(), 5)
+    odd, even = asyncio.ensure_future(combiner.submit(3)), asyncio.ensure_future(combiner.submit(4))
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    assert await held == 0 and await even == 40
+    with pytest.raises(ValueError, match="odd 3"):
+        await odd
+
+
+async def test_a_failing_batch_is_retried_item_by_item_so_only_the_culprit_fails() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    combiner = Combiner(recorder.run)
+    held = asyncio.ensure_future(combiner.submit(0))
+    await asyncio.wait_for(recorder.started.wait(), 5)
+    others = [asyncio.ensure_future(combiner.submit(i)) for i in (2, -1, 4)]
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    results = await asyncio.gather(held, *others, return_exceptions=True)
+    assert results[:2] == [0, 20] and results[3] == 40
+    assert isinstance(results[2], RuntimeError)
+    assert recorder.batches == [[0], [2, -1, 4], [2], [-1], [4]]
+
+
+async def test_a_cancelled_submitter_still_has_its_item_written_and_close_waits() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    combiner = Combiner(recorder.run)
+    task = asyncio.ensure_future(combiner.submit(6))
+    await asyncio.wait_for(recorder.started.wait(), 5)
+    task.cancel()
+    closing = asyncio.ensure_future(combiner.close())
+    await asyncio.sleep(0)
+    assert not closing.done()  # the write is still held open
+    recorder.gate.set()
+    await asyncio.wait_for(closing, 5)
+    assert recorder.batches == [[6]] and task.cancelled()
