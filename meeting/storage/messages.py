@@ -22,6 +22,15 @@ from . import attach_ids
 MESSAGE_COLUMNS = (m.c.id, m.c.sender_id, m.c.type, m.c.content, m.c.meeting_id, m.c.created_at)
 RECEIVED_COLUMNS = (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
 
+# The send path's statements, built once: building a statement costs about as
+# much as executing it (SQLAlchemy still caches the compiled form either way).
+_IDS = sa.bindparam("ids", expanding=True)
+_LOCK_USERS = sa.select(users.c.id, users.c.last_seq).where(users.c.id.in_(_IDS)).order_by(users.c.id).with_for_update()
+_BUMP_SEQS = users.update().where(users.c.id.in_(_IDS)).values(last_seq=users.c.last_seq + sa.bindparam("step"))
+_INSERT_MESSAGE = m.insert()
+_INSERT_MESSAGES = m.insert().returning(m.c.id, sort_by_parameter_order=True)
+_INSERT_RECIPIENTS = mr.insert()
+
 
 @dataclass(frozen=True)
 class Draft:
@@ -44,8 +53,7 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
     commit order is seq order and a rollback leaves no hole.
     """
     ids = sorted({d.sender_id for d in drafts}.union(*(d.recipient_ids for d in drafts)))
-    locked = sa.select(users.c.id, users.c.last_seq).where(users.c.id.in_(ids)).order_by(users.c.id).with_for_update()
-    last_seq: dict[int, int] = {user_id: seq for user_id, seq in await conn.execute(locked)}
+    last_seq: dict[int, int] = {user_id: seq for user_id, seq in await conn.execute(_LOCK_USERS, {"ids": ids})}
     bumped: dict[int, int] = defaultdict(int)
     answers: list[dict[str, Any] | list[int]] = []
     now = utcnow()
@@ -68,28 +76,25 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
     rows = [{k: a[k] for k in ("sender_id", "type", "content", "meeting_id", "created_at")} for a in stored]
     for message, message_id in zip(stored, await _insert_messages(conn, rows)):
         message["id"] = message_id
-    await conn.execute(mr.insert(), [{"message_id": a["id"], "recipient_id": r, "seq": s} for a in stored for r, s in a["seqs"].items()])
+    await conn.execute(_INSERT_RECIPIENTS, [{"message_id": a["id"], "recipient_id": r, "seq": s} for a in stored for r, s in a["seqs"].items()])
     return answers
 
 
 async def _bump_seqs(conn: AsyncConnection, bumped: dict[int, int]) -> None:
-    """One UPDATE; users are grouped by increment so the statement's shape (and its
-    compiled-cache entry) depends on how many distinct increments there are, not on
-    how many users."""
+    """One UPDATE per distinct increment (nearly always one: +1 for everybody)."""
     by_step: dict[int, list[int]] = defaultdict(list)
     for user_id, step in bumped.items():
         by_step[step].append(user_id)
-    step = sa.case(*[(users.c.id.in_(ids), n) for n, ids in sorted(by_step.items())], else_=0)
-    await conn.execute(users.update().where(users.c.id.in_(sorted(bumped))).values(last_seq=users.c.last_seq + step))
+    for step, ids in sorted(by_step.items()):
+        await conn.execute(_BUMP_SEQS, {"ids": sorted(ids), "step": step})
 
 
 async def _insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
     """Their ids, in order: one multi-row INSERT ... RETURNING where the database has it
     (SQLite, MariaDB >= 10.5), one INSERT per row elsewhere (MySQL)."""
     if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
-        result = await conn.execute(m.insert().returning(m.c.id, sort_by_parameter_order=True), rows)
-        return list(result.scalars())
-    return [(await conn.execute(m.insert(), row)).inserted_primary_key[0] for row in rows]
+        return list((await conn.execute(_INSERT_MESSAGES, rows)).scalars())
+    return [(await conn.execute(_INSERT_MESSAGE, row)).inserted_primary_key[0] for row in rows]
 
 
 async def last_seq(conn: AsyncConnection, user_id: int) -> int:
