@@ -5,6 +5,8 @@ from typing import Any
 import jwt
 import pytest
 
+from meeting.auth import TokenCodec
+from meeting.errors import Unauthorized
 from tests.conftest import TEST_SECRET
 from tests.helpers import Api
 
@@ -108,3 +110,23 @@ async def test_identity_comes_from_the_token_not_the_body(api: Api) -> None:
     alice, bob = await api.users(2)
     me = await api.call("GET", "/users/me", user=alice, params={"user_id": bob.id}, expect=200)
     assert me["id"] == alice.id
+
+
+def test_a_verified_token_is_remembered_until_it_expires_and_the_memory_is_bounded() -> None:
+    now = [dt.datetime.now(dt.timezone.utc).timestamp()]
+    codec = TokenCodec(TEST_SECRET, ttl=60, cache_size=2, clock=lambda: now[0])
+    token = codec.issue(7)
+    assert codec.decode(token).user_id == 7
+    assert codec.decode(token).user_id == 7  # from memory
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(Unauthorized) as refused:
+        codec.decode(forged)  # never trusted because it resembles a remembered token
+    assert refused.value.code == "invalid_token"
+    others = [codec.issue(n) for n in (8, 9)]
+    assert [codec.decode(t).user_id for t in others] == [8, 9]
+    assert len(codec._verified) == 2  # bounded: the oldest went out
+    now[0] += 61
+    for t in others:
+        with pytest.raises(Unauthorized) as expired:
+            codec.decode(t)
+        assert expired.value.code == "token_expired"
