@@ -8,7 +8,7 @@ frame must not reach a device twice because it went locally *and* via Redis):
   when its first local connection of a user opens and unsubscribes when the
   last one closes, so it receives only what its own users need. One pub/sub
   connection and one reader task per instance. Publishing a message for K
-  recipients is one pipelined round trip.
+  recipients is one scripted command (one round trip, one reply).
 
 Pub/sub is fire-and-forget: whatever is published while a subscriber is
 disconnected is gone. So the reader keeps an outer loop that reconnects with
@@ -36,6 +36,13 @@ Deliver = Callable[[int, int, str, float], None]  # user id, seq (0: no seq), en
 Resync = Callable[[], Awaitable[int]]      # returns how many connections were resynchronised
 Wants = Callable[[int], bool]              # does this instance have a connection of that user now
 SUBSCRIBE_TIMEOUT = 2.0
+
+# One command for a whole outbox batch: as a pipeline of PUBLISHes, redis-py
+# parsed every reply under its own timeout, the biggest cost of a fan-out.
+_PUBLISH_ALL = """
+for i = 1, #KEYS do redis.call('PUBLISH', KEYS[i], ARGV[i]) end
+return #KEYS
+"""
 
 
 class InProcessBroker:
@@ -79,6 +86,7 @@ class RedisBroker:
         self._closing = False
         self._outbox: asyncio.Queue[list[tuple[int, int, str, float]]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
+        self._publish_all = self._client.register_script(_PUBLISH_ALL)
         self.connected = asyncio.Event()
         self.publishes = self.received = self.reconnects = 0
 
@@ -128,13 +136,13 @@ class RedisBroker:
             batch = await self._outbox.get()
             while not self._outbox.empty() and (len(batch) < 1000 or self._publish_lost):  # failing: drain, do not pile up
                 batch.extend(self._outbox.get_nowait())
+            channels = [self.channel(user_id) for user_id, _, _, _ in batch]
+            payloads = [f"{seq} {committed_at:.6f} {frame}" for _, seq, frame, committed_at in batch]
+            if self._publish_lost:
+                channels.append(self._resync_channel)
+                payloads.append("lost")
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for user_id, seq, frame, committed_at in batch:
-                        pipe.publish(self.channel(user_id), f"{seq} {committed_at:.6f} {frame}")
-                    if self._publish_lost:
-                        pipe.publish(self._resync_channel, "lost")
-                    await pipe.execute()
+                await self._publish_all(keys=channels, args=payloads)
                 self._publish_lost = False
                 self.publishes += len(batch)
             except REDIS_FAILURES as exc:
