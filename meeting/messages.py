@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .cache import MessageCache
 from .combine import Combiner
+from .recipients import RecipientLists
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized
 from .storage import meetings as meeting_store
 from .storage import messages as store
@@ -110,6 +111,7 @@ class MessageService:
         self.on_stored: list[StoredListener] = []
         self.on_read: list[ReadListener] = []
         self.writer: Combiner[store.Draft, Message] = Combiner(self._write, max_batch)
+        self.recipients = RecipientLists()
 
     async def close(self) -> None:
         await self.writer.close()
@@ -137,6 +139,8 @@ class MessageService:
         """Never raises: the messages are committed, whatever happens here."""
         if not stored:
             return
+        for message in stored:
+            self.recipients.remember(message["id"], message["recipient_ids"])
         try:
             await self._cache.invalidate({r for m in stored for r in m["recipient_ids"]})
         except Exception:
@@ -160,7 +164,7 @@ class MessageService:
 
         async def fetch() -> list[Message]:
             async with self._engine.connect() as conn:
-                return await store.received(conn, user_id, limit + 1, before)
+                return await self._attach(conn, await store.received(conn, user_id, limit + 1, before))
 
         if before is None and limit == PAGE_SIZE:
             rows = await self._cache.get("inbox", user_id, fetch, _encode_rows, _decode_rows)
@@ -170,7 +174,7 @@ class MessageService:
 
     async def sent(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
         async with self._engine.connect() as conn:
-            return _page(await store.sent(conn, user_id, limit + 1, before), limit)
+            return _page(await self._attach(conn, await store.sent(conn, user_id, limit + 1, before)), limit)
 
     async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None,
                      upto_seq: int | None = None) -> dict[str, Any]:
@@ -181,15 +185,26 @@ class MessageService:
                           upto_seq: int | None = None) -> list[Message]:
         """Unread messages in seq order, without the total (callers paging count once)."""
         async with self._engine.connect() as conn:
-            return await store.unread(conn, user_id, limit, after_seq, upto_seq)
+            return await self._attach(conn, await store.unread(conn, user_id, limit, after_seq, upto_seq))
 
-    async def last_seq(self, user_id: int) -> int:
+    async def sync_point(self, user_id: int, page: int) -> tuple[int, int, list[Message]]:
+        """Where a new device starts: the user's last seq, the unread count as of it, and
+        the first `page` unread messages up to it; one connection for the three, since
+        a reconnect storm runs this once per device."""
         async with self._engine.connect() as conn:
-            return await store.last_seq(conn, user_id)
+            last = await store.last_seq(conn, user_id)
+            count = await store.count_unread(conn, user_id, upto_seq=last)
+            rows = await store.unread(conn, user_id, page, upto_seq=last) if count and page else []
+            return last, count, await self._attach(conn, rows)
+
+    async def unread_count_upto(self, user_id: int, seq: int) -> int:
+        """Unread messages with seq <= `seq`: the count that goes with a sync point."""
+        async with self._engine.connect() as conn:
+            return await store.count_unread(conn, user_id, upto_seq=seq)
 
     async def received_after_seq(self, user_id: int, after: int, limit: int) -> list[Message]:
         async with self._engine.connect() as conn:
-            return await store.received_after_seq(conn, user_id, after, limit)
+            return await self._attach(conn, await store.received_after_seq(conn, user_id, after, limit))
 
     async def after_seq(self, user_id: int, after: int, limit: int = PAGE_SIZE) -> dict[str, Any]:
         """Catch-up by seq: what the user received after `after`, oldest first."""
@@ -207,9 +222,12 @@ class MessageService:
     async def get(self, user_id: int, message_id: int) -> Message:
         async with self._engine.connect() as conn:
             message = await store.visible(conn, user_id, message_id)
-        if message is None:
-            raise NotFound("No such message.")
-        return message
+            if message is None:
+                raise NotFound("No such message.")
+            return (await self._attach(conn, [message]))[0]
+
+    async def _attach(self, conn: AsyncConnection, rows: list[Message]) -> list[Message]:
+        return await self.recipients.attach(rows, lambda ids: store.recipient_lists(conn, ids))
 
     async def mark_one_read(self, user_id: int, message_id: int) -> dict[str, Any]:
         """Idempotent: a second call keeps the first read_at."""

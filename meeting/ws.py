@@ -169,15 +169,18 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     try:
         await hub.broker.want(conn.user_id)
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))
-        last = await service.last_seq(conn.user_id)
+        limit = cfg.backlog_limit
+        last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit))
         if since is None:
-            await _send_backlog(app, conn, last)
+            await _send_backlog(app, conn, last, count, first_page, limit)
             conn.start(last)
         else:
             conn.start(min(since, last))  # a `since` from the future must not hide new messages
             await conn.catch_up()
         assert conn.gate is not None
-        conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": await service.unread_count(conn.user_id)}))
+        if conn.gate.last != last:
+            count = await service.unread_count_upto(conn.user_id, conn.gate.last)
+        conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": count}))
         conn.go_live()
         conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # after the sync: connected, backlog, then anything
         async for msg in ws:
@@ -199,16 +202,19 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: int) -> None:
-    """The unread messages up to `upto_seq`, oldest first, in frames of PAGE."""
+async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: int, count: int,
+                        first_page: list[dict[str, Any]], limit: int) -> None:
+    """The unread messages up to `upto_seq` (`count` of them), oldest first, in frames of
+    PAGE, at most `limit`; the first page came with the sync point."""
     service = app[message_service_key]
-    limit = app[config_key].push.backlog_limit
-    count = await service.unread_count(conn.user_id)  # once: every frame carries the same total
     sent = 0
     after: int | None = None
     while True:
         size = min(PAGE, limit - sent)
-        batch = await service.unread_rows(conn.user_id, size, after, upto_seq) if size > 0 else []
+        if after is None:
+            batch = first_page
+        else:
+            batch = await service.unread_rows(conn.user_id, size, after, upto_seq) if size > 0 else []
         sent += len(batch)
         done = len(batch) < size or sent >= limit
         if batch or not sent:

@@ -2,6 +2,8 @@
 
 Pages are keyset-paginated on message id (never OFFSET), and every "of user X"
 query is a range scan of one of message_recipients' (recipient_id, ...) indexes.
+Rows come without their recipient ids: the MessageService attaches those from
+its in-process lists (meeting.recipients), reading here only what it lacks.
 """
 
 from __future__ import annotations
@@ -106,11 +108,13 @@ async def received_after_seq(conn: AsyncConnection, user_id: int, after: int, li
     """Everything the user received after `after`, in seq order (read or not)."""
     query = (sa.select(*RECEIVED_COLUMNS).join(mr, mr.c.message_id == m.c.id)
              .where(mr.c.recipient_id == user_id, mr.c.seq > after).order_by(mr.c.seq).limit(limit))
-    return await _with_recipients(conn, [r._asdict() for r in await conn.execute(query)])
+    return [r._asdict() for r in await conn.execute(query)]
 
 
-async def _with_recipients(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return await attach_ids(conn, rows, mr.c.message_id, mr.c.recipient_id, "recipient_ids")
+async def recipient_lists(conn: AsyncConnection, message_ids: list[int]) -> dict[int, list[int]]:
+    """Each message's sorted recipient ids, in one query."""
+    rows = await attach_ids(conn, [{"id": i} for i in message_ids], mr.c.message_id, mr.c.recipient_id, "recipient_ids")
+    return {row["id"]: row["recipient_ids"] for row in rows}
 
 
 async def received(conn: AsyncConnection, user_id: int, limit: int, before: int | None) -> list[dict[str, Any]]:
@@ -118,14 +122,14 @@ async def received(conn: AsyncConnection, user_id: int, limit: int, before: int 
              .where(mr.c.recipient_id == user_id).order_by(mr.c.message_id.desc()).limit(limit))
     if before is not None:
         query = query.where(mr.c.message_id < before)
-    return await _with_recipients(conn, [r._asdict() for r in await conn.execute(query)])
+    return [r._asdict() for r in await conn.execute(query)]
 
 
 async def sent(conn: AsyncConnection, user_id: int, limit: int, before: int | None) -> list[dict[str, Any]]:
     query = sa.select(*MESSAGE_COLUMNS).where(m.c.sender_id == user_id).order_by(m.c.id.desc()).limit(limit)
     if before is not None:
         query = query.where(m.c.id < before)
-    return await _with_recipients(conn, [r._asdict() for r in await conn.execute(query)])
+    return [r._asdict() for r in await conn.execute(query)]
 
 
 async def unread(conn: AsyncConnection, user_id: int, limit: int, after_seq: int | None = None,
@@ -137,11 +141,13 @@ async def unread(conn: AsyncConnection, user_id: int, limit: int, after_seq: int
         query = query.where(mr.c.seq > after_seq)
     if upto_seq is not None:
         query = query.where(mr.c.seq <= upto_seq)
-    return await _with_recipients(conn, [r._asdict() for r in await conn.execute(query)])
+    return [r._asdict() for r in await conn.execute(query)]
 
 
-async def count_unread(conn: AsyncConnection, user_id: int) -> int:
+async def count_unread(conn: AsyncConnection, user_id: int, upto_seq: int | None = None) -> int:
     query = sa.select(sa.func.count()).select_from(mr).where(mr.c.recipient_id == user_id, mr.c.read_at.is_(None))
+    if upto_seq is not None:
+        query = query.where(mr.c.seq <= upto_seq)
     return int((await conn.execute(query)).scalar_one())
 
 
@@ -155,9 +161,7 @@ async def visible(conn: AsyncConnection, user_id: int, message_id: int) -> dict[
         sa.or_(m.c.sender_id == user_id, sa.exists().where(mr.c.message_id == m.c.id, mr.c.recipient_id == user_id)),
     )
     row = (await conn.execute(query)).first()
-    if row is None:
-        return None
-    return (await _with_recipients(conn, [row._asdict()]))[0]
+    return None if row is None else row._asdict()
 
 
 async def mark_read(conn: AsyncConnection, user_id: int, ids: Iterable[int] | None) -> tuple[list[int], dt.datetime]:

@@ -1,0 +1,57 @@
+"""Who received each message: remembered in-process, since it never changes.
+
+Every read of messages (inbox, unread backlog, catch-up) shows each message's
+`recipient_ids`. Read from the database, that is one row per recipient per
+message per reader: when 2,000 devices reconnect to a backlog of group messages,
+the same lists are read again for every member of every group. The list of a
+message is fixed when it is stored, so it can be kept without invalidation: the
+writer puts it here at commit, readers take it from here, and only what was
+evicted (or stored by another instance) is read from the database.
+
+Bounded by the total number of ids kept, least recently used out first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Awaitable, Callable, Sequence
+
+Fetch = Callable[[list[int]], Awaitable[dict[int, list[int]]]]
+Ids = tuple[int, ...]
+
+
+class RecipientLists:
+    def __init__(self, max_ids: int = 500_000):
+        self._lists: OrderedDict[int, Ids] = OrderedDict()  # tuples: shared by every row, never mutated
+        self._max_ids = max_ids
+        self._size = 0
+        self.hits = self.misses = 0
+
+    def remember(self, message_id: int, recipient_ids: Sequence[int]) -> None:
+        if len(recipient_ids) > self._max_ids:
+            return
+        old = self._lists.pop(message_id, None)
+        if old is not None:
+            self._size -= len(old)
+        self._lists[message_id] = tuple(recipient_ids)
+        self._size += len(recipient_ids)
+        while self._size > self._max_ids:
+            _, evicted = self._lists.popitem(last=False)
+            self._size -= len(evicted)
+
+    async def attach(self, rows: list[dict[str, Any]], fetch: Fetch) -> list[dict[str, Any]]:
+        """Give each row (by its "id") its sorted `recipient_ids`; one fetch for all the misses."""
+        missing = [row["id"] for row in rows if row["id"] not in self._lists]
+        self.hits += len(rows) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for message_id, ids in (await fetch(missing)).items():
+                self.remember(message_id, ids)
+        for row in rows:
+            ids = self._lists.get(row["id"])
+            if ids is None:  # evicted meanwhile (a page larger than the bound): read again
+                ids = tuple((await fetch([row["id"]])).get(row["id"], []))
+            else:
+                self._lists.move_to_end(row["id"])
+            row["recipient_ids"] = ids
+        return rows
