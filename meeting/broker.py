@@ -29,6 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .cache import REDIS_FAILURES
+from .combine import Combiner
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class RedisBroker:
         self._outbox: asyncio.Queue[list[tuple[int, int, str, float]]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
         self._publish_all = self._client.register_script(_PUBLISH_ALL)
+        self._aligner: Combiner[int, None] = Combiner(self._align, max_batch=5000)
         self.connected = asyncio.Event()
         self.publishes = self.received = self.reconnects = 0
 
@@ -99,6 +101,7 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closing = True
+        await self._aligner.close()
         for task in (self._publisher, self._reader):
             await _stop(task)
         await self._client.aclose()
@@ -106,25 +109,38 @@ class RedisBroker:
     async def want(self, user_id: int) -> None:
         """Align the user's subscription with whether we have a connection of theirs *now*
         (so a late unsubscribe cannot undo a newer subscribe). A subscribe returns once
-        Redis confirmed it: everything published after that reaches us."""
+        Redis confirmed it: everything published after that reaches us. Calls made while
+        an alignment is in flight share the next one: when thousands of devices
+        reconnect at once, that is one SUBSCRIBE for many channels, not a queue of
+        round trips behind a lock."""
+        await self._aligner.submit(user_id)
+
+    async def _align(self, user_ids: list[int]) -> list[None]:
+        done: list[None] = [None] * len(user_ids)
         async with self._lock:
-            wanted = self._wants(user_id)
-            if wanted == (user_id in self._subscribed):
-                return
-            (self._subscribed.add if wanted else self._subscribed.discard)(user_id)
+            subscribe: list[str] = []
+            unsubscribe: list[str] = []
+            for user_id in dict.fromkeys(user_ids):
+                wanted = self._wants(user_id)
+                if wanted == (user_id in self._subscribed):
+                    continue
+                (self._subscribed.add if wanted else self._subscribed.discard)(user_id)
+                (subscribe if wanted else unsubscribe).append(self.channel(user_id))
             pubsub = self._pubsub
-            if pubsub is None or not self.connected.is_set():
-                return  # the reader subscribes to everything wanted when it reconnects
-            channel = self.channel(user_id)
+            if pubsub is None or not self.connected.is_set() or not (subscribe or unsubscribe):
+                return done  # the reader subscribes to everything wanted when it reconnects
             try:
-                if wanted:
-                    confirmed = self._confirmations.setdefault(channel, asyncio.get_running_loop().create_future())
-                    await pubsub.subscribe(channel)
-                    await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
-                else:
-                    await pubsub.unsubscribe(channel)
+                if unsubscribe:
+                    await pubsub.unsubscribe(*unsubscribe)
+                if subscribe:
+                    loop = asyncio.get_running_loop()
+                    confirmed = [self._confirmations.setdefault(c, loop.create_future()) for c in subscribe]
+                    await pubsub.subscribe(*subscribe)
+                    await asyncio.wait_for(asyncio.shield(asyncio.gather(*confirmed)), SUBSCRIBE_TIMEOUT)
             except (*REDIS_FAILURES, asyncio.TimeoutError) as exc:
-                log.warning("broker: (un)subscribe of %s failed: %s; the reader will resubscribe", channel, type(exc).__name__)
+                log.warning("broker: (un)subscribe of %d channel(s) failed: %s; the reader will resubscribe",
+                            len(subscribe) + len(unsubscribe), type(exc).__name__)
+        return done
 
     async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float) -> None:
         """Hand over without waiting on Redis: a slow Redis must not slow the sender.
