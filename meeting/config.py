@@ -37,6 +37,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = _opt(8080, validate.Range(1, 65535))
     max_body_size: int = _opt(1024 * 1024, validate.Range(min=1024))
+    backlog: int = _opt(4096, validate.Range(1, 65535))
 
 
 @dataclass(frozen=True)

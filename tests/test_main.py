@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,7 @@ def _free_port() -> int:
 async def test_serve_on_sqlite_prints_its_address_and_answers(tmp_path: Path) -> None:
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meeting", "--port", str(port), cwd=tmp_path, env=_env(tmp_path),
+        sys.executable, "-m", "meeting", "--port", str(port), cwd=tmp_path, env=_env(tmp_path, MEETING_SERVER_BACKLOG="777"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
@@ -75,6 +77,9 @@ async def test_serve_on_sqlite_prints_its_address_and_answers(tmp_path: Path) ->
                     return
             raise AssertionError(f"server exited: {''.join(seen)}")
         await asyncio.wait_for(_wait_for_address(), 30)
+        if shutil.which("ss"):  # a listening socket's Send-Q is its accept backlog
+            listing = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+            assert listing.split()[2] == "777", listing
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             async with http.post("/auth/register", json={"username": "newcomer", "password": "password123"}) as r:
                 assert r.status == 201
