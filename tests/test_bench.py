@@ -20,7 +20,7 @@ COMMON = {"scenario", "users", "messages", "post_errors", "lost", "duplicated", 
 CONNS = {"scenario", "users", "connections", "answered_ping", "lost", "connect_seconds", "connects_per_second",
          "handshake_p50_ms", "handshake_p99_ms", "server_rss_before_kib", "server_rss_after_kib", "kib_per_connection",
          "receiver_cpu_percent", "receiver_loop_lag_p99_ms"}
-RECONNECT = {"scenario", "users", "backlog", "messages", "lost", "duplicated", "all_backlogs_seconds", "receiver_cpu_percent"}
+RECONNECT = {"scenario", "users", "backlog", "group", "messages", "copies", "lost", "duplicated", "all_backlogs_seconds", "receiver_cpu_percent"}
 
 
 async def _bench(*args: str) -> dict:
@@ -50,9 +50,10 @@ async def test_fanout_smoke_run() -> None:
 
 
 async def test_reconnect_smoke_run() -> None:
-    result = await _bench("reconnect", "--users", "15", "--backlog", "4")
+    result = await _bench("reconnect", "--users", "15", "--backlog", "4", "--group", "4")
     assert RECONNECT <= set(result)
-    assert result["lost"] == 0 and result["duplicated"] == 0 and result["messages"] == 60
+    assert result["lost"] == 0 and result["duplicated"] == 0 and result["copies"] == 60
+    assert result["messages"] == 4 * 4  # 15 users in groups of 4, 3 and 4 messages each
 
 
 async def test_conns_smoke_run() -> None:

@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             cmd.add_argument("--users", type=int, default=2000)
             cmd.add_argument("--backlog", type=int, default=20, help="unread messages per user")
+            cmd.add_argument("--group", type=int, default=10, help="recipients of each backlog message (<= 1000)")
     return parser
 
 
@@ -67,7 +68,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.scenario == "fanout":
             return await fanout(server.url, args.users, args.devices, args.recipients, args.messages, args.concurrency,
                                 progress=progress)
-        return await reconnect(server.url, args.users, args.backlog, progress=progress)
+        return await reconnect(server.url, args.users, args.backlog, args.group, progress=progress)
     finally:
         await server.stop()
 

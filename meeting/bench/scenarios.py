@@ -115,27 +115,32 @@ async def fanout(url: str, users: int = 1000, devices: int = 2, recipients: int 
     return {"scenario": "fanout", "recipients": recipients, "concurrency": concurrency, **result}
 
 
-async def reconnect(url: str, users: int = 2000, backlog: int = 20, progress: Progress = lambda n: None) -> dict[str, Any]:
-    """Every user has `backlog` unread messages; all devices connect at once. The time until
-    the last one has its whole backlog (message.synced comes right after it) is the result."""
+async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int = 10, concurrency: int = 32,
+                    progress: Progress = lambda n: None) -> dict[str, Any]:
+    """Every user has `backlog` unread messages, each sent to a group of `group` users; all
+    devices connect at once. The time until the last one has its whole backlog
+    (message.synced comes right after it) is the result."""
     people = await make_users(url, users + 1)
     sender, people = people[0], people[1:]
     ledger = Ledger()
-    async with aiohttp.ClientSession(url) as http:
-        for chunk in range(0, users, 1000):  # a message reaches up to 1000 recipients
-            group = list(range(chunk, min(users, chunk + 1000)))
-            for i in range(backlog):
-                async with http.post("/messages", json={"recipient_ids": [people[g]["id"] for g in group], "content": f"backlog {i}"},
-                                     headers={"Authorization": f"Bearer {sender['token']}"}) as r:
-                    ledger.expect((await r.json())["id"], group)
-                progress(len(group))
+    sends = [(list(range(chunk, min(users, chunk + group))), i) for chunk in range(0, users, group) for i in range(backlog)]
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        async def send(members: list[int], i: int) -> None:
+            async with http.post("/messages", json={"recipient_ids": [people[g]["id"] for g in members], "content": f"backlog {i}"},
+                                 headers={"Authorization": f"Bearer {sender['token']}"}) as r:
+                assert r.status == 201, (r.status, await r.text())
+                ledger.expect((await r.json())["id"], members)
+            progress(len(members))
+
+        await asyncio.gather(*(send(members, i) for members, i in sends))
     with receivers(url, [p["token"] for p in people]) as pipe:
         kind, ready = await wait_pipe(pipe, 300)
         pipe.send((0, 0.0))
         kind, frames, receiver_health = await wait_pipe(pipe, 60)
     for message_id, device, _ in frames:
         ledger.record(message_id, device)
-    return {"scenario": "reconnect", "users": users, "backlog": backlog, "messages": users * backlog, "post_errors": 0,
+    return {"scenario": "reconnect", "users": users, "backlog": backlog, "group": group, "messages": len(sends),
+            "copies": users * backlog, "post_errors": 0,
             "lost": ledger.lost, "duplicated": ledger.duplicated, "all_backlogs_seconds": round(ready["connect_seconds"], 2),
             **{f"receiver_{k}": round(v, 2) for k, v in receiver_health.items()}}
 
