@@ -12,6 +12,8 @@ T = TypeVar("T")
 
 
 class SeqGate(Generic[T]):
+    __slots__ = ("last", "_held")
+
     def __init__(self, last: int = 0):
         self.last = last           # the highest seq emitted: everything up to it was sent
         self._held: dict[int, T] = {}

@@ -42,6 +42,8 @@ Item = tuple[str, "float | None"]  # an encoded frame and its message's commit t
 class UserConnection(Connection):
     """A user's push socket: seq ordering, catch-up and token timers on top of the queue."""
 
+    __slots__ = ("gate", "_live", "_early", "_fetch", "_catching_up", "_timer")
+
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
                  stats: Any = None):
@@ -51,7 +53,7 @@ class UserConnection(Connection):
         self._early: list[tuple[int, Item]] = []
         self._fetch = fetch
         self._catching_up: asyncio.Task[None] | None = None
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timer: asyncio.TimerHandle | None = None  # token expiry: the notice, then the close
 
     def deliver(self, seq: int, frame: str, committed_at: float | None = None) -> None:
         """A frame from the broker. seq 0: not a message (read sync), sent as is."""
@@ -109,17 +111,21 @@ class UserConnection(Connection):
         await super().stop()
 
     def expire_at(self, expires_at: dt.datetime, notice: float) -> None:
+        """One timer at a time per connection (ten thousand of them): the notice, which
+        then sets the close."""
         self.cancel_timers()
-        loop = asyncio.get_running_loop()
         remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        warning = frames.encode("token.expiring", {"expires_at": expires_at})
-        self._timers = [loop.call_later(max(0.0, remaining - notice), self.push, warning),
-                        loop.call_later(max(0.0, remaining), self.close_soon, CLOSE_TOKEN_EXPIRED, "token expired")]
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining - notice), self._expiring, expires_at)
+
+    def _expiring(self, expires_at: dt.datetime) -> None:
+        self.push(frames.encode("token.expiring", {"expires_at": expires_at}))
+        remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining), self.close_soon, CLOSE_TOKEN_EXPIRED, "token expired")
 
     def cancel_timers(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class ConnectQuery(Schema):
@@ -155,7 +161,8 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     claims = app[tokens_key].decode(token)
     since = parse_query(request, CONNECT_QUERY)["since"]
     cfg = app[config_key].push
-    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",))
+    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",),
+                               compress=cfg.compress)
     await ws.prepare(request)
     hub = app[push_hub_key]
     service = app[message_service_key]
