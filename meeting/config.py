@@ -76,6 +76,7 @@ class PushConfig:
     cleanup_interval: float = _opt(60.0, validate.Range(min=0.01))
     backlog_limit: int = _opt(1000, validate.Range(min=0))
     token_expiry_notice: float = _opt(60.0, validate.Range(min=0))
+    compress: bool = False
 
 
 def _networks(value: str) -> None:

@@ -446,3 +446,18 @@ async def test_a_bad_since_is_422_before_upgrade(api: Api, since: str) -> None:
     resp = await api.client.get("/ws/messages", params={"token": bob.token, "since": since}, headers=UPGRADE)
     assert resp.status == 422 and "since" in (await resp.json())["error"]["details"]
     assert connections(api) == {}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_permessage_deflate_only_when_configured(make_client: Any, config: Config, compress: bool) -> None:
+    """Browsers ask for deflate; by default the server declines (memory per socket)."""
+    api = Api(await make_client(with_overrides(config, push={"compress": compress})))
+    alice, bob = await api.users(2)
+    device = await Device.connect(api, bob, compress=15)
+    assert bool(device.ws.compress) is compress  # what the handshake negotiated
+    await device.expect("connected")
+    await device.expect("message.unread")
+    await device.expect("message.synced")
+    sent = await api.send(alice, [bob], "zipped or not")
+    assert (await device.expect("message.new"))["id"] == sent["id"]
+    await device.ws.close()

@@ -41,7 +41,8 @@ async def room(request: web.Request) -> web.StreamResponse:
     if not await request.app[meeting_service_key].is_participant(user_id, meeting_id):
         raise Forbidden("Only participants may join this meeting's room.", code="not_a_participant")
     cfg = request.app[config_key].push
-    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",))
+    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",),
+                               compress=cfg.compress)
     await ws.prepare(request)
     rooms = request.app[rooms_key]
     conn = Connection(ws, user_id, cfg.queue_limit)
