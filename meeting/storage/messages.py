@@ -101,14 +101,12 @@ async def _insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) ->
 
 async def last_seq(conn: AsyncConnection, user_id: int) -> int:
     """The user's last committed seq: every row up to it is visible once this is read."""
-    return int((await conn.execute(sa.select(users.c.last_seq).where(users.c.id == user_id))).scalar_one_or_none() or 0)
+    return int((await conn.execute(_LAST_SEQ, {"user_id": user_id})).scalar_one_or_none() or 0)
 
 
 async def received_after_seq(conn: AsyncConnection, user_id: int, after: int, limit: int) -> list[dict[str, Any]]:
     """Everything the user received after `after`, in seq order (read or not)."""
-    query = (sa.select(*RECEIVED_COLUMNS).join(mr, mr.c.message_id == m.c.id)
-             .where(mr.c.recipient_id == user_id, mr.c.seq > after).order_by(mr.c.seq).limit(limit))
-    return [r._asdict() for r in await conn.execute(query)]
+    return _dicts(await conn.execute(_RECEIVED_AFTER_SEQ, {"user_id": user_id, "after": after, "limit": limit}))
 
 
 async def recipient_lists(conn: AsyncConnection, message_ids: list[int]) -> dict[int, list[int]]:
@@ -118,37 +116,46 @@ async def recipient_lists(conn: AsyncConnection, message_ids: list[int]) -> dict
 
 
 async def received(conn: AsyncConnection, user_id: int, limit: int, before: int | None) -> list[dict[str, Any]]:
-    query = (sa.select(*RECEIVED_COLUMNS).join(mr, mr.c.message_id == m.c.id)
-             .where(mr.c.recipient_id == user_id).order_by(mr.c.message_id.desc()).limit(limit))
-    if before is not None:
-        query = query.where(mr.c.message_id < before)
-    return [r._asdict() for r in await conn.execute(query)]
+    params = {"user_id": user_id, "before": _NO_BOUND if before is None else before, "limit": limit}
+    return _dicts(await conn.execute(_RECEIVED, params))
 
 
 async def sent(conn: AsyncConnection, user_id: int, limit: int, before: int | None) -> list[dict[str, Any]]:
-    query = sa.select(*MESSAGE_COLUMNS).where(m.c.sender_id == user_id).order_by(m.c.id.desc()).limit(limit)
-    if before is not None:
-        query = query.where(m.c.id < before)
-    return [r._asdict() for r in await conn.execute(query)]
+    params = {"user_id": user_id, "before": _NO_BOUND if before is None else before, "limit": limit}
+    return _dicts(await conn.execute(_SENT, params))
 
 
 async def unread(conn: AsyncConnection, user_id: int, limit: int, after_seq: int | None = None,
                  upto_seq: int | None = None) -> list[dict[str, Any]]:
     """In seq order (oldest first): the order a client replays a backlog in."""
-    query = (sa.select(*RECEIVED_COLUMNS).join(mr, mr.c.message_id == m.c.id)
-             .where(mr.c.recipient_id == user_id, mr.c.read_at.is_(None)).order_by(mr.c.seq).limit(limit))
-    if after_seq is not None:
-        query = query.where(mr.c.seq > after_seq)
-    if upto_seq is not None:
-        query = query.where(mr.c.seq <= upto_seq)
-    return [r._asdict() for r in await conn.execute(query)]
+    params = {"user_id": user_id, "after": after_seq or 0, "upto": _NO_BOUND if upto_seq is None else upto_seq, "limit": limit}
+    return _dicts(await conn.execute(_UNREAD, params))
 
 
 async def count_unread(conn: AsyncConnection, user_id: int, upto_seq: int | None = None) -> int:
-    query = sa.select(sa.func.count()).select_from(mr).where(mr.c.recipient_id == user_id, mr.c.read_at.is_(None))
-    if upto_seq is not None:
-        query = query.where(mr.c.seq <= upto_seq)
-    return int((await conn.execute(query)).scalar_one())
+    params = {"user_id": user_id, "upto": _NO_BOUND if upto_seq is None else upto_seq}
+    return int((await conn.execute(_COUNT_UNREAD, params)).scalar_one())
+
+
+def _dicts(result: Any) -> list[dict[str, Any]]:
+    return [r._asdict() for r in result]
+
+
+# The read path's statements, built once like the send path's. Optional bounds
+# are always present, open when not given (seqs start at 1, ids below 2**63), so
+# each query is one statement whatever the caller passes.
+_NO_BOUND = 2**63 - 1
+_USER, _LIMIT = sa.bindparam("user_id"), sa.bindparam("limit")
+_RECEIVED_BY = sa.select(*RECEIVED_COLUMNS).join(mr, mr.c.message_id == m.c.id).where(mr.c.recipient_id == _USER)
+_LAST_SEQ = sa.select(users.c.last_seq).where(users.c.id == _USER)
+_RECEIVED_AFTER_SEQ = _RECEIVED_BY.where(mr.c.seq > sa.bindparam("after")).order_by(mr.c.seq).limit(_LIMIT)
+_RECEIVED = _RECEIVED_BY.where(mr.c.message_id < sa.bindparam("before")).order_by(mr.c.message_id.desc()).limit(_LIMIT)
+_SENT = (sa.select(*MESSAGE_COLUMNS).where(m.c.sender_id == _USER, m.c.id < sa.bindparam("before"))
+         .order_by(m.c.id.desc()).limit(_LIMIT))
+_UNREAD = (_RECEIVED_BY.where(mr.c.read_at.is_(None), mr.c.seq > sa.bindparam("after"), mr.c.seq <= sa.bindparam("upto"))
+           .order_by(mr.c.seq).limit(_LIMIT))
+_COUNT_UNREAD = (sa.select(sa.func.count()).select_from(mr)
+                 .where(mr.c.recipient_id == _USER, mr.c.read_at.is_(None), mr.c.seq <= sa.bindparam("upto")))
 
 
 async def visible(conn: AsyncConnection, user_id: int, message_id: int) -> dict[str, Any] | None:
