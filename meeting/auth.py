@@ -7,6 +7,7 @@ in the default executor: a burst of logins must not stall live websockets.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import logging
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jwt
+from jwt import PyJWK
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,6 +39,8 @@ class TokenCodec:
 
     def __init__(self, secret: str, ttl: int, cache_size: int = 10_000, clock: Callable[[], float] = time.time):
         self._secret = secret
+        # Prepared once: PyJWT otherwise re-prepares (and PEM-sniffs) a str key on every decode.
+        self._key = PyJWK({"kty": "oct", "k": base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode()}, ALGORITHM)
         self.ttl = ttl
         self._clock = clock
         # Verified tokens until they expire: a client sends the same token with
@@ -65,7 +69,7 @@ class TokenCodec:
 
     def _verify(self, token: str) -> TokenClaims:
         try:
-            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM], options={"require": ["sub", "iat", "exp"]})
+            claims = jwt.decode(token, self._key, algorithms=[ALGORITHM], options={"require": ["sub", "iat", "exp"]})
             user_id = int(claims["sub"])
         except jwt.ExpiredSignatureError:
             raise Unauthorized("The access token has expired.", code="token_expired") from None
