@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections import OrderedDict
 from typing import Any, Callable
 
 from marshmallow import Schema, fields
 
-from .schemas import ReceivedMessageSchema
+from .schemas import MessageSchema, ReceivedMessageSchema
 
 
 class UserIdPayload(Schema):
@@ -75,6 +76,8 @@ SERVER_FRAMES: dict[str, type[Schema]] = {
     "error": ErrorPayload,
 }
 _SCHEMAS = {name: cls() for name, cls in SERVER_FRAMES.items()}
+_MESSAGE = MessageSchema()
+_READ_AT = _SCHEMAS["message.new"].fields["read_at"]
 
 
 class EnvelopeSchema(Schema):
@@ -84,8 +87,7 @@ class EnvelopeSchema(Schema):
 
 
 def encode(type_: str, payload: dict[str, Any]) -> str:
-    body = {"type": type_, "payload": _SCHEMAS[type_].dump(payload),
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat()}
+    body = {"type": type_, "payload": _SCHEMAS[type_].dump(payload), "timestamp": _now()}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -93,8 +95,50 @@ def message_new(message: dict[str, Any]) -> Callable[[int], str]:
     """`message.new` for one message, encoded once; each recipient's `seq` is spliced in."""
     body = json.dumps(_SCHEMAS["message.new"].dump({**message, "read_at": None}), ensure_ascii=False, separators=(",", ":"))
     head = '{"type":"message.new","payload":{"seq":'
-    tail = f',{body[1:]},"timestamp":"{dt.datetime.now(dt.timezone.utc).isoformat()}"}}'
+    tail = f',{body[1:]},"timestamp":"{_now()}"}}'
     return lambda seq: f"{head}{seq}{tail}"
+
+
+class MessageBodies:
+    """Each message's JSON, dumped through its schema once and kept (LRU, bounded in
+    characters): a message's content and recipients never change, only the reader's
+    `seq` and `read_at`, which are spliced in. A backlog of group messages is then
+    encoded once per message, not once per message per member."""
+
+    def __init__(self, max_chars: int = 16 * 1024 * 1024):
+        self._bodies: OrderedDict[int, str] = OrderedDict()
+        self._max_chars = max_chars
+        self._chars = 0
+
+    def body(self, message: dict[str, Any]) -> str:
+        """`{"id":...,...}` without the reader's fields."""
+        body = self._bodies.get(message["id"])
+        if body is not None:
+            self._bodies.move_to_end(message["id"])
+            return body
+        body = json.dumps(_MESSAGE.dump(message), ensure_ascii=False, separators=(",", ":"))
+        self._bodies[message["id"]] = body
+        self._chars += len(body)
+        while self._chars > self._max_chars and self._bodies:
+            self._chars -= len(self._bodies.popitem(last=False)[1])
+        return body
+
+    def received(self, row: dict[str, Any]) -> str:
+        """One row of a reader's view: the message with its `seq` and `read_at`."""
+        read_at = _READ_AT.serialize("read_at", row)
+        return f'{{"seq":{int(row["seq"])},"read_at":{"null" if read_at is None else json.dumps(read_at)},{self.body(row)[1:]}'
+
+    def message_new(self, row: dict[str, Any]) -> str:
+        return f'{{"type":"message.new","payload":{self.received(row)},"timestamp":"{_now()}"}}'
+
+    def message_unread(self, rows: list[dict[str, Any]], count: int, has_more: bool) -> str:
+        messages = ",".join(self.received(row) for row in rows)
+        payload = f'{{"messages":[{messages}],"count":{int(count)},"has_more":{"true" if has_more else "false"}}}'
+        return f'{{"type":"message.unread","payload":{payload},"timestamp":"{_now()}"}}'
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
 def error(code: str, message: str) -> str:

@@ -35,6 +35,7 @@ class PushHub:
         self.presence = presence
         self.max_per_user = max_per_user
         self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local)
+        self.bodies = frames.MessageBodies()
         self._background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -42,16 +42,17 @@ Item = tuple[str, "float | None"]  # an encoded frame and its message's commit t
 class UserConnection(Connection):
     """A user's push socket: seq ordering, catch-up and token timers on top of the queue."""
 
-    __slots__ = ("gate", "_live", "_early", "_fetch", "_catching_up", "_timer")
+    __slots__ = ("gate", "_live", "_early", "_fetch", "_encode", "_catching_up", "_timer")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
-                 stats: Any = None):
+                 stats: Any = None, encode: Callable[[dict[str, Any]], str] | None = None):
         super().__init__(ws, user_id, queue_limit, on_dead, stats)
         self.gate: SeqGate[Item] | None = None  # set when the initial sync starts
         self._live = False                      # until message.synced went out, broker frames wait
         self._early: list[tuple[int, Item]] = []
         self._fetch = fetch
+        self._encode = encode or (lambda row: frames.encode("message.new", row))  # a stored row as message.new
         self._catching_up: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None  # token expiry: the notice, then the close
 
@@ -93,7 +94,7 @@ class UserConnection(Connection):
             rows = await self._fetch(self.user_id, self.gate.last, PAGE)
             for row in rows:
                 if row["seq"] > self.gate.last:
-                    for ready in self.gate.offer(row["seq"], (frames.encode("message.new", row), None)):
+                    for ready in self.gate.offer(row["seq"], (self._encode(row), None)):
                         self.push(*ready)
             if len(rows) < PAGE:
                 return
@@ -168,7 +169,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     service = app[message_service_key]
     stats = app[stats_key]
     conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister,
-                          fetch=service.received_after_seq, stats=stats)
+                          fetch=service.received_after_seq, stats=stats, encode=hub.bodies.message_new)
     if not hub.register(conn):
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
@@ -179,7 +180,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         limit = cfg.backlog_limit
         last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit))
         if since is None:
-            await _send_backlog(app, conn, last, count, first_page, limit)
+            await _send_backlog(app, conn, last, count, first_page, limit, hub.bodies)
             conn.start(last)
         else:
             conn.start(min(since, last))  # a `since` from the future must not hide new messages
@@ -210,7 +211,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
 
 
 async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: int, count: int,
-                        first_page: list[dict[str, Any]], limit: int) -> None:
+                        first_page: list[dict[str, Any]], limit: int, bodies: frames.MessageBodies) -> None:
     """The unread messages up to `upto_seq` (`count` of them), oldest first, in frames of
     PAGE, at most `limit`; the first page came with the sync point."""
     service = app[message_service_key]
@@ -225,7 +226,7 @@ async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: in
         sent += len(batch)
         done = len(batch) < size or sent >= limit
         if batch or not sent:
-            conn.push(frames.encode("message.unread", {"messages": batch, "count": count, "has_more": done and count > sent}))
+            conn.push(bodies.message_unread(batch, count, done and count > sent))
         if done:
             break
         after = batch[-1]["seq"]
