@@ -49,3 +49,47 @@ async def test_client_health_reports_cpu_and_loop_lag() -> None:
 
 def test_rss_of_this_process() -> None:
     assert rss_kib(os.getpid()) > 1000
+
+
+def _run(scenario: str, value: float, lost: int = 0, **extra: float) -> dict:
+    from meeting.bench.suite import HEADLINES
+
+    key, _, _, _, extras = HEADLINES[scenario]
+    return {"scenario": scenario, key: value, "lost": lost, "duplicated": 0, "post_errors": 0,
+            **{name: extra.get(name, 1.0) for name in extras}}
+
+
+def test_suite_table_reports_the_median_its_range_and_whether_the_target_is_met() -> None:
+    import argparse
+
+    import pytest
+
+    from meeting.bench.scenarios import LostOrDoubled
+    from meeting.bench.suite import table
+
+    args = argparse.Namespace(env=["MEETING_DATABASE_URL=mysql+aiomysql://x/y", "MEETING_REDIS_URL=redis://z"], runs=3)
+    rows = table({"throughput": [_run("throughput", v) for v in (1400.0, 1700.0, 1600.0)],
+                  "reconnect": [_run("reconnect", v) for v in (5.5, 4.5, 6.0)]}, args).splitlines()
+    assert "MariaDB + Redis" in rows[0] and "median of 3" in rows[0]
+    throughput = next(r for r in rows if r.startswith("| `throughput`"))
+    assert "**1,600**" in throughput and "[1,400-1,700]" in throughput and "| yes |" in throughput
+    reconnect = next(r for r in rows if r.startswith("| `reconnect`"))
+    assert "**5.5**" in reconnect and "| no |" in reconnect and "| 0 / 0 |" in reconnect
+    with pytest.raises(LostOrDoubled):
+        table({"fanout": [_run("fanout", 20_000.0), _run("fanout", 20_000.0, lost=2)]}, args)
+
+
+async def test_suite_runs_each_scenario_runs_times_against_the_given_target() -> None:
+    from meeting.bench.__main__ import _parser
+    from meeting.bench.suite import run_suite
+
+    seen: list[list[str]] = []
+
+    async def run_one(argv: list[str]) -> dict:
+        seen.append(argv)
+        return {**_run(argv[0], 100.0), "_delivery_seconds": [0.1]}
+
+    args = _parser().parse_args(["suite", "--spawn", "--env", "A=1", "--runs", "2", "--scenario", "fanout", "--scenario", "conns"])
+    out = await run_suite(args, run_one)
+    assert seen == [["fanout", "--spawn", "--env=A=1", "--json"]] * 2 + [["conns", "--spawn", "--env=A=1", "--json"]] * 2
+    assert "| `fanout` | **100** frames/s [100-100]" in out and "| `conns` |" in out

@@ -17,6 +17,7 @@ from typing import Any
 
 from .harness import Server, spawn_server
 from .scenarios import LostOrDoubled, check, conns, fanout, latency, reconnect, throughput
+from .suite import SCENARIOS, run_suite
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--users", type=int, default=2000)
             cmd.add_argument("--backlog", type=int, default=20, help="unread messages per user")
             cmd.add_argument("--group", type=int, default=10, help="recipients of each backlog message (<= 1000)")
+    suite = sub.add_parser("suite", help="every scenario at default sizes, --runs times each: the results table")
+    target = suite.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server (no memory reading for conns)")
+    target.add_argument("--spawn", action="store_true", help="a fresh server for every run")
+    suite.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for --spawn (repeatable)")
+    suite.add_argument("--runs", type=int, default=3)
+    suite.add_argument("--scenario", dest="scenarios", action="append", choices=SCENARIOS, help="only these (repeatable)")
     return parser
 
 
@@ -111,6 +119,13 @@ def plot(samples: list[float], title: str, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.scenario == "suite":
+        try:
+            print(asyncio.run(run_suite(args, lambda argv: run(_parser().parse_args(argv)))))
+        except LostOrDoubled as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
+        return 0
     result = asyncio.run(run(args))
     samples = result.pop("_delivery_seconds", [])
     if getattr(args, "plot", None):
