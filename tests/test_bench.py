@@ -11,16 +11,16 @@ import pytest
 
 from meeting.bench.scenarios import LostOrDoubled, check
 
-COMMON = {"scenario", "users", "messages", "post_errors", "lost", "duplicated", "connect_seconds", "send_seconds",
+COMMON = {"scenario", "users", "messages", "post_errors", "lost", "duplicated", "connect_seconds", "failed_devices", "send_seconds",
           "post_p50_ms", "post_p95_ms", "post_p99_ms", "post_max_ms", "delivery_p50_ms", "delivery_p95_ms",
           "delivery_p99_ms", "delivery_max_ms", "delivered_per_second", "client_cpu_percent", "client_loop_lag_p99_ms",
           "receiver_cpu_percent", "receiver_loop_lag_p99_ms"}
 
 
-CONNS = {"scenario", "users", "connections", "answered_ping", "lost", "connect_seconds", "connects_per_second",
+CONNS = {"scenario", "users", "connections", "answered_ping", "lost", "failed_devices", "connect_seconds", "connects_per_second",
          "handshake_p50_ms", "handshake_p99_ms", "server_rss_before_kib", "server_rss_after_kib", "kib_per_connection",
          "receiver_cpu_percent", "receiver_loop_lag_p99_ms"}
-RECONNECT = {"scenario", "users", "backlog", "group", "messages", "copies", "lost", "duplicated", "all_backlogs_seconds", "receiver_cpu_percent"}
+RECONNECT = {"scenario", "users", "backlog", "group", "messages", "copies", "lost", "failed_devices", "duplicated", "all_backlogs_seconds", "receiver_cpu_percent"}
 
 
 async def _bench(*args: str) -> dict:
@@ -75,3 +75,16 @@ def test_plot_draws_the_delivery_distribution(tmp_path: Any) -> None:
     target = tmp_path / "latency.png"
     plot([0.001 * (i % 20 + 1) for i in range(500)], "smoke", str(target))
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 5000
+
+
+async def test_a_device_that_cannot_connect_is_counted_not_waited_for(api: Any) -> None:
+    from meeting.bench.harness import receivers, wait_pipe
+
+    user = await api.user()
+    url = str(api.client.make_url("/")).rstrip("/")
+    with receivers(url, [user.token, "not-a-token"]) as pipe:
+        kind, ready = await wait_pipe(pipe, 60)
+        assert kind == "ready" and ready["devices"] == 2 and ready["failed"] == 1
+        pipe.send((0, 0.0))
+        kind, frames, _ = await wait_pipe(pipe, 60)
+    assert kind == "frames" and frames == []

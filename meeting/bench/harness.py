@@ -89,7 +89,8 @@ async def make_users(url: str, count: int, concurrency: int = 16) -> list[dict[s
 @contextmanager
 def receivers(url: str, tokens: list[str]) -> Iterator[Connection]:
     """Device i connects with tokens[i], in a separate process, which is reaped on exit.
-    Yields our end of its pipe: it sends ("ready", {...}) once every device is synced; after
+    Yields our end of its pipe: it sends ("ready", {...}) once every device is synced (or has
+    failed: counted in "failed", so its copies show as lost instead of hanging the run); after
     we send (expected, timeout) it waits until `expected` message.new frames arrived (or the
     timeout passed) and sends ("frames", [(message_id, device, received_at), ...], its health).
     Sending ("ping",) first makes every device ping and answers ("pinged", pongs)."""
@@ -130,7 +131,20 @@ async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
         synced: list[asyncio.Future[None]] = [loop.create_future() for _ in tokens]
         started = time.monotonic()
 
+        failures: list[str] = []
+
         async def device(i: int, token: str) -> None:
+            """A device that cannot connect, or whose socket dies, is counted, not waited for:
+            its copies show up as lost instead of the run hanging until a timeout."""
+            try:
+                await _device(i, token)
+            except Exception as exc:
+                failures.append(f"device {i}: {type(exc).__name__}: {exc}")
+            finally:
+                if not synced[i].done():
+                    synced[i].set_result(None)
+
+        async def _device(i: int, token: str) -> None:
             async with gate:
                 began = time.monotonic()
                 ws = await http.ws_connect("/ws/messages", protocols=("bearer", token), heartbeat=None, max_msg_size=0)
@@ -157,7 +171,10 @@ async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
 
         tasks = [loop.create_task(device(i, t)) for i, t in enumerate(tokens)]
         await asyncio.gather(*synced)
-        pipe.send(("ready", {"devices": len(tokens), "connect_seconds": time.monotonic() - started, "handshakes": handshakes}))
+        if failures:
+            print(f"{len(failures)} device(s) failed, e.g. {failures[:3]}", file=sys.stderr)
+        pipe.send(("ready", {"devices": len(tokens), "connect_seconds": time.monotonic() - started, "handshakes": handshakes,
+                             "failed": len(failures)}))
         if (command := await order) == ("ping",):  # does every socket still answer?
             await asyncio.gather(*(ws.send_str('{"type":"ping"}') for ws in sockets), return_exceptions=True)
             try:

@@ -82,7 +82,7 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
             last_received = max(last_received, received_at)
     result = {
         "users": users, "devices": users * devices, "messages": messages, "frames": len(delivery), "post_errors": errors, "lost": ledger.lost, "duplicated": ledger.duplicated,
-        "connect_seconds": round(ready["connect_seconds"], 2), "send_seconds": round(sent_seconds, 2),
+        "connect_seconds": round(ready["connect_seconds"], 2), "failed_devices": ready["failed"], "send_seconds": round(sent_seconds, 2),
         **{f"post_{k}": round(v, 2) for k, v in summary(post_latency).items() if k != "count"},
         **{f"delivery_{k}": round(v, 2) for k, v in summary(delivery).items() if k != "count"},
         **{f"client_{k}": round(v, 2) for k, v in client.items()},
@@ -140,7 +140,7 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int =
     for message_id, device, _ in frames:
         ledger.record(message_id, device)
     return {"scenario": "reconnect", "users": users, "backlog": backlog, "group": group, "messages": len(sends),
-            "copies": users * backlog, "post_errors": 0,
+            "copies": users * backlog, "post_errors": 0, "failed_devices": ready["failed"],
             "lost": ledger.lost, "duplicated": ledger.duplicated, "all_backlogs_seconds": round(ready["connect_seconds"], 2),
             **{f"receiver_{k}": round(v, 2) for k, v in receiver_health.items()}}
 
@@ -161,7 +161,7 @@ async def conns(url: str, connections: int = 10_000, users: int = 2000, server_p
     handshake = summary(ready["handshakes"])
     result: dict[str, Any] = {
         "scenario": "conns", "users": users, "connections": connections, "answered_ping": answered,
-        "lost": connections - answered, "duplicated": 0, "post_errors": 0,
+        "lost": connections - answered, "duplicated": 0, "post_errors": 0, "failed_devices": ready["failed"],
         "connect_seconds": round(ready["connect_seconds"], 2),
         "connects_per_second": round(connections / max(ready["connect_seconds"], 1e-9), 1),
         "handshake_p50_ms": round(handshake["p50_ms"], 2), "handshake_p99_ms": round(handshake["p99_ms"], 2),
