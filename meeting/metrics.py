@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from .errors import Forbidden
 from .handlers.common import doc, public
-from .typedefs import cache_key, config_key, metrics_key, push_hub_key, stats_key, ws_users
+from .typedefs import cache_key, config_key, message_service_key, metrics_key, push_hub_key, stats_key, ws_users
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -58,6 +58,12 @@ class AppCollector(Collector):
         yield _counter("meeting_messages_stored", "Messages committed", stats.messages_stored)
         yield _counter("meeting_slow_consumer_closes", "Connections closed with 1013 for falling behind", stats.slow_consumer_closes)
         yield _counter("meeting_heartbeat_timeouts", "Connections dropped for not answering pings", stats.heartbeat_timeouts)
+        writer = app[message_service_key].writer
+        yield _counter("meeting_write_batches", "Transactions of the send path (group commit)", writer.batches)
+        yield _counter("meeting_write_batched_sends", "Sends written by those transactions", writer.items)
+        recipients = app[message_service_key].recipients
+        yield _counter("meeting_recipient_lists_hits", "Recipient lists attached from memory", recipients.hits)
+        yield _counter("meeting_recipient_lists_misses", "Recipient lists read from the database", recipients.misses)
         cache = app[cache_key]
         yield _counter("meeting_cache_hits", "Cache reads answered by Redis", cache.hits)
         yield _counter("meeting_cache_misses", "Cache reads answered by the database", cache.misses)

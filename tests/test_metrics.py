@@ -38,6 +38,7 @@ async def test_counters_follow_messages_and_connections(api: Api) -> None:
     during = await scrape(api)
     assert during["meeting_open_connections"] == 2 and during["meeting_connected_users"] == 1
     assert during["meeting_messages_stored_total"] == 3
+    assert during["meeting_write_batched_sends_total"] == 3 and 1 <= during["meeting_write_batches_total"] <= 3
     assert during["meeting_frames_sent_total{type=message.new}"] == 6
     assert during["meeting_frames_sent_total{type=connected}"] == 2
     assert during["meeting_push_latency_seconds_count"] == 6
@@ -50,7 +51,8 @@ async def test_counters_follow_messages_and_connections(api: Api) -> None:
     assert after["meeting_open_connections"] == 0 and after["meeting_connected_users"] == 0
     names = set(after)
     for expected in ("meeting_cache_hits_total", "meeting_cache_misses_total", "meeting_cache_errors_total",
-                     "meeting_slow_consumer_closes_total", "meeting_heartbeat_timeouts_total", "meeting_broker_reconnects_total"):
+                     "meeting_slow_consumer_closes_total", "meeting_heartbeat_timeouts_total", "meeting_broker_reconnects_total",
+                     "meeting_recipient_lists_hits_total", "meeting_recipient_lists_misses_total"):
         assert expected in names
     assert all(re.fullmatch(r"meeting_[a-z_]+(\{.*\})?", n) for n in names if n.startswith("meeting"))
 
