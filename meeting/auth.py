@@ -21,6 +21,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import AuthConfig
+from .db import readers
 from .errors import Conflict, Unauthorized
 from .storage import users as user_store
 
@@ -81,6 +82,7 @@ class TokenCodec:
 class AuthService:
     def __init__(self, engine: AsyncEngine, tokens: TokenCodec, cfg: AuthConfig):
         self._engine = engine
+        self._reads = readers(engine)
         self._tokens = tokens
         self._hasher = PasswordHasher(time_cost=cfg.hash_time_cost, memory_cost=cfg.hash_memory_kib)
         # Verified against when the username is unknown, so both failures take the same time.
@@ -101,7 +103,7 @@ class AuthService:
         return user
 
     async def login(self, username: str, password: str) -> dict[str, Any]:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             user = await user_store.by_username(conn, username.lower())
         stored = user["password_hash"] if user else self._dummy_hash
         try:

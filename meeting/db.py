@@ -141,11 +141,14 @@ def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:
-    """Foreign keys on, WAL, and BEGIN IMMEDIATE.
+    """Foreign keys on, WAL, and BEGIN IMMEDIATE for writers.
 
     pysqlite's implicit deferred transactions let two writers both take a read
     lock and then fail to upgrade ("database is locked") without waiting; taking
     the write lock at BEGIN makes concurrent writers queue on the busy timeout.
+    Reads (connections from `readers(engine)`) begin deferred: in WAL they never
+    need the write lock, and taking it made every read of a reconnect storm queue
+    behind every other, some past the busy timeout.
     """
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -159,7 +162,16 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+READ_ONLY = "meeting_read_only"
+
+
+def readers(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine and pool, for transactions that only read (SQLite then begins them
+    deferred; other databases ignore the option)."""
+    return engine.execution_options(**{READ_ONLY: True})
 
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .db import readers
 from .errors import Invalid, NotFound
 from .messages import MEETING_INVITE, MessageService
 from .storage import meetings as store
@@ -27,6 +28,7 @@ def invitation_text(title: str, starts_at: dt.datetime | None) -> str:
 class MeetingService:
     def __init__(self, engine: AsyncEngine, messages: MessageService):
         self._engine = engine
+        self._reads = readers(engine)
         self._messages = messages
 
     async def create(self, organizer_id: int, title: str, participant_ids: Iterable[int],
@@ -47,19 +49,19 @@ class MeetingService:
         return meeting
 
     async def list_for(self, user_id: int, limit: int, before: int | None) -> dict[str, Any]:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = await store.of_user(conn, user_id, limit + 1, before)
         page = rows[:limit]
         return {"meetings": page, "next_before": page[-1]["id"] if len(rows) > limit else None}
 
     async def get(self, user_id: int, meeting_id: int) -> dict[str, Any]:
         """Participants only; anyone else gets the same 404 as for a meeting that does not exist."""
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             meeting = await store.visible(conn, user_id, meeting_id)
         if meeting is None:
             raise NotFound("No such meeting.")
         return meeting
 
     async def is_participant(self, user_id: int, meeting_id: int) -> bool:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return bool(await store.participants_among(conn, meeting_id, [user_id]))

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .cache import MessageCache
 from .combine import Combiner
 from .recipients import RecipientLists
+from .db import readers
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized
 from .storage import meetings as meeting_store
 from .storage import messages as store
@@ -107,6 +108,7 @@ class Batch:
 class MessageService:
     def __init__(self, engine: AsyncEngine, cache: MessageCache, max_batch: int = 64):
         self._engine = engine
+        self._reads = readers(engine)
         self._cache = cache
         self.on_stored: list[StoredListener] = []
         self.on_read: list[ReadListener] = []
@@ -163,7 +165,7 @@ class MessageService:
             return await self.after_seq(user_id, after_seq, limit)
 
         async def fetch() -> list[Message]:
-            async with self._engine.connect() as conn:
+            async with self._reads.connect() as conn:
                 return await self._attach(conn, await store.received(conn, user_id, limit + 1, before))
 
         if before is None and limit == PAGE_SIZE:
@@ -173,7 +175,7 @@ class MessageService:
         return _page(rows, limit)
 
     async def sent(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return _page(await self._attach(conn, await store.sent(conn, user_id, limit + 1, before)), limit)
 
     async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None,
@@ -184,14 +186,14 @@ class MessageService:
     async def unread_rows(self, user_id: int, limit: int, after_seq: int | None = None,
                           upto_seq: int | None = None) -> list[Message]:
         """Unread messages in seq order, without the total (callers paging count once)."""
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return await self._attach(conn, await store.unread(conn, user_id, limit, after_seq, upto_seq))
 
     async def sync_point(self, user_id: int, page: int) -> tuple[int, int, list[Message]]:
         """Where a new device starts: the user's last seq, the unread count as of it, and
         the first `page` unread messages up to it; one connection for the three, since
         a reconnect storm runs this once per device."""
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             last = await store.last_seq(conn, user_id)
             count = await store.count_unread(conn, user_id, upto_seq=last)
             rows = await store.unread(conn, user_id, page, upto_seq=last) if count and page else []
@@ -199,11 +201,11 @@ class MessageService:
 
     async def unread_count_upto(self, user_id: int, seq: int) -> int:
         """Unread messages with seq <= `seq`: the count that goes with a sync point."""
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return await store.count_unread(conn, user_id, upto_seq=seq)
 
     async def received_after_seq(self, user_id: int, after: int, limit: int) -> list[Message]:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return await self._attach(conn, await store.received_after_seq(conn, user_id, after, limit))
 
     async def after_seq(self, user_id: int, after: int, limit: int = PAGE_SIZE) -> dict[str, Any]:
@@ -214,13 +216,13 @@ class MessageService:
 
     async def unread_count(self, user_id: int) -> int:
         async def fetch() -> int:
-            async with self._engine.connect() as conn:
+            async with self._reads.connect() as conn:
                 return await store.count_unread(conn, user_id)
 
         return await self._cache.get("unread", user_id, fetch, str, int)
 
     async def get(self, user_id: int, message_id: int) -> Message:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             message = await store.visible(conn, user_id, message_id)
             if message is None:
                 raise NotFound("No such message.")

@@ -1,11 +1,16 @@
 """Storage details both backends must agree on."""
 
+import asyncio
 import datetime as dt
+from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
 from meeting.config import Config
 from meeting.db import create_engine, migrate, users
+from tests.conftest import base_config
+from tests.helpers import Api
 
 
 async def test_migrations_are_idempotent_and_timestamps_keep_microseconds(config: Config) -> None:
@@ -27,3 +32,23 @@ async def test_migrations_are_idempotent_and_timestamps_keep_microseconds(config
         assert unread["column_names"] == ["recipient_id", "read_at", "message_id"]
     finally:
         await engine.dispose()
+
+
+async def test_sqlite_reads_do_not_wait_for_a_writer(make_client: Any, tmp_path: Path) -> None:
+    """A transaction holding SQLite's write lock must not block readers (WAL): reads
+    begin deferred; only writers take the lock at BEGIN. (SQLite's locking only.)"""
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    api = Api(await make_client(base_config(database={"url": f"sqlite+aiosqlite:///{path}"})))
+    alice, bob = await api.users(2)
+    await api.send(alice, [bob], "before the lock")
+    writer = sqlite3.connect(path, isolation_level=None, timeout=1)
+    writer.execute("BEGIN IMMEDIATE")  # another process writing, holding the lock
+    try:
+        inbox = await asyncio.wait_for(api.call("GET", "/messages", user=bob, expect=200), 3)  # busy timeout is 5 s
+        assert [m["content"] for m in inbox["messages"]] == ["before the lock"]
+        assert await asyncio.wait_for(api.unread_count(bob), 3) == 1
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
