@@ -34,44 +34,37 @@ async def test_an_idle_combiner_runs_a_lone_item_at_once() -> None:
     assert recorder.batches == [[2]]
 
 
-async def test_items_arriving_during_a_write_share_the_next_one_up_to_max_batch() -> None:
+async def _while_held(max_batch: int, first: int, later: list[int]) -> tuple[Recorder, Combiner, list[asyncio.Future]]:
+    """Submit `first` and hold its batch open; submit `later` meanwhile (they queue for the
+    next batch); then release. Returns the submitters' futures, `first`'s leading."""
     recorder = Recorder()
     recorder.gate.clear()
-    combiner = Combiner(recorder.run, max_batch=3)
-    first = asyncio.ensure_future(combiner.submit(0))
+    combiner: Combiner = Combiner(recorder.run, max_batch=max_batch)
+    held = asyncio.ensure_future(combiner.submit(first))
     await asyncio.wait_for(recorder.started.wait(), 5)
-    rest = [asyncio.ensure_future(combiner.submit(i)) for i in (2, 4, 6, 8)]
+    queued = [asyncio.ensure_future(combiner.submit(i)) for i in later]
     await asyncio.sleep(0)  # let the submitters queue (not a synchronisation: the gate holds the batch)
     recorder.gate.set()
-    assert await asyncio.wait_for(asyncio.gather(first, *rest), 5) == [0, 20, 40, 60, 80]
+    return recorder, combiner, [held, *queued]
+
+
+async def test_items_arriving_during_a_write_share_the_next_one_up_to_max_batch() -> None:
+    recorder, combiner, futures = await _while_held(3, 0, [2, 4, 6, 8])
+    assert await asyncio.wait_for(asyncio.gather(*futures), 5) == [0, 20, 40, 60, 80]
     assert recorder.batches == [[0], [2, 4, 6], [8]]
     assert (combiner.batches, combiner.items) == (3, 5)
 
 
 async def test_per_item_errors_reach_only_their_submitter() -> None:
-    recorder = Recorder()
-    recorder.gate.clear()
-    combiner = Combiner(recorder.run)
-    held = asyncio.ensure_future(combiner.submit(0))
-    await asyncio.wait_for(recorder.started.wait(), 5)
-    odd, even = asyncio.ensure_future(combiner.submit(3)), asyncio.ensure_future(combiner.submit(4))
-    await asyncio.sleep(0)
-    recorder.gate.set()
+    _, _, (held, odd, even) = await _while_held(64, 0, [3, 4])
     assert await held == 0 and await even == 40
     with pytest.raises(ValueError, match="odd 3"):
         await odd
 
 
 async def test_a_failing_batch_is_retried_item_by_item_so_only_the_culprit_fails() -> None:
-    recorder = Recorder()
-    recorder.gate.clear()
-    combiner = Combiner(recorder.run)
-    held = asyncio.ensure_future(combiner.submit(0))
-    await asyncio.wait_for(recorder.started.wait(), 5)
-    others = [asyncio.ensure_future(combiner.submit(i)) for i in (2, -1, 4)]
-    await asyncio.sleep(0)
-    recorder.gate.set()
-    results = await asyncio.gather(held, *others, return_exceptions=True)
+    recorder, _, futures = await _while_held(64, 0, [2, -1, 4])
+    results = await asyncio.gather(*futures, return_exceptions=True)
     assert results[:2] == [0, 20] and results[3] == 40
     assert isinstance(results[2], RuntimeError)
     assert recorder.batches == [[0], [2, -1, 4], [2], [-1], [4]]
