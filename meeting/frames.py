@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections import OrderedDict
 from typing import Any, Callable
 
 from marshmallow import Schema, fields
 
+from .lru import SizedLRU
 from .schemas import MessageSchema, ReceivedMessageSchema
 
 
@@ -91,14 +91,6 @@ def encode(type_: str, payload: dict[str, Any]) -> str:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
-def message_new(message: dict[str, Any]) -> Callable[[int], str]:
-    """`message.new` for one message, encoded once; each recipient's `seq` is spliced in."""
-    body = json.dumps(_SCHEMAS["message.new"].dump({**message, "read_at": None}), ensure_ascii=False, separators=(",", ":"))
-    head = '{"type":"message.new","payload":{"seq":'
-    tail = f',{body[1:]},"timestamp":"{_now()}"}}'
-    return lambda seq: f"{head}{seq}{tail}"
-
-
 class MessageBodies:
     """Each message's JSON, dumped through its schema once and kept (LRU, bounded in
     characters): a message's content and recipients never change, only the reader's
@@ -106,21 +98,14 @@ class MessageBodies:
     encoded once per message, not once per message per member."""
 
     def __init__(self, max_chars: int = 16 * 1024 * 1024):
-        self._bodies: OrderedDict[int, str] = OrderedDict()
-        self._max_chars = max_chars
-        self._chars = 0
+        self._bodies: SizedLRU[int, str] = SizedLRU(max_chars)
 
     def body(self, message: dict[str, Any]) -> str:
         """`{"id":...,...}` without the reader's fields."""
         body = self._bodies.get(message["id"])
-        if body is not None:
-            self._bodies.move_to_end(message["id"])
-            return body
-        body = json.dumps(_MESSAGE.dump(message), ensure_ascii=False, separators=(",", ":"))
-        self._bodies[message["id"]] = body
-        self._chars += len(body)
-        while self._chars > self._max_chars and self._bodies:
-            self._chars -= len(self._bodies.popitem(last=False)[1])
+        if body is None:
+            body = json.dumps(_MESSAGE.dump(message), ensure_ascii=False, separators=(",", ":"))
+            self._bodies.put(message["id"], body)
         return body
 
     def received(self, row: dict[str, Any]) -> str:
@@ -130,6 +115,13 @@ class MessageBodies:
 
     def message_new(self, row: dict[str, Any]) -> str:
         return f'{{"type":"message.new","payload":{self.received(row)},"timestamp":"{_now()}"}}'
+
+    def message_new_for(self, message: dict[str, Any]) -> Callable[[int], str]:
+        """`message.new` of a message just stored (unread by all), for any recipient's seq:
+        the body is encoded here once, and is then already kept for backlogs and catch-ups."""
+        head = '{"type":"message.new","payload":{"seq":'
+        tail = f',"read_at":null,{self.body(message)[1:]},"timestamp":"{_now()}"}}'
+        return lambda seq: f"{head}{seq}{tail}"
 
     def message_unread(self, rows: list[dict[str, Any]], count: int, has_more: bool) -> str:
         messages = ",".join(self.received(row) for row in rows)

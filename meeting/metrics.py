@@ -36,7 +36,7 @@ class PushStats:
                                       buckets=LATENCY_BUCKETS, registry=registry)
 
     def sent(self, frame: str) -> None:
-        # Every frame starts with {"type":"<type>" (frames.encode and frames.message_new).
+        # Every frame starts with {"type":"<type>" (frames.encode and frames.MessageBodies).
         self.frames_sent[frame[9:frame.find('"', 9)]] += 1
 
 

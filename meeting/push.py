@@ -81,7 +81,7 @@ class PushHub:
 
     async def on_stored(self, message: dict[str, Any]) -> None:
         committed_at = time.time()
-        frame_for = frames.message_new(message)
+        frame_for = self.bodies.message_new_for(message)
         await self.broker.publish(((user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items()), committed_at)
 
     async def on_read(self, user_id: int, ids: list[int], count: int) -> None:

@@ -13,8 +13,9 @@ Bounded by the total number of ids kept, least recently used out first.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Sequence
+
+from .lru import SizedLRU
 
 Fetch = Callable[[list[int]], Awaitable[dict[int, list[int]]]]
 Ids = tuple[int, ...]
@@ -22,22 +23,11 @@ Ids = tuple[int, ...]
 
 class RecipientLists:
     def __init__(self, max_ids: int = 500_000):
-        self._lists: OrderedDict[int, Ids] = OrderedDict()  # tuples: shared by every row, never mutated
-        self._max_ids = max_ids
-        self._size = 0
+        self._lists: SizedLRU[int, Ids] = SizedLRU(max_ids)  # tuples: shared by every row, never mutated
         self.hits = self.misses = 0
 
     def remember(self, message_id: int, recipient_ids: Sequence[int]) -> None:
-        if len(recipient_ids) > self._max_ids:
-            return
-        old = self._lists.pop(message_id, None)
-        if old is not None:
-            self._size -= len(old)
-        self._lists[message_id] = tuple(recipient_ids)
-        self._size += len(recipient_ids)
-        while self._size > self._max_ids:
-            _, evicted = self._lists.popitem(last=False)
-            self._size -= len(evicted)
+        self._lists.put(message_id, tuple(recipient_ids))
 
     async def attach(self, rows: list[dict[str, Any]], fetch: Fetch) -> list[dict[str, Any]]:
         """Give each row (by its "id") its sorted `recipient_ids`; one fetch for all the misses."""
@@ -51,7 +41,5 @@ class RecipientLists:
             ids = self._lists.get(row["id"])
             if ids is None:  # evicted meanwhile (a page larger than the bound): read again
                 ids = tuple((await fetch([row["id"]])).get(row["id"], []))
-            else:
-                self._lists.move_to_end(row["id"])
             row["recipient_ids"] = ids
         return rows

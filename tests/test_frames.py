@@ -35,6 +35,17 @@ def test_unread_and_new_frames_validate_against_their_schemas() -> None:
     assert new["type"] == "message.new" and new["payload"]["seq"] == 12 and new["payload"]["read_at"] is None
 
 
+def test_a_live_frame_is_the_schema_dump_and_its_body_is_kept_for_backlogs() -> None:
+    bodies = frames.MessageBodies()
+    message = {k: v for k, v in _row(5, 0).items() if k not in ("read_at", "seq")}
+    frame_for = bodies.message_new_for(message)
+    for seq in (1, 42):
+        live = frames.validate_frame(frame_for(seq))
+        assert live["type"] == "message.new"
+        assert live["payload"] == ReceivedMessageSchema().dump({**message, "read_at": None, "seq": seq})
+    assert 5 in bodies._bodies  # a reconnecting reader's backlog reuses it
+
+
 def test_bodies_are_bounded_least_recently_used_out() -> None:
     one = len(frames.MessageBodies().body(_row(1, 1)))
     bodies = frames.MessageBodies(max_chars=2 * one)
@@ -42,4 +53,4 @@ def test_bodies_are_bounded_least_recently_used_out() -> None:
         bodies.body(_row(message_id, 1))
     bodies.body(_row(1, 1))  # 1 is now the most recent
     bodies.body(_row(3, 1))  # so 2 goes
-    assert list(bodies._bodies) == [1, 3]
+    assert bodies._bodies.keys() == [1, 3]
