@@ -178,7 +178,8 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         await hub.broker.want(conn.user_id)
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))
         limit = cfg.backlog_limit
-        last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit))
+        # A resume (`since`) replays from the database itself: it needs no backlog page.
+        last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit) if since is None else 0)
         if since is None:
             await _send_backlog(app, conn, last, count, first_page, limit, hub.bodies)
             conn.start(last)
