@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-Outcome = R | BaseException
 RunBatch = Callable[[list[T]], Awaitable[list[R | Exception]]]
 
 
@@ -39,12 +38,13 @@ class Combiner(Generic[T, R]):
         self.batches = 0
         self.items = 0
 
-    async def submit(self, item: T) -> R:
+    def submit(self, item: T) -> Awaitable[R]:
+        """Queue `item` now, in call order, and return what to await for its outcome."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="group-commit")
-        return await asyncio.shield(future)
+        return asyncio.shield(future)
 
     async def close(self) -> None:
         """Finish what was submitted (shutdown waits for accepted writes)."""

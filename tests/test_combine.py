@@ -42,8 +42,7 @@ async def _while_held(max_batch: int, first: int, later: list[int]) -> tuple[Rec
     combiner: Combiner = Combiner(recorder.run, max_batch=max_batch)
     held = asyncio.ensure_future(combiner.submit(first))
     await asyncio.wait_for(recorder.started.wait(), 5)
-    queued = [asyncio.ensure_future(combiner.submit(i)) for i in later]
-    await asyncio.sleep(0)  # let the submitters queue (not a synchronisation: the gate holds the batch)
+    queued = [asyncio.ensure_future(combiner.submit(i)) for i in later]  # queued at the call
     recorder.gate.set()
     return recorder, combiner, [held, *queued]
 
