@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .cache import MessageCache
 from .combine import Combiner
-from .recipients import RecipientLists
 from .db import readers
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized
+from .recipients import RecipientLists
 from .storage import meetings as meeting_store
 from .storage import messages as store
 
