@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import random
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from aiohttp import web
 from sqlalchemy import (
@@ -20,12 +21,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .config import DatabaseConfig
+from .errors import Unavailable
 from .typedefs import config_key, engine_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_unicode_ci", "mysql_engine": "InnoDB"}
 #: Auto-increment ids: BIGINT on MySQL, but INTEGER on SQLite (only INTEGER PRIMARY KEY is the rowid).
@@ -172,6 +176,35 @@ def readers(engine: AsyncEngine) -> AsyncEngine:
     """The same engine and pool, for transactions that only read (SQLite then begins them
     deferred; other databases ignore the option)."""
     return engine.execution_options(**{READ_ONLY: True})
+
+
+#: InnoDB errors after which nothing of the transaction is kept: deadlock (1213, the whole
+#: transaction rolled back) and lock wait timeout (1205, rolled back when we leave `begin()`).
+LOCK_CONFLICTS = frozenset({1205, 1213})
+TRANSACTION_ATTEMPTS = 4
+
+
+def lock_conflict(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    return isinstance(exc, DBAPIError) and bool(getattr(orig, "args", None)) and orig.args[0] in LOCK_CONFLICTS
+
+
+async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]],
+                      attempts: int = TRANSACTION_ATTEMPTS) -> T:
+    """Run `work` in one transaction, and run it again, whole, when the database picked it
+    as a deadlock victim or it timed out waiting for a lock: nothing of it was committed,
+    so a retry is safe. Writers lock users rows in one order, so this is the rare case;
+    when it keeps happening the caller gets a retryable 503, never a 500."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except DBAPIError as exc:
+            if not lock_conflict(exc):
+                raise
+            log.info("transaction lost a lock conflict (%s), attempt %d of %d", exc.orig.args[0], attempt, attempts)
+        await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))  # de-synchronise the colliding writers
+    raise Unavailable("The database is busy; nothing was stored. Try again.", code="database_busy")
 
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")

@@ -13,6 +13,8 @@ from typing import Any
 class DomainError(Exception):
     status = 400
     code = "bad_request"
+    #: Seconds a client should wait before trying again (sent as Retry-After), if it may.
+    retry_after: int | None = None
 
     def __init__(self, message: str, details: dict[str, Any] | None = None, code: str | None = None):
         super().__init__(message)
@@ -46,3 +48,9 @@ class Invalid(DomainError):
     """Well-formed input that breaks a rule (unknown recipients, schema errors)."""
 
     status, code = 422, "validation_error"
+
+
+class Unavailable(DomainError):
+    """Nothing was stored and trying again later is safe."""
+
+    status, code, retry_after = 503, "unavailable", 1

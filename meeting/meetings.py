@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import readers
 from .errors import Invalid, NotFound
-from .messages import MEETING_INVITE, MessageService
+from .messages import MEETING_INVITE, Batch, MessageService
 from .storage import meetings as store
-from .storage import users as user_store
+from .storage import messages as message_store
 
 MAX_PARTICIPANTS = 1000
 
@@ -38,15 +38,20 @@ class MeetingService:
         invitees = sorted(set(participant_ids) - {organizer_id})
         if len(invitees) >= MAX_PARTICIPANTS:
             raise Invalid("Too many participants.", {"participant_ids": [f"At most {MAX_PARTICIPANTS - 1} besides the organizer."]})
-        async with self._messages.batch() as batch:
-            unknown = sorted(set(invitees) - await user_store.existing_ids(batch.conn, invitees))
+        participants = sorted([organizer_id, *invitees])
+
+        async def write(batch: Batch) -> dict[str, Any]:
+            # Lock first, as a send does: the inserts' foreign-key locks must not come first.
+            unknown = sorted(set(invitees) - set(await message_store.lock_users(batch.conn, participants)))
             if unknown:
                 raise Invalid("Some participants do not exist.", {"participant_ids": [f"Unknown user ids: {unknown}"], "unknown_ids": unknown})
-            meeting = await store.insert(batch.conn, title, organizer_id, starts_at, sorted([organizer_id, *invitees]))
+            meeting = await store.insert(batch.conn, title, organizer_id, starts_at, participants)
             if invitees:
                 await batch.send(organizer_id, invitees, invitation_text(title, starts_at),
                                  type_=MEETING_INVITE, meeting_id=meeting["id"])
-        return meeting
+            return meeting
+
+        return await self._messages.in_batch(write)
 
     async def list_for(self, user_id: int, limit: int, before: int | None) -> dict[str, Any]:
         async with self._reads.connect() as conn:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .cache import MessageCache
 from .combine import Combiner
-from .db import readers
+from .db import readers, transaction
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized
 from .recipients import RecipientLists
 from .storage import meetings as meeting_store
@@ -33,6 +32,7 @@ MAX_CONTENT = 10_000
 PAGE_SIZE = 50
 
 Message = dict[str, Any]
+T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
 ReadListener = Callable[[int, list[int], int], Awaitable[None]]
 
@@ -118,12 +118,20 @@ class MessageService:
     async def close(self) -> None:
         await self.writer.close()
 
-    @asynccontextmanager
-    async def batch(self) -> AsyncIterator[Batch]:
-        async with self._engine.begin() as conn:
-            batch = Batch(conn)
-            yield batch
+    async def in_batch(self, work: Callable[[Batch], Awaitable[T]]) -> T:
+        """Run `work` with a Batch in one transaction (again, whole, after a deadlock: so
+        `work` must be a function, not a block), then publish what it sent."""
+        batch: Batch | None = None
+
+        async def attempt(conn: AsyncConnection) -> T:
+            nonlocal batch
+            batch = Batch(conn)  # a retry starts from nothing sent
+            return await work(batch)
+
+        result = await transaction(self._engine, attempt)
+        assert batch is not None
         await self._after_commit(batch.stored)
+        return result
 
     async def send_message(self, sender_id: int, recipient_ids: Iterable[int], content: str,
                            meeting_id: int | None = None) -> Message:
@@ -132,8 +140,7 @@ class MessageService:
         return await self.writer.submit(draft(sender_id, recipient_ids, content, meeting_id=meeting_id))
 
     async def _write(self, drafts: list[store.Draft]) -> list[Message | Exception]:
-        async with self._engine.begin() as conn:
-            results = await store_drafts(conn, drafts)
+        results = await transaction(self._engine, lambda conn: store_drafts(conn, drafts))
         await self._after_commit([r for r in results if not isinstance(r, DomainError)])
         return list(results)
 

@@ -82,7 +82,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except DomainError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return error_response(exc.status, exc.code, exc.message, exc.details, headers=headers)
     except ValidationError as exc:
         return error_response(422, "validation_error", "The request is not valid.", exc.normalized_messages())
     except web.HTTPException as exc:

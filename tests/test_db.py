@@ -5,11 +5,13 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from meeting.config import Config
-from meeting.db import create_engine, migrate, users
-from tests.conftest import base_config
+from meeting.db import create_engine, migrate, transaction, users
+from meeting.errors import Unavailable
+from tests.conftest import _clean_mariadb, base_config
 from tests.helpers import Api
 
 
@@ -52,3 +54,68 @@ async def test_sqlite_reads_do_not_wait_for_a_writer(make_client: Any, tmp_path:
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+async def _two_users(engine: Any) -> list[int]:
+    async with engine.begin() as conn:
+        for name in ("lock_a", "lock_b"):
+            await conn.execute(users.insert().values(username=name, display_name=name, password_hash="x", created_at=dt.datetime.now(dt.timezone.utc)))
+        return list((await conn.execute(sa.select(users.c.id).where(users.c.username.in_(["lock_a", "lock_b"])).order_by(users.c.id))).scalars())
+
+
+async def test_a_deadlock_victim_is_run_again_whole(mariadb_url: str) -> None:
+    """A real InnoDB deadlock (two transactions locking two rows in opposite orders):
+    the victim's work runs again from the start and both commit."""
+    _clean_mariadb(mariadb_url)
+    engine = create_engine(base_config(database={"url": mariadb_url}).database)
+    try:
+        first, second = await _two_users(engine)
+        both_hold_one = asyncio.Barrier(2)
+        attempts = {"forward": 0, "backward": 0}
+
+        def work(name: str, order: list[int]) -> Any:
+            async def run(conn: Any) -> str:
+                attempts[name] += 1
+                lock = sa.select(users.c.id).where(users.c.id == sa.bindparam("id")).with_for_update()
+                await conn.execute(lock, {"id": order[0]})
+                if attempts[name] == 1:
+                    await both_hold_one.wait()  # each holds its first row: the second locks cross
+                await conn.execute(lock, {"id": order[1]})
+                await conn.execute(users.update().where(users.c.id == order[1]).values(display_name=name))
+                return name
+            return run
+
+        results = await asyncio.gather(transaction(engine, work("forward", [first, second])),
+                                       transaction(engine, work("backward", [second, first])))
+        assert results == ["forward", "backward"]
+        assert sorted(attempts.values()) == [1, 2]  # exactly one victim, run once more
+    finally:
+        await engine.dispose()
+
+
+async def test_lock_wait_timeouts_are_retried_then_answered_503(mariadb_url: str) -> None:
+    """1205 (lock wait timeout) is retried too; if every attempt loses, the caller gets a
+    retryable Unavailable (503 + Retry-After), not a database error."""
+    _clean_mariadb(mariadb_url)
+    engine = create_engine(base_config(database={"url": mariadb_url}).database)
+    try:
+        first, _ = await _two_users(engine)
+        tries = 0
+
+        async def wants_the_row(conn: Any) -> None:
+            nonlocal tries
+            tries += 1
+            await conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            await conn.execute(sa.select(users.c.id).where(users.c.id == first).with_for_update())
+
+        async with engine.connect() as holder:
+            await holder.begin()
+            await holder.execute(sa.select(users.c.id).where(users.c.id == first).with_for_update())
+            with pytest.raises(Unavailable) as raised:
+                await transaction(engine, wants_the_row, attempts=2)
+            assert tries == 2 and raised.value.status == 503 and raised.value.retry_after
+            await holder.rollback()
+        await transaction(engine, wants_the_row)  # the row is free again: no retry needed
+        assert tries == 3
+    finally:
+        await engine.dispose()

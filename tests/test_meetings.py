@@ -120,3 +120,37 @@ async def test_binary_frame_closes_room_socket_with_1003(api: Api) -> None:
     await ws.send_bytes(b"\x00\x01")
     msg = await asyncio.wait_for(ws.receive(), 5)
     assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1003
+
+
+async def test_concurrent_meetings_and_sends_with_overlapping_users_all_succeed(api: Api) -> None:
+    """Meeting creation locks its users like a send does (one global order), so bursts of
+    creations and sends among the same people never deadlock; a send that loses a lock race
+    anyway is retried whole (nothing was committed)."""
+    people = await api.users(6)
+
+    async def create(i: int) -> int:
+        org = people[i % 6]
+        others = [people[(i + k) % 6] for k in (1, 2, 3)]
+        body = {"title": f"m{i}", "participant_ids": [p.id for p in others]}
+        resp = await api.client.post("/meetings", json=body, headers=org.headers)
+        return resp.status
+
+    async def send(i: int) -> int:
+        sender = people[(i + 3) % 6]
+        recipients = [people[(i + k) % 6] for k in (4, 5)]
+        resp = await api.client.post("/messages", json={"recipient_ids": [r.id for r in recipients], "content": f"s{i}"},
+                                     headers=sender.headers)
+        return resp.status
+
+    for burst in range(3):
+        statuses = await asyncio.gather(*(create(30 * burst + i) for i in range(30)),
+                                        *(send(30 * burst + i) for i in range(30)))
+        assert statuses == [201] * 60
+    # Every invitation and message is stored once, each recipient's seqs gap-free.
+    received = 0
+    for user in people:
+        page = await api.call("GET", "/messages", user=user, params={"after_seq": 0, "limit": 100}, expect=200)
+        seqs = [m["seq"] for m in page["messages"]]
+        assert seqs == list(range(1, len(seqs) + 1)) and page["next_after_seq"] is None
+        received += len(seqs)
+    assert received == 90 * 3 + 90 * 2  # 90 meetings x 3 invitees, 90 sends x 2 recipients

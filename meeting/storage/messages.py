@@ -49,13 +49,10 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
 
     Answers per draft: the stored message, or the ids among sender and recipients
     that do not exist (that draft is skipped and takes no seq). The users rows of every sender and
-    recipient are locked first, in ascending id order: every send locks in the same
-    global order, so concurrent writers cannot deadlock (including on the foreign-key
-    locks the inserts take), and the locks are held to commit, so for each recipient
-    commit order is seq order and a rollback leaves no hole.
+    recipient are locked first (`lock_users`), and the locks are held to commit, so for
+    each recipient commit order is seq order and a rollback leaves no hole.
     """
-    ids = sorted({d.sender_id for d in drafts}.union(*(d.recipient_ids for d in drafts)))
-    last_seq: dict[int, int] = {user_id: seq for user_id, seq in await conn.execute(_LOCK_USERS, {"ids": ids})}
+    last_seq = await lock_users(conn, {d.sender_id for d in drafts}.union(*(d.recipient_ids for d in drafts)))
     bumped: dict[int, int] = defaultdict(int)
     answers: list[dict[str, Any] | list[int]] = []
     now = utcnow()
@@ -80,6 +77,16 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
         message["id"] = message_id
     await conn.execute(_INSERT_RECIPIENTS, [{"message_id": a["id"], "recipient_id": r, "seq": s} for a in stored for r, s in a["seqs"].items()])
     return answers
+
+
+async def lock_users(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[int, int]:
+    """Lock these users' rows to commit, in ascending id order: every transaction that
+    writes rows pointing at users (a send, a meeting with its participants) calls this
+    before its first insert, so all of them lock in one global order. An insert first
+    would take shared foreign-key locks that the later FOR UPDATE must upgrade, and two
+    such transactions deadlock. Answers each existing user's last seq."""
+    rows = await conn.execute(_LOCK_USERS, {"ids": sorted(set(user_ids))})
+    return {user_id: seq for user_id, seq in rows}
 
 
 async def _bump_seqs(conn: AsyncConnection, bumped: dict[int, int]) -> None:

@@ -45,8 +45,3 @@ async def search(conn: AsyncConnection, prefix: str, limit: int, after: str | No
     return [row._asdict() for row in await conn.execute(query)]
 
 
-async def existing_ids(conn: AsyncConnection, ids: Iterable[int]) -> set[int]:
-    ids = list(ids)
-    if not ids:
-        return set()
-    return set((await conn.execute(sa.select(users.c.id).where(users.c.id.in_(ids)))).scalars())
