@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from .web import AccessLogger, create_app
 
     web.run_app(create_app(config), host=config.server.host, port=config.server.port, backlog=config.server.backlog,
-                access_log_class=AccessLogger, shutdown_timeout=10, loop=_event_loop())
+                access_log_class=AccessLogger, shutdown_timeout=config.server.shutdown_timeout, loop=_event_loop())
     return 0
 
 

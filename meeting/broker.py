@@ -54,7 +54,10 @@ class InProcessBroker:
     async def start(self) -> None:
         pass
 
-    async def close(self) -> None:
+    async def flush(self, timeout: float) -> None:
+        pass  # delivery happened in publish()
+
+    async def close(self, flush: float = 0.0) -> None:
         pass
 
     async def want(self, user_id: int) -> None:
@@ -99,7 +102,18 @@ class RedisBroker:
         self._reader = asyncio.create_task(self._read_forever(), name="broker-reader")
         self._publisher = asyncio.create_task(self._publish_forever(), name="broker-publisher")
 
-    async def close(self) -> None:
+    async def flush(self, timeout: float) -> None:
+        """Wait until everything handed to `publish` so far was sent to Redis (or given up
+        on: then every instance resyncs once Redis is back), at most `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._outbox.join(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("broker: %d frame batch(es) not published after %.1f s at shutdown", self._outbox.qsize(), timeout)
+
+    async def close(self, flush: float = 0.0) -> None:
+        """Publish what is in the outbox (up to `flush` seconds), then stop."""
+        if flush and self._publisher is not None and not self._publisher.done():
+            await self.flush(flush)
         self._closing = True
         await self._aligner.close()
         for task in (self._publisher, self._reader):
@@ -150,8 +164,10 @@ class RedisBroker:
     async def _publish_forever(self) -> None:
         while not self._closing:
             batch = await self._outbox.get()
+            taken = 1
             while not self._outbox.empty() and (len(batch) < 1000 or self._publish_lost):  # failing: drain, do not pile up
                 batch.extend(self._outbox.get_nowait())
+                taken += 1
             channels = [self.channel(user_id) for user_id, _, _, _ in batch]
             payloads = [f"{seq} {committed_at:.6f} {frame}" for _, seq, frame, committed_at in batch]
             if self._publish_lost:
@@ -166,6 +182,9 @@ class RedisBroker:
                 self._publish_lost = True
                 log.warning("broker: publish of %d frame(s) failed (%s); devices will be resynchronised",
                             len(batch), type(exc).__name__)
+            finally:
+                for _ in range(taken):  # flush() waits on these
+                    self._outbox.task_done()
 
     async def _read_forever(self) -> None:
         backoff = 0.1

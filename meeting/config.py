@@ -38,6 +38,7 @@ class ServerConfig:
     port: int = _opt(8080, validate.Range(1, 65535))
     max_body_size: int = _opt(1024 * 1024, validate.Range(min=1024))
     backlog: int = _opt(4096, validate.Range(1, 65535))
+    shutdown_timeout: float = _opt(10.0, validate.Range(min=0.1))
 
 
 @dataclass(frozen=True)

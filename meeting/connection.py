@@ -141,6 +141,17 @@ class Connection:
         assert self._closing is not None
         await asyncio.shield(self._closing)
 
+    async def flush_and_close(self, code: int, reason: str, timeout: float) -> None:
+        """Close after what is queued was written (shutdown: the device keeps every frame
+        it was promised), or after `timeout` for a client that does not read."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (writer := self._writer) is not None and not self.closed:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            await asyncio.wait({writer}, timeout=remaining)
+        await self.close(code, reason)
+
     async def stop(self) -> None:
         """Called by the handler when its read loop ended: release the writer.
 

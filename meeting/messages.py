@@ -8,7 +8,9 @@ rollback then erased.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import json
 import logging
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
@@ -35,6 +37,24 @@ Message = dict[str, Any]
 T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
 ReadListener = Callable[[int, list[int], int], Awaitable[None]]
+
+
+def _write_op(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Counts a write from its call until its listeners returned, so that shutdown can
+    wait for everything committed to have been handed to push (see `settle`)."""
+
+    @functools.wraps(method)
+    async def tracked(self: "MessageService", *args: Any, **kwargs: Any) -> T:
+        self._writing += 1
+        self._settled.clear()
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._settled.set()
+
+    return tracked
 
 
 def _encode_rows(rows: list[Message]) -> str:
@@ -114,10 +134,24 @@ class MessageService:
         self.on_read: list[ReadListener] = []
         self.writer: Combiner[store.Draft, Message] = Combiner(self._write, max_batch)
         self.recipients = RecipientLists()
+        self._writing = 0  # see _write_op
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until no write is in flight and the group-commit writer is idle: every
+        message accepted so far is committed and handed to the listeners. False on timeout."""
+        try:
+            await asyncio.wait_for(asyncio.gather(self._settled.wait(), self.writer.close()), timeout)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: %d write(s) still in flight after %.1f s", self._writing, timeout)
+            return False
+        return True
 
     async def close(self) -> None:
         await self.writer.close()
 
+    @_write_op
     async def in_batch(self, work: Callable[[Batch], Awaitable[T]]) -> T:
         """Run `work` with a Batch in one transaction (again, whole, after a deadlock: so
         `work` must be a function, not a block), then publish what it sent."""
@@ -133,6 +167,7 @@ class MessageService:
         await self._after_commit(batch.stored)
         return result
 
+    @_write_op
     async def send_message(self, sender_id: int, recipient_ids: Iterable[int], content: str,
                            meeting_id: int | None = None) -> Message:
         """Concurrent sends share a transaction (see meeting.combine): same
@@ -238,6 +273,7 @@ class MessageService:
     async def _attach(self, conn: AsyncConnection, rows: list[Message]) -> list[Message]:
         return await self.recipients.attach(rows, lambda ids: store.recipient_lists(conn, ids))
 
+    @_write_op
     async def mark_one_read(self, user_id: int, message_id: int) -> dict[str, Any]:
         """Idempotent: a second call keeps the first read_at."""
         async with self._engine.begin() as conn:
@@ -251,6 +287,7 @@ class MessageService:
             await self._after_read(user_id, changed)
         return {"id": message_id, "read_at": read_at}
 
+    @_write_op
     async def mark_read(self, user_id: int, ids: list[int] | None, *, strict: bool = False) -> dict[str, Any]:
         """Mark `ids` (or, for None, everything) read. Ids the user did not receive
         are ignored, or with `strict` refused all-or-nothing (NotFound naming them)."""

@@ -95,9 +95,16 @@ class PushHub:
             removed += 1
         return removed
 
-    async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server going away") -> None:
+    async def flush(self, timeout: float) -> None:
+        """Shutdown: publish everything committed (the broker's outbox), so that devices on
+        other instances get it live; local devices have it queued once this returns."""
+        await self.broker.flush(timeout)
+
+    async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server going away", drain: float = 0.0) -> None:
+        """Close every socket; with `drain`, each first writes what is queued for it (up to
+        that many seconds)."""
         conns = [c for conns in list(self.users.values()) for c in list(conns)]
-        await asyncio.gather(*(c.close(code, reason) for c in conns), return_exceptions=True)
+        await asyncio.gather(*(c.flush_and_close(code, reason, drain) for c in conns), return_exceptions=True)
 
     async def drain_background(self) -> None:
         await asyncio.gather(*list(self._background), return_exceptions=True)
@@ -140,8 +147,11 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    # on_shutdown already delivered and closed (see web.drain_then_close); a write that
+    # committed since then is still published before the broker goes.
+    await service.close()
     await hub.close_all()
     await hub.drain_background()
-    await hub.broker.close()
+    await hub.broker.close(flush=app[config_key].server.shutdown_timeout)
     service.on_stored.remove(hub.on_stored)
     service.on_read.remove(hub.on_read)

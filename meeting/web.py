@@ -143,11 +143,19 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[message_service_key].close()  # writes already accepted are finished, not dropped
 
 
-async def close_sockets(app: web.Application) -> None:
-    """on_shutdown, before handlers are cancelled: every client is told 1001 (reconnect)."""
+async def drain_then_close(app: web.Application) -> None:
+    """on_shutdown (SIGTERM): aiohttp has stopped accepting; requests under way still run.
+    Nothing committed may be lost to live delivery, so in order: let in-flight writes
+    finish, publish what they committed (the broker's outbox), let every local socket
+    write what is queued for it, and only then tell each client 1001 (reconnect
+    elsewhere). Each step is bounded by `server.shutdown_timeout`."""
+    timeout = app[config_key].server.shutdown_timeout
+    await app[message_service_key].settle(timeout)
     closing = [app[rooms_key].close_all()]
     if push_hub_key in app:
-        closing.append(app[push_hub_key].close_all())
+        hub = app[push_hub_key]
+        await hub.flush(timeout)
+        closing.append(hub.close_all(drain=timeout))
     await asyncio.gather(*closing)
 
 
@@ -171,6 +179,6 @@ def create_app(config: Config) -> web.Application:
     if config.push.enabled:  # push off: no route, no listener; storing and pulling unchanged
         resources.append(push_ctx)
     app.cleanup_ctx.extend(resources)
-    app.on_shutdown.append(close_sockets)
+    app.on_shutdown.append(drain_then_close)
     setup_routes(app)
     return app

@@ -127,3 +127,52 @@ async def test_sigkill_one_instance_and_resume_on_the_other(instances: list[Inst
         await _send(http_b, alice, bob, "after")
         for device in (resumed, on_b):
             assert (await device.expect("message.new"))["seq"] == 6
+
+
+async def test_sigterm_mid_burst_publishes_every_committed_send_before_closing(instances: list[Instance]) -> None:
+    """Instance A takes a burst of POSTs and gets SIGTERM in the middle of it. Every send A
+    committed (each 201 and any whose answer the shutdown cut off) reaches bob's device on
+    instance B live, in seq order, without a reconnect; bob's device on A gets them too,
+    then 1001."""
+    a, b = instances
+    async with aiohttp.ClientSession(a.url) as http_a, aiohttp.ClientSession(b.url) as http_b:
+        alice, bob = await _user(http_a, "alice"), await _user(http_a, "bob")
+        on_b = Device(await http_b.ws_connect("/ws/messages", params={"token": bob["token"]})).pump()
+        on_a = Device(await http_a.ws_connect("/ws/messages", params={"token": bob["token"]})).pump()
+        await on_b.handshake()
+        await on_a.handshake()
+        answered: list[int] = []
+        answered_after_sigterm = 0
+        sigterm = asyncio.Event()
+
+        async def sender(worker: int) -> None:
+            nonlocal answered_after_sigterm
+            for i in range(1000):
+                try:
+                    async with http_a.post("/messages", json={"recipient_ids": [bob["id"]], "content": f"{worker}-{i}"},
+                                           headers={"Authorization": f"Bearer {alice['token']}"}) as r:
+                        if r.status != 201:
+                            return
+                        answered.append((await r.json())["id"])
+                        answered_after_sigterm += sigterm.is_set()
+                except aiohttp.ClientError:
+                    return  # A stopped accepting
+                if len(answered) >= 40 and not sigterm.is_set():
+                    sigterm.set()
+                    a.proc.send_signal(signal.SIGTERM)
+
+        await asyncio.wait_for(asyncio.gather(*(sender(w) for w in range(20))), 60)
+        assert sigterm.is_set() and await asyncio.wait_for(a.proc.wait(), 30) == 0
+        assert answered_after_sigterm > 0  # sends were in flight when the signal came
+
+        async with http_b.get("/messages", params={"after_seq": "0", "limit": "100"},
+                              headers={"Authorization": f"Bearer {bob['token']}"}) as r:
+            stored = (await r.json())["messages"]
+        stored_seqs = [m["seq"] for m in stored]
+        assert stored_seqs == list(range(1, len(stored) + 1)) and set(answered) <= {m["id"] for m in stored}
+        live = [await on_b.expect("message.new") for _ in stored]
+        assert [(m["seq"], m["id"]) for m in live] == [(m["seq"], m["id"]) for m in stored]
+        assert not on_b.ws.closed
+        local = [await on_a.expect("message.new") for _ in stored]
+        assert [m["seq"] for m in local] == stored_seqs
+        assert await on_a.closed() == 1001
