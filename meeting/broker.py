@@ -105,6 +105,8 @@ class RedisBroker:
     async def flush(self, timeout: float) -> None:
         """Wait until everything handed to `publish` so far was sent to Redis (or given up
         on: then every instance resyncs once Redis is back), at most `timeout` seconds."""
+        if self._publisher is None or self._publisher.done():
+            return  # nobody would take them: waiting could only time out
         try:
             await asyncio.wait_for(self._outbox.join(), timeout)
         except asyncio.TimeoutError:
@@ -112,7 +114,7 @@ class RedisBroker:
 
     async def close(self, flush: float = 0.0) -> None:
         """Publish what is in the outbox (up to `flush` seconds), then stop."""
-        if flush and self._publisher is not None and not self._publisher.done():
+        if flush:
             await self.flush(flush)
         self._closing = True
         await self._aligner.close()

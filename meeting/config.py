@@ -48,6 +48,8 @@ class DatabaseConfig:
     connect_timeout: float = _opt(5.0, validate.Range(min=0.1))
     echo: bool = False
     auto_migrate: bool = True
+    lock_wait_timeout: int = _opt(5, validate.Range(1, 3600))
+    transaction_attempts: int = _opt(4, validate.Range(1, 100))
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,8 @@ def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
         kwargs.update(
             pool_size=cfg.pool_size, max_overflow=cfg.pool_size, pool_recycle=3600,
             isolation_level="READ COMMITTED",
-            connect_args={"connect_timeout": max(1, round(cfg.connect_timeout))},
+            connect_args={"connect_timeout": max(1, round(cfg.connect_timeout)),
+                          "init_command": f"SET SESSION innodb_lock_wait_timeout = {cfg.lock_wait_timeout}"},
         )
     elif backend == "sqlite":
         kwargs.update(connect_args={"timeout": max(cfg.connect_timeout, 5.0)})
@@ -181,7 +182,6 @@ def readers(engine: AsyncEngine) -> AsyncEngine:
 #: InnoDB errors after which nothing of the transaction is kept: deadlock (1213, the whole
 #: transaction rolled back) and lock wait timeout (1205, rolled back when we leave `begin()`).
 LOCK_CONFLICTS = frozenset({1205, 1213})
-TRANSACTION_ATTEMPTS = 4
 
 
 def lock_conflict(exc: BaseException) -> bool:
@@ -189,12 +189,12 @@ def lock_conflict(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(getattr(orig, "args", None)) and orig.args[0] in LOCK_CONFLICTS
 
 
-async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]],
-                      attempts: int = TRANSACTION_ATTEMPTS) -> T:
+async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], attempts: int) -> T:
     """Run `work` in one transaction, and run it again, whole, when the database picked it
     as a deadlock victim or it timed out waiting for a lock: nothing of it was committed,
-    so a retry is safe. Writers lock users rows in one order, so this is the rare case;
-    when it keeps happening the caller gets a retryable 503, never a 500."""
+    so a retry is safe (and `work` must do nothing outside the transaction). Writers lock
+    users rows in one order, so this is the rare case; when it keeps happening the caller
+    gets a retryable 503, never a 500."""
     for attempt in range(1, attempts + 1):
         try:
             async with engine.begin() as conn:
@@ -203,7 +203,8 @@ async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awa
             if not lock_conflict(exc):
                 raise
             log.info("transaction lost a lock conflict (%s), attempt %d of %d", exc.orig.args[0], attempt, attempts)
-        await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))  # de-synchronise the colliding writers
+        if attempt < attempts:
+            await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))  # de-synchronise the colliding writers
     raise Unavailable("The database is busy; nothing was stored. Try again.", code="database_busy")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import readers
-from .errors import Invalid, NotFound
+from .errors import Invalid, NotFound, Unauthorized
 from .messages import MEETING_INVITE, Batch, MessageService
 from .storage import meetings as store
 from .storage import messages as message_store
@@ -42,7 +42,10 @@ class MeetingService:
 
         async def write(batch: Batch) -> dict[str, Any]:
             # Lock first, as a send does: the inserts' foreign-key locks must not come first.
-            unknown = sorted(set(invitees) - set(await message_store.lock_users(batch.conn, participants)))
+            existing = await message_store.lock_users(batch.conn, participants)
+            if organizer_id not in existing:  # a token outliving its user
+                raise Unauthorized("The user this token was issued to does not exist.", code="unknown_user")
+            unknown = sorted(set(invitees) - set(existing))
             if unknown:
                 raise Invalid("Some participants do not exist.", {"participant_ids": [f"Unknown user ids: {unknown}"], "unknown_ids": unknown})
             meeting = await store.insert(batch.conn, title, organizer_id, starts_at, participants)

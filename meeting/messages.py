@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .cache import MessageCache
 from .combine import Combiner
 from .db import readers, transaction
-from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized
+from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
 from .recipients import RecipientLists
 from .storage import meetings as meeting_store
 from .storage import messages as store
@@ -126,8 +126,9 @@ class Batch:
 
 
 class MessageService:
-    def __init__(self, engine: AsyncEngine, cache: MessageCache, max_batch: int = 64):
+    def __init__(self, engine: AsyncEngine, cache: MessageCache, max_batch: int = 64, transaction_attempts: int = 4):
         self._engine = engine
+        self._attempts = transaction_attempts
         self._reads = readers(engine)
         self._cache = cache
         self.on_stored: list[StoredListener] = []
@@ -141,8 +142,8 @@ class MessageService:
     async def settle(self, timeout: float) -> bool:
         """Wait until no write is in flight and the group-commit writer is idle: every
         message accepted so far is committed and handed to the listeners. False on timeout."""
-        try:
-            await asyncio.wait_for(asyncio.gather(self._settled.wait(), self.writer.close()), timeout)
+        try:  # shielded: a timeout must not cancel the writer in the middle of its transaction
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(self._settled.wait(), self.writer.close())), timeout)
         except asyncio.TimeoutError:
             log.warning("shutdown: %d write(s) still in flight after %.1f s", self._writing, timeout)
             return False
@@ -153,8 +154,9 @@ class MessageService:
 
     @_write_op
     async def in_batch(self, work: Callable[[Batch], Awaitable[T]]) -> T:
-        """Run `work` with a Batch in one transaction (again, whole, after a deadlock: so
-        `work` must be a function, not a block), then publish what it sent."""
+        """Run `work` with a Batch in one transaction, then publish what it sent. After a
+        deadlock it runs again, whole, on a fresh Batch: so `work` is a function, not a
+        block, and must do nothing outside the transaction."""
         batch: Batch | None = None
 
         async def attempt(conn: AsyncConnection) -> T:
@@ -162,7 +164,7 @@ class MessageService:
             batch = Batch(conn)  # a retry starts from nothing sent
             return await work(batch)
 
-        result = await transaction(self._engine, attempt)
+        result = await transaction(self._engine, attempt, self._attempts)
         assert batch is not None
         await self._after_commit(batch.stored)
         return result
@@ -175,7 +177,10 @@ class MessageService:
         return await self.writer.submit(draft(sender_id, recipient_ids, content, meeting_id=meeting_id))
 
     async def _write(self, drafts: list[store.Draft]) -> list[Message | Exception]:
-        results = await transaction(self._engine, lambda conn: store_drafts(conn, drafts))
+        try:
+            results = await transaction(self._engine, lambda conn: store_drafts(conn, drafts), self._attempts)
+        except Unavailable as exc:  # a busy database: trying each draft alone would only take longer
+            return [exc] * len(drafts)
         await self._after_commit([r for r in results if not isinstance(r, DomainError)])
         return list(results)
 

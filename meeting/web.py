@@ -130,7 +130,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth)
     app[user_service_key] = UserService(app[engine_key])
     app[cache_key] = MessageCache(app[redis_key], cfg.redis)
-    app[message_service_key] = MessageService(app[engine_key], app[cache_key])
+    app[message_service_key] = MessageService(app[engine_key], app[cache_key],
+                                              transaction_attempts=cfg.database.transaction_attempts)
     app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
     app[presence_key] = Presence(app[redis_key], cfg.redis, cfg.push.heartbeat)
     stats = app[stats_key]
@@ -148,14 +149,20 @@ async def drain_then_close(app: web.Application) -> None:
     Nothing committed may be lost to live delivery, so in order: let in-flight writes
     finish, publish what they committed (the broker's outbox), let every local socket
     write what is queued for it, and only then tell each client 1001 (reconnect
-    elsewhere). Each step is bounded by `server.shutdown_timeout`."""
-    timeout = app[config_key].server.shutdown_timeout
-    await app[message_service_key].settle(timeout)
+    elsewhere). The three waits share one budget, `server.shutdown_timeout`.
+
+    A request that had not reached the MessageService yet when `settle` returned still
+    commits (aiohttp lets it finish) and is published before the broker closes (see
+    push_ctx), but this instance's own devices then learn of it only when they reconnect
+    to another instance with `since`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + app[config_key].server.shutdown_timeout
+    await app[message_service_key].settle(deadline - loop.time())
     closing = [app[rooms_key].close_all()]
     if push_hub_key in app:
         hub = app[push_hub_key]
-        await hub.flush(timeout)
-        closing.append(hub.close_all(drain=timeout))
+        await hub.flush(max(0.0, deadline - loop.time()))
+        closing.append(hub.close_all(drain=max(0.0, deadline - loop.time())))
     await asyncio.gather(*closing)
 
 

@@ -85,8 +85,8 @@ async def test_a_deadlock_victim_is_run_again_whole(mariadb_url: str) -> None:
                 return name
             return run
 
-        results = await asyncio.gather(transaction(engine, work("forward", [first, second])),
-                                       transaction(engine, work("backward", [second, first])))
+        results = await asyncio.gather(transaction(engine, work("forward", [first, second]), 4),
+                                       transaction(engine, work("backward", [second, first]), 4))
         assert results == ["forward", "backward"]
         assert sorted(attempts.values()) == [1, 2]  # exactly one victim, run once more
     finally:
@@ -97,7 +97,7 @@ async def test_lock_wait_timeouts_are_retried_then_answered_503(mariadb_url: str
     """1205 (lock wait timeout) is retried too; if every attempt loses, the caller gets a
     retryable Unavailable (503 + Retry-After), not a database error."""
     _clean_mariadb(mariadb_url)
-    engine = create_engine(base_config(database={"url": mariadb_url}).database)
+    engine = create_engine(base_config(database={"url": mariadb_url, "lock_wait_timeout": 1}).database)
     try:
         first, _ = await _two_users(engine)
         tries = 0
@@ -105,7 +105,6 @@ async def test_lock_wait_timeouts_are_retried_then_answered_503(mariadb_url: str
         async def wants_the_row(conn: Any) -> None:
             nonlocal tries
             tries += 1
-            await conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
             await conn.execute(sa.select(users.c.id).where(users.c.id == first).with_for_update())
 
         async with engine.connect() as holder:
@@ -115,7 +114,35 @@ async def test_lock_wait_timeouts_are_retried_then_answered_503(mariadb_url: str
                 await transaction(engine, wants_the_row, attempts=2)
             assert tries == 2 and raised.value.status == 503 and raised.value.retry_after
             await holder.rollback()
-        await transaction(engine, wants_the_row)  # the row is free again: no retry needed
+        await transaction(engine, wants_the_row, 4)  # the row is free again: no retry needed
         assert tries == 3
+    finally:
+        await engine.dispose()
+
+
+async def test_a_busy_database_answers_sends_503_at_once_not_item_by_item(make_client: Any, mariadb_url: str, caplog: Any) -> None:
+    """Sends that cannot get their recipient's row lock get a retryable 503 with Retry-After
+    after `transaction_attempts` waits of `lock_wait_timeout`, and a group-commit batch
+    that failed so is not then retried draft by draft (that would multiply the wait)."""
+    _clean_mariadb(mariadb_url)
+    cfg = base_config(database={"url": mariadb_url, "lock_wait_timeout": 1, "transaction_attempts": 1})
+    client = await make_client(cfg)
+    api = Api(client)
+    alice, bob = await api.users(2)
+    engine = create_engine(cfg.database)
+    try:
+        async with engine.connect() as holder:
+            await holder.begin()
+            await holder.execute(sa.select(users.c.id).where(users.c.id == bob.id).with_for_update())
+            answers = await asyncio.gather(*(client.post("/messages", json={"recipient_ids": [bob.id], "content": f"m{i}"},
+                                                         headers=alice.headers) for i in range(4)))
+            bodies = [await r.json() for r in answers]
+            assert [r.status for r in answers] == [503] * 4, bodies
+            assert {b["error"]["code"] for b in bodies} == {"database_busy"} and all(r.headers["Retry-After"] == "1" for r in answers)
+            await holder.rollback()
+        assert "retrying each alone" not in caplog.text
+        assert await api.unread_count(bob) == 0
+        await api.send(alice, [bob])  # free again
+        assert await api.unread_count(bob) == 1
     finally:
         await engine.dispose()

@@ -154,3 +154,12 @@ async def test_concurrent_meetings_and_sends_with_overlapping_users_all_succeed(
         assert seqs == list(range(1, len(seqs) + 1)) and page["next_after_seq"] is None
         received += len(seqs)
     assert received == 90 * 3 + 90 * 2  # 90 meetings x 3 invitees, 90 sends x 2 recipients
+
+
+async def test_a_meeting_from_a_token_whose_user_is_gone_is_401(api: Api) -> None:
+    from meeting.auth import TokenCodec
+    from tests.conftest import TEST_SECRET
+
+    ghost = User(10**12, "ghost", TokenCodec(TEST_SECRET, 60).issue(10**12))
+    body = await api.call("POST", "/meetings", user=ghost, json={"title": "t", "participant_ids": []}, expect=401)
+    assert body["error"]["code"] == "unknown_user"

@@ -133,7 +133,8 @@ async def test_sigterm_mid_burst_publishes_every_committed_send_before_closing(i
     """Instance A takes a burst of POSTs and gets SIGTERM in the middle of it. Every send A
     committed (each 201 and any whose answer the shutdown cut off) reaches bob's device on
     instance B live, in seq order, without a reconnect; bob's device on A gets them too,
-    then 1001."""
+    then 1001. (With a fast Redis the outbox is rarely full at the signal: the broker test
+    test_closing_the_broker_publishes_its_whole_outbox_first pins that part down.)"""
     a, b = instances
     async with aiohttp.ClientSession(a.url) as http_a, aiohttp.ClientSession(b.url) as http_b:
         alice, bob = await _user(http_a, "alice"), await _user(http_a, "bob")
@@ -151,8 +152,7 @@ async def test_sigterm_mid_burst_publishes_every_committed_send_before_closing(i
                 try:
                     async with http_a.post("/messages", json={"recipient_ids": [bob["id"]], "content": f"{worker}-{i}"},
                                            headers={"Authorization": f"Bearer {alice['token']}"}) as r:
-                        if r.status != 201:
-                            return
+                        assert r.status == 201, (r.status, await r.text())  # never a 500 or 503 at shutdown
                         answered.append((await r.json())["id"])
                         answered_after_sigterm += sigterm.is_set()
                 except aiohttp.ClientError:
@@ -163,11 +163,13 @@ async def test_sigterm_mid_burst_publishes_every_committed_send_before_closing(i
 
         await asyncio.wait_for(asyncio.gather(*(sender(w) for w in range(20))), 60)
         assert sigterm.is_set() and await asyncio.wait_for(a.proc.wait(), 30) == 0
-        assert answered_after_sigterm > 0  # sends were in flight when the signal came
+        assert answered_after_sigterm > 0  # some answers came after the signal: the instance did not just drop them
 
         async with http_b.get("/messages", params={"after_seq": "0", "limit": "100"},
                               headers={"Authorization": f"Bearer {bob['token']}"}) as r:
-            stored = (await r.json())["messages"]
+            page = await r.json()
+        stored = page["messages"]
+        assert page["next_after_seq"] is None
         stored_seqs = [m["seq"] for m in stored]
         assert stored_seqs == list(range(1, len(stored) + 1)) and set(answered) <= {m["id"] for m in stored}
         live = [await on_b.expect("message.new") for _ in stored]

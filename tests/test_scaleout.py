@@ -206,3 +206,34 @@ async def test_an_instance_subscribes_on_first_connection_and_unsubscribes_on_la
         assert await subscribers() == 0
     finally:
         await probe.aclose()
+
+
+async def test_closing_the_broker_publishes_its_whole_outbox_first(redis_url: str) -> None:
+    """Shutdown hands the broker frames faster than Redis takes them; closing it must send
+    every one (another instance's devices are waiting for them live), not cancel the rest."""
+    from meeting.broker import RedisBroker
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+
+    async def no_resync() -> int:
+        return 0
+
+    broker = RedisBroker(redis_url, prefix, 2.0, lambda *_: None, no_resync, lambda _: False)
+    listener = aioredis.Redis.from_url(redis_url)
+    pubsub = listener.pubsub()
+    try:
+        await pubsub.subscribe(broker.channel(7))
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        await broker.start()
+        for batch in range(5):
+            await broker.publish([(7, batch * 1000 + i + 1, "x" * 200) for i in range(1000)], 0.0)
+        await broker.close(flush=30)
+        seqs: list[int] = []
+        while len(seqs) < 5000:
+            message = await asyncio.wait_for(pubsub.get_message(ignore_subscribe_messages=True, timeout=5), 10)
+            assert message is not None, f"only {len(seqs)} of 5000 frames were published"
+            seqs.append(int(message["data"].split(b" ", 1)[0]))
+        assert seqs == list(range(1, 5001))
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()

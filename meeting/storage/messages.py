@@ -27,6 +27,9 @@ RECEIVED_COLUMNS = (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
 # The send path's statements, built once: building a statement costs about as
 # much as executing it (SQLAlchemy still caches the compiled form either way).
 _IDS = sa.bindparam("ids", expanding=True)
+#: Ids per locking statement. MariaDB turns an IN list of 1000 or more values into a
+#: join with a temporary table, which can scan (and lock) users outside the list.
+_LOCK_CHUNK = 500
 _LOCK_USERS = sa.select(users.c.id, users.c.last_seq).where(users.c.id.in_(_IDS)).order_by(users.c.id).with_for_update()
 _BUMP_SEQS = users.update().where(users.c.id.in_(_IDS)).values(last_seq=users.c.last_seq + sa.bindparam("step"))
 _INSERT_MESSAGE = m.insert()
@@ -85,8 +88,12 @@ async def lock_users(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[int
     before its first insert, so all of them lock in one global order. An insert first
     would take shared foreign-key locks that the later FOR UPDATE must upgrade, and two
     such transactions deadlock. Answers each existing user's last seq."""
-    rows = await conn.execute(_LOCK_USERS, {"ids": sorted(set(user_ids))})
-    return {user_id: seq for user_id, seq in rows}
+    ids = sorted(set(user_ids))
+    locked: dict[int, int] = {}
+    for start in range(0, len(ids), _LOCK_CHUNK):
+        rows = await conn.execute(_LOCK_USERS, {"ids": ids[start:start + _LOCK_CHUNK]})
+        locked.update((user_id, seq) for user_id, seq in rows)
+    return locked
 
 
 async def _bump_seqs(conn: AsyncConnection, bumped: dict[int, int]) -> None:

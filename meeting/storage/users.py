@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -43,5 +43,3 @@ async def search(conn: AsyncConnection, prefix: str, limit: int, after: str | No
     if after is not None:
         query = query.where(users.c.username > after)
     return [row._asdict() for row in await conn.execute(query)]
-
-
