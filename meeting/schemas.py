@@ -5,6 +5,9 @@ The OpenAPI document is generated from these, so a schema here is the contract.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import unicodedata
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -17,11 +20,64 @@ def Id(**kwargs: Any) -> fields.Integer:
     return fields.Integer(strict=True, validate=validate.Range(1, MAX_ID), **kwargs)
 
 
+class QueryInt(fields.Integer):
+    """An integer in a query string: 1-19 ASCII digits and nothing else. Python's int()
+    also takes "+5", " 5", "5_000" and other scripts' digits."""
+
+    _DIGITS = re.compile(r"[0-9]{1,19}")
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if not isinstance(value, str) or not self._DIGITS.fullmatch(value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 def QueryId(**kwargs: Any) -> fields.Integer:
-    return fields.Integer(validate=validate.Range(1, MAX_ID), **kwargs)
+    return QueryInt(validate=validate.Range(1, MAX_ID), **kwargs)
 
 
-USERNAME = validate.Regexp(r"^[A-Za-z0-9_.-]{3,32}$", error="3-32 characters of letters, digits, '_', '.', '-'.")
+def Limit(default: int) -> fields.Integer:
+    return QueryInt(load_default=default, validate=validate.Range(1, 100))
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only: marshmallow's Boolean also takes "yes", 1, "on"..."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class UTCDateTime(fields.AwareDateTime):
+    """An ISO-8601 time with an offset, returned in UTC, between 1970 and 9999: a year-1
+    time with a positive offset has no UTC equivalent at all (OverflowError)."""
+
+    EARLIEST = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    LATEST = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dt.datetime:
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            moment = moment.astimezone(dt.timezone.utc)
+        except OverflowError:
+            raise ValidationError("Out of range: between 1970 and 9999.") from None
+        if not self.EARLIEST <= moment <= self.LATEST:
+            raise ValidationError("Out of range: between 1970 and 9999.")
+        return moment
+
+
+#: Characters that make a name lie about itself or break a line: controls (C0, C1, DEL),
+#: line/paragraph separators and the bidirectional overrides, embeddings, isolates and marks.
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _plain_text(value: str) -> None:
+    if any(c in _BIDI or unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        raise ValidationError("Must not contain control or bidirectional-override characters.")
+
+
+USERNAME = validate.Regexp(r"[A-Za-z0-9_.-]{3,32}\Z", error="3-32 characters of letters, digits, '_', '.', '-'.")
 
 
 class IdList(fields.List):
@@ -38,7 +94,7 @@ class IdList(fields.List):
 class RegisterSchema(Schema):
     username = fields.String(required=True, validate=USERNAME)
     password = fields.String(required=True, validate=validate.Length(8, 128))
-    display_name = fields.String(load_default=None, allow_none=True, validate=validate.Length(1, 64))
+    display_name = fields.String(load_default=None, allow_none=True, validate=[validate.Length(1, 64), _plain_text])
 
 
 class LoginSchema(Schema):
@@ -62,7 +118,7 @@ class LoginResponseSchema(Schema):
 
 class UserSearchQuery(Schema):
     q = fields.String(load_default="", validate=validate.Length(max=32))
-    limit = fields.Integer(load_default=20, validate=validate.Range(1, 100))
+    limit = Limit(20)
     after = fields.String(load_default=None, validate=validate.Length(1, 32))
 
 
@@ -88,12 +144,12 @@ class ErrorSchema(Schema):
 
 
 class PageQuery(Schema):
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 100))
+    limit = Limit(50)
     before = QueryId(load_default=None)
 
 
 class LimitQuery(Schema):
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 100))
+    limit = Limit(50)
 
 
 class SendMessageSchema(Schema):
@@ -125,7 +181,7 @@ class ReceivedPageSchema(Schema):
 
 
 class ReceivedQuery(PageQuery):
-    after_seq = fields.Integer(load_default=None, validate=validate.Range(0, MAX_ID))
+    after_seq = QueryInt(load_default=None, validate=validate.Range(0, MAX_ID))
 
     @validates_schema
     def _one_cursor(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -154,7 +210,7 @@ class ReadOneSchema(Schema):
 
 class MarkReadSchema(Schema):
     ids = fields.List(Id(), validate=validate.Length(1, 1000))
-    all = fields.Boolean()
+    all = StrictBoolean()
 
     @validates_schema
     def _exactly_one(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -170,7 +226,7 @@ class MarkReadResultSchema(Schema):
 class CreateMeetingSchema(Schema):
     title = fields.String(required=True, validate=[validate.Length(1, 200), validate.Regexp(r"\S", error="Must not be blank.")])
     participant_ids = fields.List(Id(), required=True, validate=validate.Length(max=1000))
-    starts_at = fields.AwareDateTime(load_default=None, allow_none=True)
+    starts_at = UTCDateTime(load_default=None, allow_none=True)
 
 
 class MeetingSchema(Schema):
@@ -194,7 +250,7 @@ class PresenceSchema(Schema):
 
 
 class PresenceQuery(Schema):
-    ids = fields.String(required=True, validate=validate.Regexp(r"^\d{1,19}(,\d{1,19}){0,99}$", error="1 to 100 comma-separated user ids."))
+    ids = fields.String(required=True, validate=validate.Regexp(r"[0-9]{1,19}(,[0-9]{1,19}){0,99}\Z", error="1 to 100 comma-separated user ids."))
 
 
 class PresenceManySchema(Schema):

@@ -21,7 +21,7 @@ from .config import DEV_SECRET, Config
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
 from .handlers import auth, health, meetings, messages, presence, rooms, users
-from .handlers.common import Handler, bearer_token, error_response
+from .handlers.common import ID, Handler, bearer_token, error_response
 from .redis_client import redis_ctx
 from .meetings import MeetingService
 from .metrics import metrics, setup_metrics
@@ -53,7 +53,7 @@ def setup_routes(app: web.Application) -> None:
         web.post("/auth/register", auth.register),
         web.post("/auth/login", auth.login),
         web.get("/users/me", users.me),
-        web.get(r"/users/{id:\d+}", users.get_user),
+        web.get(f"/users/{ID}", users.get_user),
         web.get("/users", users.search),
         web.post("/messages", messages.send),
         web.get("/messages", messages.received),
@@ -61,13 +61,13 @@ def setup_routes(app: web.Application) -> None:
         web.get("/messages/unread", messages.unread),
         web.get("/messages/unread/count", messages.unread_count),
         web.post("/messages/read", messages.read_many),
-        web.get(r"/messages/{id:\d+}", messages.get_one),
-        web.post(r"/messages/{id:\d+}/read", messages.read_one),
+        web.get(f"/messages/{ID}", messages.get_one),
+        web.post(f"/messages/{ID}/read", messages.read_one),
         web.post("/meetings", meetings.create),
         web.get("/meetings", meetings.list_mine),
-        web.get(r"/meetings/{id:\d+}", meetings.get_one),
-        web.get(r"/ws/meetings/{id:\d+}", rooms.room),
-        web.get(r"/users/{id:\d+}/presence", presence.one),
+        web.get(f"/meetings/{ID}", meetings.get_one),
+        web.get(f"/ws/meetings/{ID}", rooms.room),
+        web.get(f"/users/{ID}/presence", presence.one),
         web.get("/presence", presence.many),
     ])
     if app[config_key].push.enabled:

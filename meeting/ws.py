@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -28,8 +27,8 @@ from .connection import (
     CLOSE_SERVER_ERROR, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED, Connection,
 )
 from .errors import DomainError, Unauthorized
-from .handlers.common import doc, parse_query, public, websocket_token
-from .schemas import Id
+from .handlers.common import decode_json, doc, parse_query, public, websocket_token
+from .schemas import Id, QueryInt
 from .sequencing import SeqGate
 from .typedefs import config_key, message_service_key, push_hub_key, stats_key, tokens_key
 
@@ -133,7 +132,7 @@ class ConnectQuery(Schema):
     class Meta:
         unknown = EXCLUDE  # a client's own parameters (cache busters...) are none of our business
 
-    since = fields.Integer(load_default=None, validate=validate.Range(0, 2**63 - 1))
+    since = QueryInt(load_default=None, validate=validate.Range(0, 2**63 - 1))
 
 
 class ClientFrame(Schema):
@@ -235,9 +234,9 @@ async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: in
 
 async def _on_text(app: web.Application, conn: UserConnection, data: str) -> None:
     try:
-        raw = json.loads(data)
-    except ValueError:
-        conn.push(frames.error("invalid_json", "The frame is not valid JSON."))
+        raw = decode_json(data)
+    except DomainError as exc:
+        conn.push(frames.error(exc.code, exc.message))
         return
     try:
         if not isinstance(raw, dict):

@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from aiohttp import web
 from marshmallow import Schema
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, Invalid, NotFound
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
@@ -17,6 +17,48 @@ H = TypeVar("H", bound=Handler)
 
 #: UTF-8 on the wire: Chinese text and emoji are not escaped to \uXXXX pairs.
 dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
+
+#: Deepest JSON nesting accepted in a body or a WebSocket frame. Ours is at most 3 deep;
+#: without a bound, 10,000 nested brackets reached Python's recursion limit (a 500).
+MAX_JSON_DEPTH = 32
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """JSON from a client, for REST bodies and WebSocket frames alike: 400 when it is not
+    JSON or nests deeper than MAX_JSON_DEPTH, 422 when a string is not valid Unicode (a
+    lone surrogate such as "\\ud800" is valid JSON but cannot be stored or sent as UTF-8)."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError:
+        raise BadRequest("The body is not valid JSON.", code="invalid_json") from None
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep()
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, path or "_key")
+                stack.append((item, depth + 1, f"{path}.{key}".lstrip(".")))
+    return data
+
+
+def _too_deep() -> BadRequest:
+    return BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels.", code="json_too_deep")
+
+
+def _check_text(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid("A string is not valid Unicode (lone surrogate).", {path or "_schema": ["Not valid Unicode text."]},
+                      code="invalid_text") from None
 
 
 def doc(summary: str, *, body: type[Schema] | None = None, query: type[Schema] | None = None,
@@ -41,19 +83,19 @@ async def parse_body(request: web.Request, schema: Schema) -> Any:
     if request.content_type != "application/json":
         raise BadRequest("The request body must be JSON (Content-Type: application/json).", code="unsupported_content_type")
     raw = await request.read()  # raises 413 past client_max_size
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
-    return schema.load(data)
+    return schema.load(decode_json(raw))
 
 
 def parse_query(request: web.Request, schema: Schema) -> Any:
     return schema.load(dict(request.query))
 
 
+#: A path id: ASCII digits only (`\d` also matches other scripts' digits), at most 19 of them.
+ID = r"{id:[0-9]{1,19}}"
+
+
 def path_id(request: web.Request, name: str = "id") -> int:
-    """Route ids are matched as digits; one too large for a BIGINT cannot exist."""
+    """Route ids are matched as 1-19 ASCII digits; one too large for a BIGINT cannot exist."""
     value = int(request.match_info[name])
     if value > 2**63 - 1:
         raise NotFound("Not found.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import WSMsgType, web
@@ -10,10 +9,10 @@ from marshmallow import Schema, ValidationError, fields, validate
 
 from .. import frames
 from ..connection import CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
-from ..errors import Forbidden, Unauthorized
+from ..errors import DomainError, Forbidden, Unauthorized
 from ..rooms import RoomManager
 from ..typedefs import config_key, meeting_service_key, rooms_key, tokens_key
-from .common import doc, path_id, public, websocket_token
+from .common import decode_json, doc, path_id, public, websocket_token
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +67,13 @@ async def room(request: web.Request) -> web.StreamResponse:
 
 def _on_text(rooms: RoomManager, meeting_id: int, conn: Connection, data: str) -> None:
     try:
-        frame = json.loads(data)
+        frame = decode_json(data)
         if not isinstance(frame, dict) or frame.get("type") != "meeting.chat":
             raise ValueError("expected {\"type\": \"meeting.chat\", \"payload\": {\"text\": ...}}")
         text = CHAT_IN.load(frame.get("payload") or {})["text"]
+    except DomainError as exc:  # not JSON, too deep, not valid Unicode
+        conn.push(frames.error(exc.code, exc.message))
+        return
     except (ValueError, ValidationError) as exc:
         conn.push(frames.error("bad_frame", str(exc)))
         return
