@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .web import AccessLogger, create_app
 
-    web.run_app(create_app(config), host=config.server.host, port=config.server.port, backlog=config.server.backlog,
+    try:
+        app = create_app(config)
+    except ConfigError as exc:
+        print(f"meeting: configuration error: {exc}", file=sys.stderr)
+        return 2
+    web.run_app(app, host=config.server.host, port=config.server.port, backlog=config.server.backlog,
                 access_log_class=AccessLogger, shutdown_timeout=config.server.shutdown_timeout, loop=_event_loop())
     return 0
 

@@ -18,9 +18,6 @@ from typing import Any, Mapping
 import yaml
 from marshmallow import Schema, ValidationError, fields, validate
 
-#: Shipped so that `python -m meeting` works with no setup; the server warns
-#: loudly whenever it runs with it.
-DEV_SECRET = "dev-secret-change-me-0123456789abcdef"
 ENV_PREFIX = "MEETING_"
 
 
@@ -63,7 +60,9 @@ class RedisConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    secret: str = _opt(DEV_SECRET, validate.Length(min=32, error="must be at least 32 characters (HS256 needs a 256-bit key)"))
+    #: None: read from `secret_file`, generated there on first start (meeting.signing).
+    secret: str | None = _opt(None, validate.Length(min=32, error="must be at least 32 characters (HS256 needs a 256-bit key)"))
+    secret_file: str | None = None
     token_ttl: int = _opt(3600, validate.Range(min=1))
     hash_time_cost: int = _opt(3, validate.Range(1, 20))
     hash_memory_kib: int = _opt(65536, validate.Range(min=8))
@@ -178,7 +177,13 @@ def build_config(data: Mapping[str, Any] | None = None, environ: Mapping[str, st
             key, msgs = next(iter(exc.normalized_messages().items()))
             raise ConfigError(f"{name}.{key}: {' '.join(map(str, msgs))}") from None
         built[name] = cls(**loaded)
-    return Config(**built)
+    config = Config(**built)
+    if config.redis.url and not config.auth.secret and not config.auth.secret_file:
+        raise ConfigError(
+            "auth.secret: must be set when redis.url is (every instance must sign and check tokens with the same "
+            "key); generate one with `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'` and give the "
+            "same value to every instance as MEETING_AUTH_SECRET (or auth.secret in the config file)")
+    return config
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -17,7 +17,8 @@ from marshmallow import ValidationError
 
 from . import db
 from .auth import AuthService, TokenCodec
-from .config import DEV_SECRET, Config
+from . import signing
+from .config import Config, with_overrides
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
 from .handlers import auth, health, meetings, messages, presence, rooms, users
@@ -173,8 +174,8 @@ async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: Config) -> web.Application:
-    if config.auth.secret == DEV_SECRET:
-        log.warning("!!! running with the shipped development JWT secret: set MEETING_AUTH_SECRET in production !!!")
+    """Raises ConfigError when there is no usable JWT secret (see meeting.signing)."""
+    config = with_overrides(config, auth={"secret": signing.resolve(config)})
     app = web.Application(
         middlewares=[error_middleware, auth_middleware],
         client_max_size=config.server.max_body_size,

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meeting.config import DEV_SECRET, Config, ConfigError, build_config, load_config
+from meeting.config import Config, ConfigError, build_config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,8 @@ def test_environment_overrides_file_with_typed_values() -> None:
     cfg = build_config(
         {"database": {"url": "sqlite+aiosqlite:///a.db"}},
         environ={"MEETING_DATABASE_URL": "mysql+aiomysql://u@h/db", "MEETING_DATABASE_POOL_SIZE": "3",
-                 "MEETING_DATABASE_ECHO": "true", "MEETING_REDIS_URL": "redis://x:1/0", "MEETING_REQUIRE_SERVICES": "1"},
+                 "MEETING_DATABASE_ECHO": "true", "MEETING_REDIS_URL": "redis://x:1/0", "MEETING_REQUIRE_SERVICES": "1",
+                 "MEETING_AUTH_SECRET": "a-secret-of-at-least-thirty-two-chars"},
     )
     assert cfg.database.url == "mysql+aiomysql://u@h/db"
     assert cfg.database.pool_size == 3 and cfg.database.echo is True
@@ -43,15 +44,16 @@ def test_bad_settings_fail_loudly_naming_the_key(data: dict, environ: dict, name
         build_config(data, environ=environ)
 
 
-def test_empty_secret_from_environment_is_refused() -> None:
-    with pytest.raises(ConfigError, match="auth.secret"):
-        build_config({}, environ={"MEETING_AUTH_SECRET": ""})
-
-
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml", environ={})
 
 
-def test_default_secret_is_the_development_one() -> None:
-    assert build_config({}, environ={}).auth.secret == DEV_SECRET
+def test_no_secret_ships_and_redis_without_one_is_refused() -> None:
+    assert build_config({}, environ={}).auth.secret is None
+    with pytest.raises(ConfigError, match=r"auth\.secret: must be set when redis\.url is.*token_urlsafe"):
+        build_config({"redis": {"url": "redis://127.0.0.1:6379/0"}}, environ={})
+    with pytest.raises(ConfigError, match=r"auth\.secret"):  # an empty variable is no secret either
+        build_config({}, environ={"MEETING_REDIS_URL": "redis://127.0.0.1:6379/0", "MEETING_AUTH_SECRET": ""})
+    shared = build_config({}, environ={"MEETING_REDIS_URL": "redis://127.0.0.1:6379/0", "MEETING_AUTH_SECRET": "s" * 32})
+    assert shared.auth.secret == "s" * 32

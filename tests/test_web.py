@@ -93,12 +93,3 @@ async def test_access_log_has_method_path_status_and_no_query(api: Api, caplog: 
     assert any(line.startswith("GET /healthz 200 ") and line.endswith("ms") for line in lines), lines
     assert "sekrit" not in caplog.text
 
-
-def test_development_secret_warns_loudly(caplog: Any) -> None:
-    from meeting.config import DEV_SECRET
-
-    create_app(base_config(auth={"secret": DEV_SECRET}))
-    assert any(r.levelname == "WARNING" and "development JWT secret" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    create_app(base_config())
-    assert not any("development JWT secret" in r.getMessage() for r in caplog.records)
