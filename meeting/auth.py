@@ -1,7 +1,11 @@
 """Identity: password hashing, JWT access tokens, registration and login.
 
-Argon2 is deliberately slow (tens of milliseconds), so hashing and verifying run
-in the default executor: a burst of logins must not stall live websockets.
+Argon2 is deliberately slow (tens of milliseconds and `hash_memory_kib` each), so
+hashing and verifying run on a few threads of their own (`auth.hash_workers`): a
+burst of logins must not stall live websockets, nor queue behind every other use of
+the default executor. The wait for a thread is bounded in count (`auth.hash_queue`):
+past it a login answers 503 with Retry-After at once, instead of every real login
+waiting seconds behind an attacker's hundreds.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import base64
 import datetime as dt
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import AuthConfig
 from .db import readers
-from .errors import Conflict, Unauthorized
+from .errors import Conflict, Unauthorized, Unavailable
 from .storage import users as user_store
 
 log = logging.getLogger(__name__)
@@ -87,9 +92,21 @@ class AuthService:
         self._hasher = PasswordHasher(time_cost=cfg.hash_time_cost, memory_cost=cfg.hash_memory_kib)
         # Verified against when the username is unknown, so both failures take the same time.
         self._dummy_hash = self._hasher.hash("not-a-real-password")
+        self._executor = ThreadPoolExecutor(cfg.hash_workers, thread_name_prefix="argon2")
+        self._admitted = cfg.hash_workers + cfg.hash_queue  # running or waiting
+        self._in_flight = 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _in_executor(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        if self._in_flight >= self._admitted:
+            raise Unavailable("Too many logins at once; try again in a moment.", code="auth_busy")
+        self._in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._in_flight -= 1
 
     async def register(self, username: str, password: str, display_name: str | None) -> dict[str, Any]:
         username = username.lower()
@@ -102,6 +119,15 @@ class AuthService:
         log.info("registered user %s", user["id"])
         return user
 
+    async def _rehash(self, user_id: int, password: str) -> None:
+        try:
+            password_hash = await self._in_executor(self._hasher.hash, password)
+        except Unavailable:
+            return  # next login, then
+        async with self._engine.begin() as conn:
+            await user_store.set_password_hash(conn, user_id, password_hash)
+        log.info("password hash of user %s upgraded to the current cost settings", user_id)
+
     async def login(self, username: str, password: str) -> dict[str, Any]:
         async with self._reads.connect() as conn:
             user = await user_store.by_username(conn, username.lower())
@@ -112,6 +138,8 @@ class AuthService:
             user = None
         if user is None:
             raise Unauthorized("Wrong username or password.", code="invalid_credentials")
+        if self._hasher.check_needs_rehash(stored):  # the cost settings were raised since it was stored
+            await self._rehash(user["id"], password)
         del user["password_hash"]
         return {
             "access_token": self._tokens.issue(user["id"]),

@@ -143,6 +143,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[message_service_key].on_stored.append(count_stored)
     yield
     await app[message_service_key].close()  # writes already accepted are finished, not dropped
+    app[auth_service_key].close()
 
 
 async def drain_then_close(app: web.Application) -> None:

@@ -130,3 +130,49 @@ def test_a_verified_token_is_remembered_until_it_expires_and_the_memory_is_bound
         with pytest.raises(Unauthorized) as expired:
             codec.decode(t)
         assert expired.value.code == "token_expired"
+
+
+async def test_logins_past_the_hashing_queue_get_503_at_once_and_real_ones_go_on(make_client: Any, config: Any) -> None:
+    """One hashing thread and one waiting place: of a burst of logins, at most two are
+    admitted and the rest answer 503 + Retry-After without queueing; afterwards a login
+    gets through as usual."""
+    from meeting.config import with_overrides
+
+    slow = with_overrides(config, auth={"hash_time_cost": 4, "hash_memory_kib": 65536, "hash_workers": 1, "hash_queue": 1})
+    api = Api(await make_client(slow))
+    await api.call("POST", REGISTER, json={"username": "dora", "password": "password123"}, expect=201)
+    answers = await asyncio.gather(*(api.client.post(LOGIN, json={"username": "dora", "password": "wrong-password"}) for _ in range(12)))
+    statuses = sorted(r.status for r in answers)
+    # two admitted at a time; one hash takes far longer than the burst takes to arrive
+    assert statuses.count(401) >= 2 and statuses.count(503) >= 6, statuses
+    assert set(statuses) <= {401, 503}
+    busy = [r for r in answers if r.status == 503]
+    assert all(r.headers["Retry-After"] == "1" for r in busy)
+    assert {(await r.json())["error"]["code"] for r in busy} == {"auth_busy"}
+    await api.call("POST", LOGIN, json={"username": "dora", "password": "password123"}, expect=200)
+
+
+async def test_login_upgrades_a_hash_made_with_weaker_settings(make_client: Any, config: Any, db_url: str) -> None:
+    import sqlalchemy as sa
+
+    from meeting.config import with_overrides
+    from meeting.db import create_engine, users
+
+    weak = Api(await make_client(config))  # the suite's cheap argon2 settings
+    await weak.call("POST", REGISTER, json={"username": "erin", "password": "password123"}, expect=201)
+    stronger = with_overrides(config, auth={"hash_time_cost": 2, "hash_memory_kib": 2048})
+    api = Api(await make_client(stronger))
+    engine = create_engine(config.database)
+    try:
+        async def stored() -> str:
+            async with engine.connect() as conn:
+                return (await conn.execute(sa.select(users.c.password_hash).where(users.c.username == "erin"))).scalar_one()
+        before = await stored()
+        assert "m=1024,t=1" in before
+        await api.call("POST", LOGIN, json={"username": "erin", "password": "password123"}, expect=200)
+        after = await stored()
+        assert "m=2048,t=2" in after and after != before
+        await api.call("POST", LOGIN, json={"username": "erin", "password": "password123"}, expect=200)
+        assert await stored() == after  # up to date now: not hashed again
+    finally:
+        await engine.dispose()

@@ -31,6 +31,10 @@ async def by_username(conn: AsyncConnection, username: str) -> dict[str, Any] | 
     return row._asdict() if row else None
 
 
+async def set_password_hash(conn: AsyncConnection, user_id: int, password_hash: str) -> None:
+    await conn.execute(users.update().where(users.c.id == user_id).values(password_hash=password_hash))
+
+
 async def by_id(conn: AsyncConnection, user_id: int) -> dict[str, Any] | None:
     row = (await conn.execute(sa.select(*PUBLIC_COLUMNS).where(users.c.id == user_id))).first()
     return row._asdict() if row else None
