@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .config import AuthConfig
 from .db import readers
 from .errors import Conflict, Unauthorized, Unavailable
+from .ratelimit import RateLimits
 from .storage import users as user_store
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ class TokenCodec:
 
 
 class AuthService:
-    def __init__(self, engine: AsyncEngine, tokens: TokenCodec, cfg: AuthConfig):
+    def __init__(self, engine: AsyncEngine, tokens: TokenCodec, cfg: AuthConfig, limits: RateLimits):
         self._engine = engine
+        self._limits = limits
         self._reads = readers(engine)
         self._tokens = tokens
         self._hasher = PasswordHasher(time_cost=cfg.hash_time_cost, memory_cost=cfg.hash_memory_kib)
@@ -129,14 +131,19 @@ class AuthService:
         log.info("password hash of user %s upgraded to the current cost settings", user_id)
 
     async def login(self, username: str, password: str) -> dict[str, Any]:
+        """Failed logins are counted per username (guessing one account's password from
+        many addresses); once over the limit even the right password waits."""
+        username = username.lower()
+        await self._limits.check("login_failures_per_username", username)
         async with self._reads.connect() as conn:
-            user = await user_store.by_username(conn, username.lower())
+            user = await user_store.by_username(conn, username)
         stored = user["password_hash"] if user else self._dummy_hash
         try:
             await self._in_executor(self._hasher.verify, stored, password)
         except (VerificationError, InvalidHashError):
             user = None
         if user is None:
+            await self._limits.hit("login_failures_per_username", username)
             raise Unauthorized("Wrong username or password.", code="invalid_credentials")
         if self._hasher.check_needs_rehash(stored):  # the cost settings were raised since it was stored
             await self._rehash(user["id"], password)

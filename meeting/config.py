@@ -70,6 +70,12 @@ class AuthConfig:
     hash_queue: int = _opt(64, validate.Range(0, 100_000))
 
 
+def _origins(value: str) -> None:
+    for origin in filter(None, (o.strip() for o in value.split(","))):
+        if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+            raise ValidationError(f"{origin!r} is not an origin like https://app.example.com")
+
+
 @dataclass(frozen=True)
 class PushConfig:
     enabled: bool = True
@@ -81,6 +87,7 @@ class PushConfig:
     backlog_limit: int = _opt(1000, validate.Range(min=0))
     token_expiry_notice: float = _opt(60.0, validate.Range(min=0))
     compress: bool = False
+    allowed_origins: str = _opt("", _origins)
 
 
 def _networks(value: str) -> None:
@@ -99,6 +106,29 @@ class MetricsConfig:
     allow: str = _opt("", _networks)
 
 
+def _rate(value: str) -> None:
+    from limits import parse
+
+    try:
+        parse(value)
+    except ValueError:
+        raise ValidationError(f"{value!r} is not a rate like 10/minute or 10/15 minutes") from None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    enabled: bool = True
+    login_failures_per_username: str = _opt("10/15 minutes", _rate)
+    logins_per_address: str = _opt("60/minute", _rate)
+    registrations_per_address: str = _opt("30/hour", _rate)
+    sends_per_user: str = _opt("20/second", _rate)
+    connects_per_user: str = _opt("30/minute", _rate)
+    connects_per_address: str = _opt("120/minute", _rate)
+    chat_per_connection: str = _opt("5/second", _rate)
+    strikes: int = _opt(10, validate.Range(1, 10_000))
+    trusted_proxies: str = _opt("", _networks)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = _opt("INFO", validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]))
@@ -112,6 +142,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     push: PushConfig = field(default_factory=PushConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

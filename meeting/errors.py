@@ -44,6 +44,16 @@ class Conflict(DomainError):
     status, code = 409, "conflict"
 
 
+class TooManyRequests(DomainError):
+    """A rate limit (meeting.ratelimit); `retry_after` says when a place frees up."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, details: dict[str, Any] | None = None):
+        super().__init__(message, details)
+        self.retry_after = retry_after
+
+
 class Invalid(DomainError):
     """Well-formed input that breaks a rule (unknown recipients, schema errors)."""
 

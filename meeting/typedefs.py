@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .messages import MessageService
     from .metrics import PushStats
     from .presence import Presence
+    from .ratelimit import RateLimits
     from .push import PushHub
     from .rooms import RoomManager
     from .users import UserService
@@ -38,6 +39,7 @@ cache_key = web.AppKey("cache", "MessageCache")
 message_service_key = web.AppKey("message_service", "MessageService")
 meeting_service_key = web.AppKey("meeting_service", "MeetingService")
 presence_key = web.AppKey("presence", "Presence")
+limits_key = web.AppKey("limits", "RateLimits")
 push_hub_key = web.AppKey("push_hub", "PushHub")
 #: The connection map: user id -> that user's live /ws/messages connections.
 ws_users = web.AppKey("ws_users", "dict[int, set[UserConnection]]")

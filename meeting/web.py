@@ -28,11 +28,12 @@ from .meetings import MeetingService
 from .metrics import metrics, setup_metrics
 from .openapi import openapi_json
 from .presence import Presence
+from .ratelimit import RateLimits
 from .push import push_ctx
 from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
-    auth_service_key, cache_key, config_key, engine_key, meeting_service_key, message_service_key, redis_key,
+    auth_service_key, cache_key, config_key, engine_key, limits_key, meeting_service_key, message_service_key, redis_key,
     presence_key, push_hub_key, rooms_key, stats_key, tokens_key, user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
@@ -128,7 +129,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[config_key]
     tokens = TokenCodec(cfg.auth.secret, cfg.auth.token_ttl)
     app[tokens_key] = tokens
-    app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth)
+    app[limits_key] = RateLimits(cfg.limits, app[redis_key], cfg.redis)
+    app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth, app[limits_key])
     app[user_service_key] = UserService(app[engine_key])
     app[cache_key] = MessageCache(app[redis_key], cfg.redis)
     app[message_service_key] = MessageService(app[engine_key], app[cache_key],

@@ -27,7 +27,7 @@ from .connection import (
     CLOSE_SERVER_ERROR, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED, Connection,
 )
 from .errors import DomainError, Unauthorized
-from .handlers.common import decode_json, doc, parse_query, public, websocket_token
+from .handlers.common import decode_json, doc, admit_websocket, parse_query, public, websocket_token
 from .schemas import Id, QueryInt
 from .sequencing import SeqGate
 from .typedefs import config_key, message_service_key, push_hub_key, stats_key, tokens_key
@@ -151,7 +151,7 @@ class RefreshIn(Schema):
 CONNECT_QUERY, CLIENT_FRAME, READ_IN, REFRESH_IN = ConnectQuery(), ClientFrame(), ReadIn(), RefreshIn()
 
 
-@doc("Real-time push WebSocket (upgrade); see docs/websocket.md", response=(101, None), errors=(401,), tag="push")
+@doc("Real-time push WebSocket (upgrade); see docs/websocket.md", response=(101, None), errors=(401, 403, 429), tag="push")
 @public  # authenticates itself: browsers cannot set headers on a WebSocket
 async def messages_ws(request: web.Request) -> web.StreamResponse:
     app = request.app
@@ -159,6 +159,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     if token is None:
         raise Unauthorized("A token is required (`bearer` subprotocol, Authorization header or `token` query).", code="missing_token")
     claims = app[tokens_key].decode(token)
+    await admit_websocket(request, claims.user_id)
     since = parse_query(request, CONNECT_QUERY)["since"]
     cfg = app[config_key].push
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",),

@@ -97,9 +97,11 @@ def redis_url() -> str:
 
 
 def base_config(**sections: dict[str, Any]) -> Config:
-    """Defaults, a test secret and cheap password hashing; environment ignored."""
+    """Defaults, a test secret, cheap password hashing and no rate limits (tests send far
+    faster than a person; tests/test_ratelimit.py turns them on); environment ignored."""
     cfg = build_config({}, environ={})
-    cfg = with_overrides(cfg, auth={"secret": TEST_SECRET, "hash_time_cost": 1, "hash_memory_kib": 1024})
+    cfg = with_overrides(cfg, auth={"secret": TEST_SECRET, "hash_time_cost": 1, "hash_memory_kib": 1024},
+                         limits={"enabled": False})
     return with_overrides(cfg, **sections) if sections else cfg
 
 

@@ -60,7 +60,7 @@ def instance_env(mariadb_url: str, redis_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEETING_")}
     env.update(MEETING_DATABASE_URL=mariadb_url, MEETING_REDIS_URL=redis_url, MEETING_REDIS_PREFIX=f"t{uuid.uuid4().hex[:10]}",
                MEETING_AUTH_SECRET=TEST_SECRET, MEETING_AUTH_HASH_TIME_COST="1", MEETING_AUTH_HASH_MEMORY_KIB="1024",
-               MEETING_PUSH_HEARTBEAT=str(HEARTBEAT), PYTHONUNBUFFERED="1")
+               MEETING_PUSH_HEARTBEAT=str(HEARTBEAT), MEETING_LIMITS_ENABLED="false", PYTHONUNBUFFERED="1")
     return env
 
 

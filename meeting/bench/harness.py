@@ -42,13 +42,15 @@ def _free_port() -> int:
 async def spawn_server(env: dict[str, str]) -> Server:
     """`python -m meeting` on a free port; SQLite in a temp dir unless env says otherwise.
     Password hashing is cheapened: the bench measures messaging, not argon2. A fresh JWT
-    secret each run, since one is required once `--env MEETING_REDIS_URL=...` is given."""
+    secret each run, since one is required once `--env MEETING_REDIS_URL=...` is given; no rate
+    limits (a bench user sends far faster than a person may)."""
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="meeting-bench-")
     full = {**os.environ, "MEETING_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
             "MEETING_AUTH_HASH_TIME_COST": "1", "MEETING_AUTH_HASH_MEMORY_KIB": "1024",
             "MEETING_LOGGING_LEVEL": "WARNING", "MEETING_PUSH_MAX_CONNECTIONS_PER_USER": "100",
-            "MEETING_AUTH_SECRET": secrets.token_urlsafe(48), "PYTHONUNBUFFERED": "1", **env}
+            "MEETING_AUTH_SECRET": secrets.token_urlsafe(48), "MEETING_LIMITS_ENABLED": "false",
+            "PYTHONUNBUFFERED": "1", **env}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting", "--port", str(port), cwd=workdir, env=full,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None

@@ -9,7 +9,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 from aiohttp import web
 from marshmallow import Schema
 
-from ..errors import BadRequest, Invalid, NotFound
+from ..errors import BadRequest, Forbidden, Invalid, NotFound
+from ..typedefs import config_key, limits_key
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
@@ -92,6 +93,27 @@ def parse_query(request: web.Request, schema: Schema) -> Any:
 
 #: A path id: ASCII digits only (`\d` also matches other scripts' digits), at most 19 of them.
 ID = r"{id:[0-9]{1,19}}"
+
+
+async def limit(request: web.Request, rule: str, *identity: object) -> None:
+    """Count this request against a rate limit (meeting.ratelimit): 429 past it."""
+    await request.app[limits_key].hit(rule, *identity)
+
+
+def client_address(request: web.Request) -> str:
+    return request.app[limits_key].client_address(request)
+
+
+async def admit_websocket(request: web.Request, user_id: int) -> None:
+    """Both WebSockets, before the upgrade: a page from an origin not in
+    `push.allowed_origins` gets a 403 (a browser always sends Origin; other clients
+    need not), and a reconnect loop gone wild gets a 429."""
+    allowed = request.app[config_key].push.allowed_origins
+    origin = request.headers.get("Origin")
+    if allowed and origin is not None and origin.rstrip("/") not in {o.strip().rstrip("/") for o in allowed.split(",")}:
+        raise Forbidden("WebSockets from this origin are not allowed.", code="origin_not_allowed")
+    await limit(request, "connects_per_address", client_address(request))
+    await limit(request, "connects_per_user", user_id)
 
 
 def path_id(request: web.Request, name: str = "id") -> int:

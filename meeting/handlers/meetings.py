@@ -4,7 +4,7 @@ from aiohttp import web
 
 from ..schemas import CreateMeetingSchema, MeetingPageSchema, MeetingSchema, PageQuery
 from ..typedefs import meeting_service_key, user_id_key
-from .common import doc, parse_body, parse_query, path_id, respond
+from .common import doc, limit, parse_body, parse_query, path_id, respond
 
 # Built once: schemas are stateless, and constructing one costs more than using it.
 CREATE_MEETING_SCHEMA = CreateMeetingSchema()
@@ -13,8 +13,9 @@ MEETING_SCHEMA = MeetingSchema()
 PAGE_QUERY = PageQuery()
 
 
-@doc("Create a meeting; every other participant gets a meeting.invite message", body=CreateMeetingSchema, response=(201, MeetingSchema), tag="meetings")
+@doc("Create a meeting; every other participant gets a meeting.invite message", body=CreateMeetingSchema, response=(201, MeetingSchema), errors=(429,), tag="meetings")
 async def create(request: web.Request) -> web.Response:
+    await limit(request, "sends_per_user", request[user_id_key])  # it sends the invitations
     body = await parse_body(request, CREATE_MEETING_SCHEMA)
     meeting = await request.app[meeting_service_key].create(request[user_id_key], **body)
     return respond(MEETING_SCHEMA, meeting, status=201)

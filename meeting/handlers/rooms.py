@@ -8,11 +8,12 @@ from aiohttp import WSMsgType, web
 from marshmallow import Schema, ValidationError, fields, validate
 
 from .. import frames
-from ..connection import CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
-from ..errors import DomainError, Forbidden, Unauthorized
+from ..connection import CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
+from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
+from ..ratelimit import RateLimits
 from ..rooms import RoomManager
-from ..typedefs import config_key, meeting_service_key, rooms_key, tokens_key
-from .common import decode_json, doc, path_id, public, websocket_token
+from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key, tokens_key
+from .common import decode_json, doc, admit_websocket, path_id, public, websocket_token
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,11 @@ async def authenticate(request: web.Request) -> int:
     return request.app[tokens_key].decode(token).user_id
 
 
-@doc("Meeting-room WebSocket (upgrade); token in `token` query, Authorization header or `bearer` subprotocol", response=(101, None), errors=(401, 403), tag="meetings")
+@doc("Meeting-room WebSocket (upgrade); token in `token` query, Authorization header or `bearer` subprotocol", response=(101, None), errors=(401, 403, 429), tag="meetings")
 @public  # authenticates itself: browsers cannot set headers on a WebSocket
 async def room(request: web.Request) -> web.StreamResponse:
     user_id = await authenticate(request)
+    await admit_websocket(request, user_id)
     meeting_id = path_id(request)
     if not await request.app[meeting_service_key].is_participant(user_id, meeting_id):
         raise Forbidden("Only participants may join this meeting's room.", code="not_a_participant")
@@ -47,10 +49,19 @@ async def room(request: web.Request) -> web.StreamResponse:
     conn = Connection(ws, user_id, cfg.queue_limit)
     rooms.broadcast(meeting_id, frames.encode("meeting.joined", {"user_id": user_id}))
     rooms.join(meeting_id, conn)
+    limits = request.app[limits_key]
+    strikes = 0  # frames refused in a row for the chat rate limit
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                _on_text(rooms, meeting_id, conn, msg.data)
+                try:
+                    await _on_text(rooms, limits, meeting_id, conn, msg.data)
+                    strikes = 0
+                except TooManyRequests as exc:
+                    conn.push(frames.error(exc.code, f"{exc.message} Wait {exc.retry_after} s."))
+                    strikes += 1
+                    if strikes >= request.app[config_key].limits.strikes:
+                        await conn.flush_and_close(CLOSE_POLICY_VIOLATION, "rate limit: too many frames", CLOSE_TIMEOUT)
             elif msg.type == WSMsgType.BINARY:
                 await conn.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
             elif msg.type == WSMsgType.ERROR:
@@ -65,7 +76,7 @@ async def room(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _on_text(rooms: RoomManager, meeting_id: int, conn: Connection, data: str) -> None:
+async def _on_text(rooms: RoomManager, limits: RateLimits, meeting_id: int, conn: Connection, data: str) -> None:
     try:
         frame = decode_json(data)
         if not isinstance(frame, dict) or frame.get("type") != "meeting.chat":
@@ -77,4 +88,5 @@ def _on_text(rooms: RoomManager, meeting_id: int, conn: Connection, data: str) -
     except (ValueError, ValidationError) as exc:
         conn.push(frames.error("bad_frame", str(exc)))
         return
+    await limits.hit("chat_per_connection", conn.id, shared=False)  # the socket lives here: so does its count
     rooms.broadcast(meeting_id, frames.encode("meeting.chat", {"user_id": conn.user_id, "text": text}))
