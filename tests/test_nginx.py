@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import shutil
 from pathlib import Path
 from typing import AsyncIterator
@@ -29,7 +30,10 @@ async def proxy(instances: list[Instance], tmp_path: Path) -> AsyncIterator[tupl
             .replace("127.0.0.1:8081", f"127.0.0.1:{instances[0].port}")
             .replace("127.0.0.1:8082", f"127.0.0.1:{instances[1].port}")
             .replace("listen 8080;", f"listen 127.0.0.1:{port};")
-            .replace("worker_connections 16384;", "worker_connections 1024;"))
+            .replace("worker_connections 16384;", "worker_connections 1024;")
+            .replace("limit_conn sockets 100;", "limit_conn sockets 6;")   # small enough to reach in a test
+            .replace("zone=sends burst=100", "zone=sends burst=10")
+            .replace("max_fails=3", "max_fails=0"))  # a dead instance keeps getting tried: its failures keep being logged
     prefix = tmp_path / "nginx"
     (prefix / "logs").mkdir(parents=True)
     (prefix / "nginx.conf").write_text(conf)
@@ -50,13 +54,14 @@ async def proxy(instances: list[Instance], tmp_path: Path) -> AsyncIterator[tupl
                 await asyncio.sleep(0.05)
 
     await asyncio.wait_for(up(), 15)
-    yield url, prefix / "logs" / "access.log"
+    yield url, prefix / "logs"
     proc.terminate()
     await asyncio.wait_for(proc.wait(), 10)
 
 
 async def test_http_and_websockets_through_nginx(proxy: tuple[str, Path]) -> None:
-    url, access_log = proxy
+    url, logs = proxy
+    access_log = logs / "access.log"
     async with aiohttp.ClientSession(url) as http:
         alice, bob = await _user(http, "alice"), await _user(http, "bob")
         devices = [Device(await http.ws_connect("/ws/messages", params={"token": bob["token"]})).pump() for _ in range(4)]
@@ -74,3 +79,52 @@ async def test_http_and_websockets_through_nginx(proxy: tuple[str, Path]) -> Non
 
     log = await asyncio.wait_for(logged(), 10)
     assert bob["token"] not in log and "token=" not in log
+
+
+async def test_nginx_limits_answer_json_429_and_hide_its_version(proxy: tuple[str, Path]) -> None:
+    url, _ = proxy
+    async with aiohttp.ClientSession(url) as http:
+        alice = await _user(http, "alice")
+        async with http.get("/healthz") as r:
+            assert r.headers["Server"] == "nginx"  # server_tokens off: no version
+
+        async def status(method: str, path: str, **kwargs: object) -> tuple[int, str, str | None]:
+            async with http.request(method, path, **kwargs) as r:
+                return r.status, r.content_type, r.headers.get("Retry-After")
+
+        logins = await asyncio.gather(*(status("POST", "/auth/login", json={"username": "alice", "password": "nope"})
+                                        for _ in range(60)))
+        assert {s for s, _, _ in logins} == {401, 429}  # 5 r/s with a burst of 20: the rest are refused
+        assert all(t == "application/json" and ra == "1" for s, t, ra in logins if s == 429)
+        sends = await asyncio.gather(*(status("POST", "/messages", json={"recipient_ids": [alice["id"]], "content": "x"},
+                                              headers={"Authorization": f"Bearer {alice['token']}"}) for _ in range(60)))
+        assert {s for s, _, _ in sends} == {201, 429}
+        reads = await asyncio.gather(*(status("GET", "/messages", headers={"Authorization": f"Bearer {alice['token']}"})
+                                       for _ in range(60)))
+        assert {s for s, _, _ in reads} == {200}  # only POSTs count against sends
+        sockets = [await http.ws_connect("/ws/messages", params={"token": alice["token"]}) for _ in range(6)]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect("/ws/messages", params={"token": alice["token"]})
+        assert refused.value.status == 429
+        for ws in sockets:
+            await ws.close()
+
+
+async def test_nginx_error_log_never_records_a_websocket_token(proxy: tuple[str, Path], instances: list[Instance]) -> None:
+    url, logs = proxy
+    async with aiohttp.ClientSession(url) as http:
+        bob = await _user(http, "bob")
+    instances[0].proc.send_signal(signal.SIGKILL)  # an upstream that refuses connections
+    await asyncio.wait_for(instances[0].proc.wait(), 10)
+    # A new connection per request (so both nginx workers serve some), round robin among
+    # equals: about half of these try the dead instance first, then the live one.
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(8):
+            ws = await http.ws_connect("/ws/messages", params={"token": bob["token"]})
+            await ws.close()
+        for _ in range(8):
+            async with http.get("/healthz") as r:
+                assert r.status == 200
+    errors = (logs / "error.log").read_text()
+    assert "while connecting to upstream" in errors  # the REST requests' failed attempts are logged
+    assert bob["token"] not in errors and "token=" not in errors and "/ws/messages" not in errors
