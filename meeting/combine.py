@@ -9,7 +9,9 @@ it runs goes into the next batch, up to `max_batch` items.
 
 One bad item must not fail its neighbours: `run` answers per item (a result or
 an exception), and if the whole batch raises, each item is retried alone so
-the failure lands only on the item that causes it.
+the failure lands only on the item that causes it. That retry is only safe for
+a batch that was certainly not applied: a run that cannot tell (its COMMIT failed
+ambiguously) answers per item or raises OutcomeUnknown, which is never retried.
 
 A submitted item is written even if its submitter is cancelled meanwhile (a
 client that hung up after sending has still sent): the batch task is not the
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 RunBatch = Callable[[list[T]], Awaitable[list[R | Exception]]]
+
+
+class OutcomeUnknown(Exception):
+    """Raised by a run whose batch may have been applied: every item gets it, none is retried."""
 
 
 class Combiner(Generic[T, R]):
@@ -69,6 +75,9 @@ class Combiner(Generic[T, R]):
     async def _outcomes(self, items: list[T]) -> list[R | Exception]:
         try:
             outcomes = await self._run(items)
+        except OutcomeUnknown as exc:
+            log.error("a batch of %d writes may or may not have been applied (%s); not retried", len(items), exc)
+            return [exc] * len(items)
         except Exception as exc:
             if len(items) == 1:
                 return [exc]

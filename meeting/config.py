@@ -90,6 +90,13 @@ class PushConfig:
     allowed_origins: str = _opt("", _origins)
 
 
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    ttl: int = _opt(86400, validate.Range(min=1))
+    max_key_length: int = _opt(255, validate.Range(1, 255))  # the column holds 255
+    prune_interval: float = _opt(600.0, validate.Range(min=0.01))
+
+
 def _networks(value: str) -> None:
     import ipaddress
 
@@ -141,6 +148,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -8,6 +8,7 @@ variants, connection set-up, and the transaction mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -121,6 +122,27 @@ message_recipients = Table(
     **MYSQL_TABLE_ARGS,
 )
 
+#: Idempotency-Key ASCII only, compared byte for byte (case matters) on both backends.
+IdempotencyKey = String(255).with_variant(mysql.VARCHAR(255, charset="ascii", collation="ascii_bin"), "mysql", "mariadb")
+#: A stored response body: a 1000-recipient message of 10,000 escaped characters can pass TEXT's 64 KiB.
+ResponseBody = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+
+# The response of a POST that carried an Idempotency-Key (see meeting.idempotency),
+# written in the same transaction as what it created. No foreign key to users: an
+# insert here must not take a shared lock on the users row (writers lock users
+# first, FOR UPDATE), and expired rows are pruned anyway.
+idempotency_keys = Table(
+    "idempotency_keys", metadata,
+    Column("user_id", Id, primary_key=True, autoincrement=False),
+    Column("idempotency_key", IdempotencyKey, primary_key=True),
+    Column("fingerprint", String(64), nullable=False),  # sha256 hex of method, route and canonical body
+    Column("status", Integer, nullable=False),
+    Column("response", ResponseBody, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_idempotency_keys_created", "created_at"),
+    **MYSQL_TABLE_ARGS,
+)
+
 
 def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
     url = make_url(cfg.url)
@@ -189,16 +211,27 @@ def lock_conflict(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(getattr(orig, "args", None)) and orig.args[0] in LOCK_CONFLICTS
 
 
+class CommitFailed(Exception):
+    """The COMMIT itself raised (e.g. the connection was lost while committing): the
+    transaction may or may not have been applied, so it is never retried here. `result`
+    is what the work returned. Anything raised before the COMMIT leaves as itself: then
+    nothing was applied."""
+
+    def __init__(self, message: str, result: Any):
+        super().__init__(message)
+        self.result = result
+
+
 async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], attempts: int) -> T:
     """Run `work` in one transaction, and run it again, whole, when the database picked it
     as a deadlock victim or it timed out waiting for a lock: nothing of it was committed,
     so a retry is safe (and `work` must do nothing outside the transaction). Writers lock
     users rows in one order, so this is the rare case; when it keeps happening the caller
-    gets a retryable 503, never a 500."""
+    gets a retryable 503, never a 500. A failed COMMIT raises CommitFailed, never retried
+    here (see meeting.messages for how it is settled)."""
     for attempt in range(1, attempts + 1):
         try:
-            async with engine.begin() as conn:
-                return await work(conn)
+            return await _once(engine, work)
         except DBAPIError as exc:
             if not lock_conflict(exc):
                 raise
@@ -206,6 +239,27 @@ async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awa
         if attempt < attempts:
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))  # de-synchronise the colliding writers
     raise Unavailable("The database is busy; nothing was stored. Try again.", code="database_busy")
+
+
+async def _once(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """`engine.begin()` around `work`, except that a failure of the COMMIT raises CommitFailed."""
+    async with engine.connect() as conn:
+        tx = await conn.begin()
+        try:
+            result = await work(conn)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a lost connection cannot roll back; the server does
+                await tx.rollback()
+            raise
+        try:
+            await tx.commit()
+        except Exception as exc:
+            # Its state is unknown: closed, never back to the pool (closing rolls back what
+            # the server still holds open; on MariaDB the server also sees the socket close).
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            raise CommitFailed(f"{type(exc).__name__}: {exc}", result) from exc
+        return result
 
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")

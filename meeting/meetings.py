@@ -1,7 +1,8 @@
 """Meetings: creation with invitations, listing, and who may enter a room.
 
 A meeting and its invitations are written in one transaction through the
-MessageService's batch, so nobody is left uninvited by a half-done creation.
+MessageService's batch, so nobody is left uninvited by a half-done creation;
+with an Idempotency-Key, its stored response too (see meeting.idempotency).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from typing import Any, Iterable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import readers
-from .errors import Invalid, NotFound, Unauthorized
-from .messages import MEETING_INVITE, Batch, MessageService
+from .errors import DomainError, Invalid, NotFound, Unauthorized
+from .idempotency import Keys, Once, Response
+from .messages import MEETING_INVITE, Batch, MessageService, NotApplied
 from .storage import meetings as store
 from .storage import messages as message_store
+from .storage import outcomes
+from .storage.idempotency import KeyTaken
 
 MAX_PARTICIPANTS = 1000
 
@@ -32,7 +36,8 @@ class MeetingService:
         self._messages = messages
 
     async def create(self, organizer_id: int, title: str, participant_ids: Iterable[int],
-                     starts_at: dt.datetime | None = None) -> dict[str, Any]:
+                     starts_at: dt.datetime | None = None, once: Once | None = None) -> dict[str, Any] | Response:
+        """The meeting; with `once` (an Idempotency-Key) its Response, first or replayed."""
         if starts_at is not None:
             starts_at = starts_at.astimezone(dt.timezone.utc)
         invitees = sorted(set(participant_ids) - {organizer_id})
@@ -40,21 +45,34 @@ class MeetingService:
             raise Invalid("Too many participants.", {"participant_ids": [f"At most {MAX_PARTICIPANTS - 1} besides the organizer."]})
         participants = sorted([organizer_id, *invitees])
 
-        async def write(batch: Batch) -> dict[str, Any]:
+        async def write(batch: Batch) -> dict[str, Any] | Response:
             # Lock first, as a send does: the inserts' foreign-key locks must not come first.
             existing = await message_store.lock_users(batch.conn, participants)
             if organizer_id not in existing:  # a token outliving its user
                 raise Unauthorized("The user this token was issued to does not exist.", code="unknown_user")
             unknown = sorted(set(invitees) - set(existing))
+            # The organizer's row is locked now: a concurrent creation with this key has committed or waits.
+            if once is not None and (claimed := await self._messages.keys.claim(batch.conn, [(organizer_id, once)])):
+                if isinstance(claimed[0], DomainError):
+                    raise claimed[0]
+                return claimed[0]  # type: ignore[return-value]  # the stored response: nothing written
             if unknown:
                 raise Invalid("Some participants do not exist.", {"participant_ids": [f"Unknown user ids: {unknown}"], "unknown_ids": unknown})
             meeting = await store.insert(batch.conn, title, organizer_id, starts_at, participants)
+            batch.proof = lambda conn: outcomes.meeting_committed(conn, meeting["id"], organizer_id, meeting["created_at"])
             if invitees:
                 await batch.send(organizer_id, invitees, invitation_text(title, starts_at),
                                  type_=MEETING_INVITE, meeting_id=meeting["id"])
-            return meeting
+            if once is None:
+                return meeting
+            response = once.render(meeting)
+            await Keys.record(batch.conn, [(organizer_id, once, response)])  # the last statement
+            return response
 
-        return await self._messages.in_batch(write)
+        try:
+            return await self._messages.in_batch(write)
+        except (KeyTaken, NotApplied):  # nothing was stored; with KeyTaken a request with this key won a race
+            return await self._messages.in_batch(write)  # and now its row answers
 
     async def list_for(self, user_id: int, limit: int, before: int | None) -> dict[str, Any]:
         async with self._reads.connect() as conn:

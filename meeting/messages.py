@@ -4,6 +4,15 @@ It knows nothing of HTTP or websockets. Whoever needs to react to a stored or
 read message (real-time push) registers a listener; listeners run only after
 the transaction committed, so nobody is ever told about a message that a
 rollback then erased.
+
+A write whose COMMIT fails (connection lost while committing) may or may not
+have been applied. It is never retried blindly: the service looks, with a
+locking read, for a row only that transaction inserted. Applied: the answers
+stand. Not applied: it fails like any error before the commit (the group
+commit then retries each send alone, and a lone send runs once more: safe).
+Unknown (the database cannot be asked): each send that would have stored
+something fails with 503 `commit_unknown`, which an Idempotency-Key makes safe
+to retry.
 """
 
 from __future__ import annotations
@@ -13,17 +22,21 @@ import datetime as dt
 import functools
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .cache import MessageCache
-from .combine import Combiner
-from .db import readers, transaction
+from .combine import Combiner, OutcomeUnknown
+from .db import CommitFailed, readers, transaction
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
+from .idempotency import Keys, Once, Response
 from .recipients import RecipientLists
 from .storage import meetings as meeting_store
 from .storage import messages as store
+from .storage import outcomes
+from .storage.idempotency import KeyTaken
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +50,43 @@ Message = dict[str, Any]
 T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
 ReadListener = Callable[[int, list[int], int], Awaitable[None]]
+#: Whether a transaction whose COMMIT failed was applied (None: cannot tell).
+Proof = Callable[[AsyncConnection], Awaitable[bool]]
+
+
+class CommitUnknown(DomainError, OutcomeUnknown):
+    """The COMMIT failed and nobody can tell whether it was applied: never retried here."""
+
+    status, code, retry_after = 503, "commit_unknown", 1
+
+
+def commit_unknown() -> CommitUnknown:
+    return CommitUnknown("The database connection was lost while committing: this request may or may not have been "
+                         "stored. Retry it with an Idempotency-Key header (send one on every POST to make retries safe).")
+
+
+class NotApplied(Unavailable):
+    """A COMMIT failed and the transaction was not applied: retrying is safe."""
+
+    code = "commit_failed"
+
+
+@dataclass(frozen=True)
+class Send:
+    """One send waiting for the group commit: the draft and its Idempotency-Key, if any."""
+    draft: store.Draft
+    once: Once | None = None
+
+
+def _stores(result: Any) -> bool:
+    """Whether this answer stored a message (not a refusal, not a replay)."""
+    return isinstance(result, dict) or (isinstance(result, Response) and result.fresh is not None)
+
+
+def fresh(results: Iterable[Any]) -> list[Message]:
+    """The messages a transaction stored, in order (a keyed send carries its own)."""
+    return [r if isinstance(r, dict) else r.fresh for r in results if _stores(r)]
+
 
 
 def _write_op(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -84,22 +134,44 @@ def draft(sender_id: int, recipient_ids: Iterable[int], content: str, *, type_: 
     return store.Draft(sender_id, recipients, content, type_, meeting_id)
 
 
-async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft]) -> list[Message | DomainError]:
-    """Store what may be stored; answer a domain error for each draft that may not."""
+async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: Keys | None = None,
+                       onces: list[Once | None] | None = None) -> list[Message | DomainError | Response]:
+    """Store what may be stored; answer a domain error for each draft that may not.
+
+    With `onces` (an Idempotency-Key per draft, or None): a keyed draft whose key
+    was used answers the stored response (or KeyReused) and stores nothing; a keyed
+    draft stored answers its rendered Response, recorded in this transaction."""
+    asks = [None if o is None else (d.sender_id, o) for d, o in zip(drafts, onces or ())]
+    claimed = await keys.claim(conn, asks) if keys is not None and any(asks) else {}
     refused: dict[int, DomainError] = {}
     for i, d in enumerate(drafts):
+        if i in claimed:
+            continue
         if d.meeting_id is not None:
             members = await meeting_store.participants_among(conn, d.meeting_id, [d.sender_id, *d.recipient_ids])
             if members != {d.sender_id, *d.recipient_ids}:
                 refused[i] = Forbidden("The sender and every recipient must take part in that meeting.", code="not_a_participant")
-    allowed = [d for i, d in enumerate(drafts) if i not in refused]
+    allowed = [d for i, d in enumerate(drafts) if i not in refused and i not in claimed]
     answers = iter(await store.insert_many(conn, allowed) if allowed else [])
-    results: list[Message | DomainError] = []
+    results: list[Any] = []
+    done: list[tuple[int, Once, Response]] = []
     for i in range(len(drafts)):
+        if i in claimed:
+            results.append(None)  # answered below, once the batch's own outcomes are known
+            continue
         answer = refused.get(i) or next(answers)
         if isinstance(answer, list):  # unknown users: that draft took no seq
             answer = _unknown(drafts[i].sender_id, sorted(answer))
+        ask = asks[i] if asks else None
+        if ask is not None and isinstance(answer, dict):
+            rendered = ask[1].render(answer)
+            answer = Response(rendered.status, rendered.body, fresh=answer)
+            done.append((ask[0], ask[1], answer))
         results.append(answer)
+    for i, claim in claimed.items():
+        results[i] = Keys.duplicate(asks, i, claim, results[claim]) if isinstance(claim, int) else claim
+    if done:
+        await Keys.record(conn, done)
     return results
 
 
@@ -115,6 +187,8 @@ class Batch:
     def __init__(self, conn: AsyncConnection):
         self.conn = conn
         self.stored: list[Message] = []
+        #: How to tell, if the COMMIT fails, whether this batch was applied: set with its first row.
+        self.proof: Proof | None = None
 
     async def send(self, sender_id: int, recipient_ids: Iterable[int], content: str, *,
                    type_: str = TEXT, meeting_id: int | None = None) -> Message:
@@ -122,18 +196,25 @@ class Batch:
         if isinstance(result, DomainError):
             raise result  # rolls the whole batch back
         self.stored.append(result)
+        self.proof = self.proof or _message_proof(result)
         return result
 
 
+def _message_proof(message: Message) -> Proof:
+    return lambda conn: outcomes.message_committed(conn, message["id"], message["sender_id"], message["created_at"])
+
+
 class MessageService:
-    def __init__(self, engine: AsyncEngine, cache: MessageCache, max_batch: int = 64, transaction_attempts: int = 4):
+    def __init__(self, engine: AsyncEngine, cache: MessageCache, max_batch: int = 64, transaction_attempts: int = 4,
+                 keys: Keys | None = None):
         self._engine = engine
         self._attempts = transaction_attempts
         self._reads = readers(engine)
         self._cache = cache
+        self.keys = keys or Keys(ttl=86400)
         self.on_stored: list[StoredListener] = []
         self.on_read: list[ReadListener] = []
-        self.writer: Combiner[store.Draft, Message] = Combiner(self._write, max_batch)
+        self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         self.recipients = RecipientLists()
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
@@ -164,25 +245,60 @@ class MessageService:
             batch = Batch(conn)  # a retry starts from nothing sent
             return await work(batch)
 
-        result = await transaction(self._engine, attempt, self._attempts)
+        try:
+            result = await transaction(self._engine, attempt, self._attempts)
+        except CommitFailed as exc:
+            assert batch is not None
+            await self._settle(exc, batch.proof)
+            result = exc.result
         assert batch is not None
         await self._after_commit(batch.stored)
         return result
 
     @_write_op
     async def send_message(self, sender_id: int, recipient_ids: Iterable[int], content: str,
-                           meeting_id: int | None = None) -> Message:
+                           meeting_id: int | None = None, once: Once | None = None) -> Message | Response:
         """Concurrent sends share a transaction (see meeting.combine): same
-        guarantees, a fraction of the round trips."""
-        return await self.writer.submit(draft(sender_id, recipient_ids, content, meeting_id=meeting_id))
-
-    async def _write(self, drafts: list[store.Draft]) -> list[Message | Exception]:
+        guarantees, a fraction of the round trips. With `once` (an Idempotency-Key)
+        the answer is the Response, first or replayed."""
+        send = Send(draft(sender_id, recipient_ids, content, meeting_id=meeting_id), once)
         try:
-            results = await transaction(self._engine, lambda conn: store_drafts(conn, drafts), self._attempts)
+            return await self.writer.submit(send)
+        except (KeyTaken, NotApplied):  # nothing was stored; with KeyTaken another instance's send
+            return await self.writer.submit(send)  # with this key committed first: now its row answers
+
+    async def _write(self, sends: list[Send]) -> list[Message | Response | Exception]:
+        drafts, onces = [s.draft for s in sends], [s.once for s in sends]
+        try:
+            results = await transaction(self._engine, lambda conn: store_drafts(conn, drafts, self.keys, onces), self._attempts)
         except Unavailable as exc:  # a busy database: trying each draft alone would only take longer
             return [exc] * len(drafts)
-        await self._after_commit([r for r in results if not isinstance(r, DomainError)])
+        except CommitFailed as exc:
+            results = exc.result
+            stored = fresh(results)
+            if stored and not await self._settle(exc, _message_proof(stored[0]), unknown_ok=True):
+                return [commit_unknown() if _stores(r) else r for r in results]
+        await self._after_commit(fresh(results))
         return list(results)
+
+    async def _settle(self, exc: CommitFailed, proof: Proof | None, unknown_ok: bool = False) -> bool:
+        """After a failed COMMIT: True if the transaction was applied, or wrote nothing (carry
+        on); NotApplied if it was not (nothing stored: as safe to retry as a failure before the
+        commit); if nobody can tell, False with `unknown_ok`, else CommitUnknown."""
+        if proof is None:
+            return True
+        try:
+            async with self._engine.begin() as conn:
+                applied = await proof(conn)
+        except Exception as check:
+            log.error("commit outcome unknown: %s; asking the database failed too: %s", exc, check)
+            if unknown_ok:
+                return False
+            raise commit_unknown() from exc
+        log.warning("a COMMIT failed (%s); the transaction was %s", exc, "applied" if applied else "not applied")
+        if not applied:
+            raise NotApplied("The database connection was lost while committing; nothing was stored. Retry.") from exc
+        return True
 
     async def _after_commit(self, stored: list[Message]) -> None:
         """Never raises: the messages are committed, whatever happens here."""

@@ -18,7 +18,19 @@ from .handlers.common import doc, dumps, public
 from .schemas import ErrorSchema
 
 ERROR_TEXT = {400: "Malformed request", 401: "Missing or bad token", 403: "Forbidden", 404: "Not found",
-              409: "Conflict", 413: "Body too large", 422: "Validation error"}
+              409: "Conflict", 413: "Body too large", 422: "Validation error",
+              503: "Temporarily unavailable: retry after Retry-After seconds"}
+
+IDEMPOTENCY_KEY = {
+    "in": "header", "name": "Idempotency-Key", "required": False,
+    "description": ("Makes a retry safe (IETF httpapi Idempotency-Key draft): the same key from the same user within "
+                    "idempotency.ttl (24 h) answers the first request's response again and stores nothing; with another "
+                    "body, 422 idempotency_key_reused; a concurrent duplicate waits for the first. A Structured Field "
+                    "string (quotes optional) of 1-255 printable ASCII characters, e.g. a UUID; else 400 "
+                    "invalid_idempotency_key. See docs/api.md."),
+    "schema": {"type": "string", "minLength": 1, "maxLength": 257},
+    "example": '"8e03978e-40d5-43e8-bc93-6894a57f9324"',
+}
 
 
 def build_spec(app: web.Application) -> dict[str, Any]:
@@ -50,11 +62,15 @@ def _operation(handler: Any, info: dict[str, Any], path: str) -> dict[str, Any]:
                                         for name in re.findall(r"{(\w+)}", path)]
     if info["query"] is not None:
         parameters.append({"in": "query", "schema": info["query"]})
+    if info["idempotent"]:
+        parameters.append(IDEMPOTENCY_KEY)
     if parameters:
         op["parameters"] = parameters
     if info["body"] is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": info["body"]}}}
     codes = set(info["errors"]) | ({422, 400} if info["body"] or info["query"] else set()) | (set() if getattr(handler, "public", False) else {401})
+    if info["idempotent"]:
+        codes |= {503}  # commit_unknown
     for code in sorted(codes):
         op["responses"][str(code)] = {"description": ERROR_TEXT.get(code, "Error"), "content": {"application/json": {"schema": "Error"}}}
     return op

@@ -23,6 +23,7 @@ from .errors import DomainError, Unauthorized
 from .cache import MessageCache
 from .handlers import auth, health, meetings, messages, presence, rooms, users
 from .handlers.common import ID, Handler, bearer_token, error_response
+from .idempotency import Keys, prune_ctx
 from .redis_client import redis_ctx
 from .meetings import MeetingService
 from .metrics import metrics, setup_metrics
@@ -134,7 +135,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[user_service_key] = UserService(app[engine_key])
     app[cache_key] = MessageCache(app[redis_key], cfg.redis)
     app[message_service_key] = MessageService(app[engine_key], app[cache_key],
-                                              transaction_attempts=cfg.database.transaction_attempts)
+                                              transaction_attempts=cfg.database.transaction_attempts,
+                                              keys=Keys(cfg.idempotency.ttl))
     app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
     app[presence_key] = Presence(app[redis_key], cfg.redis, cfg.push.heartbeat)
     stats = app[stats_key]
@@ -186,7 +188,7 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[ws_users] = {}
     setup_metrics(app)
-    resources = [db.engine_ctx, redis_ctx, services_ctx, rooms_ctx]
+    resources = [db.engine_ctx, redis_ctx, services_ctx, rooms_ctx, prune_ctx]
     if config.push.enabled:  # push off: no route, no listener; storing and pulling unchanged
         resources.append(push_ctx)
     app.cleanup_ctx.extend(resources)

@@ -63,12 +63,14 @@ def _check_text(value: str, path: str) -> None:
 
 
 def doc(summary: str, *, body: type[Schema] | None = None, query: type[Schema] | None = None,
-        response: tuple[int, type[Schema] | None] = (200, None), errors: tuple[int, ...] = (), tag: str = "") -> Callable[[H], H]:
-    """Describe a handler for the OpenAPI document (see meeting.openapi)."""
+        response: tuple[int, type[Schema] | None] = (200, None), errors: tuple[int, ...] = (), tag: str = "",
+        idempotent: bool = False) -> Callable[[H], H]:
+    """Describe a handler for the OpenAPI document (see meeting.openapi); `idempotent`:
+    it takes an Idempotency-Key header (see handlers.idempotency)."""
 
     def mark(handler: H) -> H:
         handler.apidoc = {"summary": summary, "body": body, "query": query, "response": response,  # type: ignore[attr-defined]
-                          "errors": errors, "tag": tag, "description": (handler.__doc__ or "").strip()}
+                          "errors": errors, "tag": tag, "description": (handler.__doc__ or "").strip(), "idempotent": idempotent}
         return handler
 
     return mark
@@ -80,11 +82,16 @@ def public(handler: H) -> H:
     return handler
 
 
-async def parse_body(request: web.Request, schema: Schema) -> Any:
+async def read_json(request: web.Request) -> Any:
+    """The body as parsed JSON, not validated yet."""
     if request.content_type != "application/json":
         raise BadRequest("The request body must be JSON (Content-Type: application/json).", code="unsupported_content_type")
     raw = await request.read()  # raises 413 past client_max_size
-    return schema.load(decode_json(raw))
+    return decode_json(raw)
+
+
+async def parse_body(request: web.Request, schema: Schema) -> Any:
+    return schema.load(await read_json(request))
 
 
 def parse_query(request: web.Request, schema: Schema) -> Any:

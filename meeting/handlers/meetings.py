@@ -4,7 +4,8 @@ from aiohttp import web
 
 from ..schemas import CreateMeetingSchema, MeetingPageSchema, MeetingSchema, PageQuery
 from ..typedefs import meeting_service_key, user_id_key
-from .common import doc, limit, parse_body, parse_query, path_id, respond
+from .common import doc, limit, parse_query, path_id, respond
+from .idempotency import keyed_body, respond_keyed
 
 # Built once: schemas are stateless, and constructing one costs more than using it.
 CREATE_MEETING_SCHEMA = CreateMeetingSchema()
@@ -13,12 +14,13 @@ MEETING_SCHEMA = MeetingSchema()
 PAGE_QUERY = PageQuery()
 
 
-@doc("Create a meeting; every other participant gets a meeting.invite message", body=CreateMeetingSchema, response=(201, MeetingSchema), errors=(429,), tag="meetings")
+@doc("Create a meeting; every other participant gets a meeting.invite message", body=CreateMeetingSchema, response=(201, MeetingSchema),
+     errors=(429,), tag="meetings", idempotent=True)
 async def create(request: web.Request) -> web.Response:
     await limit(request, "sends_per_user", request[user_id_key])  # it sends the invitations
-    body = await parse_body(request, CREATE_MEETING_SCHEMA)
-    meeting = await request.app[meeting_service_key].create(request[user_id_key], **body)
-    return respond(MEETING_SCHEMA, meeting, status=201)
+    body, once = await keyed_body(request, CREATE_MEETING_SCHEMA, MEETING_SCHEMA, 201)
+    result = await request.app[meeting_service_key].create(request[user_id_key], **body, once=once)
+    return respond_keyed(MEETING_SCHEMA, result, 201)
 
 
 @doc("Meetings the caller takes part in, newest first", query=PageQuery, response=(200, MeetingPageSchema), tag="meetings")

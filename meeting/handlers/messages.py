@@ -8,6 +8,7 @@ from ..schemas import (
 )
 from ..typedefs import message_service_key, user_id_key
 from .common import doc, limit, parse_body, parse_query, path_id, respond
+from .idempotency import keyed_body, respond_keyed
 
 # Built once: schemas are stateless, and constructing one costs more than using it.
 COUNT_SCHEMA = CountSchema()
@@ -25,12 +26,13 @@ SENT_PAGE_SCHEMA = SentPageSchema()
 UNREAD_SCHEMA = UnreadSchema()
 
 
-@doc("Send a message to 1-1000 users", body=SendMessageSchema, response=(201, MessageSchema), errors=(403, 429), tag="messages")
+@doc("Send a message to 1-1000 users", body=SendMessageSchema, response=(201, MessageSchema), errors=(403, 429), tag="messages",
+     idempotent=True)
 async def send(request: web.Request) -> web.Response:
     await limit(request, "sends_per_user", request[user_id_key])
-    body = await parse_body(request, SEND_MESSAGE_SCHEMA)
-    message = await request.app[message_service_key].send_message(request[user_id_key], **body)
-    return respond(MESSAGE_SCHEMA, message, status=201)
+    body, once = await keyed_body(request, SEND_MESSAGE_SCHEMA, MESSAGE_SCHEMA, 201)
+    result = await request.app[message_service_key].send_message(request[user_id_key], **body, once=once)
+    return respond_keyed(MESSAGE_SCHEMA, result, 201)
 
 
 @doc("Messages received: newest first, or with after_seq oldest first by seq", query=ReceivedQuery,

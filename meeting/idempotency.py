@@ -1,0 +1,156 @@
+"""Idempotency keys: a POST retried with the same key answers what the first one did.
+
+Semantics (IETF httpapi "The Idempotency-Key HTTP Header Field" draft; docs/api.md):
+the first request with a key runs and, if it succeeds, its response (status and
+body) is stored in the same transaction as what it created, so no crash can leave
+a message or meeting without its key, nor a key without it. Within the TTL, the
+same key from the same user with the same fingerprint (method, route, canonical
+body) answers that response again and stores nothing; with another fingerprint it
+answers 422 `idempotency_key_reused`. Only successes are kept: a request that
+failed stored nothing, so its retry simply runs again.
+
+A concurrent duplicate waits for the first instead of answering 409: in one
+instance both sit in the same group-commit batch or consecutive ones (a batch
+answers its later duplicate from its earlier one); across instances the second
+transaction's key row waits on the first's uncommitted one (or its check runs after
+the first committed), and the loser of that race is retried alone, which finds
+the stored row and replays it. A meeting creation looks its key up after locking
+the organizer's row, so one with the same key has committed or waits.
+
+Keys are looked up inside the writing transaction, before anything is written, and
+inserted as its last statement, after every users lock: the send path's lock order
+is unchanged, and two sends with one key (same user) are serialised by the sender's
+row lock anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .db import utcnow
+from .errors import DomainError, Invalid
+from .storage import idempotency as store
+from .typedefs import config_key, engine_key
+
+log = logging.getLogger(__name__)
+
+#: Expired rows deleted per statement by the pruner (short transactions, short locks).
+PRUNE_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Response:
+    """A response as it was sent: replayed byte for byte. `fresh` is what a first
+    (not replayed) request created, for post-commit work; never stored."""
+    status: int
+    body: str
+    fresh: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Once:
+    """A request's Idempotency-Key, its fingerprint, and how to render its success."""
+    key: str
+    fingerprint: str
+    render: Callable[[Any], Response]
+
+
+class KeyReused(Invalid):
+    code = "idempotency_key_reused"
+
+
+def key_reused() -> KeyReused:
+    return KeyReused("This Idempotency-Key was already used with another request (method, route or body).")
+
+
+class Keys:
+    """Lookups and records for one transaction's keyed requests."""
+
+    def __init__(self, ttl: float):
+        self.ttl = dt.timedelta(seconds=ttl)
+
+    async def claim(self, conn: AsyncConnection, asks: list[tuple[int, Once] | None]) -> dict[int, Response | DomainError | int]:
+        """For each keyed request (index into `asks`) already answered: the stored
+        response, `KeyReused`, or the index of an earlier request in `asks` with the
+        same key (a duplicate in the same batch: answer it as that one is answered).
+        Requests not in the result run. Expired rows of these keys are deleted here."""
+        pairs = {i: (user_id, once.key) for i, ask in enumerate(asks) if ask is not None for user_id, once in [ask]}
+        if not pairs:
+            return {}
+        rows = await store.found(conn, pairs.values())
+        cutoff = utcnow() - self.ttl
+        expired = [pair for pair, row in rows.items() if row["created_at"] < cutoff]
+        if expired:
+            await store.forget(conn, expired, cutoff)
+        answers: dict[int, Response | DomainError | int] = {}
+        first: dict[tuple[int, str], int] = {}
+        for i, pair in pairs.items():
+            once = asks[i][1]  # type: ignore[index]
+            row = rows.get(pair)
+            if row is not None and row["created_at"] >= cutoff:
+                answers[i] = Response(row["status"], row["response"]) if row["fingerprint"] == once.fingerprint else key_reused()
+            elif pair in first:
+                answers[i] = first[pair]
+            else:
+                first[pair] = i
+        return answers
+
+    @staticmethod
+    def duplicate(asks: list[tuple[int, Once] | None], i: int, earlier: int, outcome: Any) -> Any:
+        """The answer of request `i`, a same-batch duplicate of `earlier`, given the earlier's outcome."""
+        if asks[i][1].fingerprint != asks[earlier][1].fingerprint:  # type: ignore[index]
+            return key_reused()
+        if isinstance(outcome, Response):
+            return Response(outcome.status, outcome.body)  # stored once, by the earlier one
+        return outcome  # the same refusal: nothing was stored for either
+
+    @staticmethod
+    async def record(conn: AsyncConnection, done: list[tuple[int, Once, Response]]) -> None:
+        """Store the responses of first requests: the transaction's last statement.
+        Raises storage.idempotency.KeyTaken if a concurrent request took a key meanwhile."""
+        now = utcnow()
+        await store.insert(conn, [{"user_id": user_id, "idempotency_key": once.key, "fingerprint": once.fingerprint,
+                                   "status": response.status, "response": response.body, "created_at": now}
+                                  for user_id, once, response in done])
+
+
+async def prune_once(engine: AsyncEngine, ttl: float) -> int:
+    """Delete every expired row, a chunk per transaction; how many went."""
+    before = utcnow() - dt.timedelta(seconds=ttl)
+    total = 0
+    while True:
+        async with engine.begin() as conn:
+            gone = await store.prune(conn, before, PRUNE_CHUNK)
+        total += gone
+        if gone < PRUNE_CHUNK:
+            return total
+
+
+async def prune_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: every instance prunes expired keys every `idempotency.prune_interval`
+    seconds (several instances doing it is harmless: a row goes once). Lookups ignore
+    expired rows meanwhile, so pruning only bounds the table's size."""
+    cfg = app[config_key].idempotency
+    engine = app[engine_key]
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(cfg.prune_interval)
+            try:
+                gone = await prune_once(engine, cfg.ttl)
+                if gone:
+                    log.info("pruned %d expired idempotency keys", gone)
+            except Exception:
+                log.exception("pruning idempotency keys failed; next try in %.0f s", cfg.prune_interval)
+
+    task = asyncio.create_task(run(), name="idempotency-prune")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,60 @@
+"""Queries on idempotency_keys (see meeting.idempotency for the semantics).
+
+`found` reads the rows of the keys a transaction is about to use; `insert` writes
+the new ones as the transaction's last statement (after every users lock, so the
+send path's lock order is unchanged); `prune` deletes expired rows in bounded chunks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..db import idempotency_keys as ik
+
+Pair = tuple[int, str]
+
+
+class KeyTaken(Exception):
+    """Another transaction committed a row for one of these keys since we looked."""
+
+
+async def found(conn: AsyncConnection, pairs: Iterable[Pair]) -> dict[Pair, dict[str, Any]]:
+    """The stored rows among (user_id, key) `pairs`, expired or not, in one query."""
+    pairs = sorted(set(pairs))
+    if not pairs:
+        return {}
+    query = sa.select(ik.c.user_id, ik.c.idempotency_key, ik.c.fingerprint, ik.c.status, ik.c.response, ik.c.created_at).where(
+        sa.tuple_(ik.c.user_id, ik.c.idempotency_key).in_(pairs))
+    return {(r.user_id, r.idempotency_key): r._asdict() for r in await conn.execute(query)}
+
+
+async def forget(conn: AsyncConnection, pairs: Iterable[Pair], before: dt.datetime) -> None:
+    """Delete the rows among `pairs` created before `before` (expired, not pruned yet)."""
+    pairs = sorted(set(pairs))
+    if pairs:
+        await conn.execute(ik.delete().where(sa.tuple_(ik.c.user_id, ik.c.idempotency_key).in_(pairs), ik.c.created_at < before))
+
+
+async def insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Rows with user_id, idempotency_key, fingerprint, status, response, created_at."""
+    if not rows:
+        return
+    try:
+        await conn.execute(ik.insert(), rows)
+    except IntegrityError as exc:
+        raise KeyTaken(str(exc.orig)) from exc
+
+
+async def prune(conn: AsyncConnection, before: dt.datetime, limit: int) -> int:
+    """Delete up to `limit` rows created before `before`, oldest first; how many went."""
+    oldest = sa.select(ik.c.user_id, ik.c.idempotency_key).where(ik.c.created_at < before).order_by(ik.c.created_at).limit(limit)
+    doomed = [tuple(r) for r in await conn.execute(oldest)]
+    if doomed:
+        await conn.execute(ik.delete().where(sa.tuple_(ik.c.user_id, ik.c.idempotency_key).in_(doomed)))
+    return len(doomed)
+
