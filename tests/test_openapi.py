@@ -14,3 +14,13 @@ async def test_every_route_is_documented_in_a_valid_openapi_document(api: Api) -
     assert send["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/SendMessage")
     assert send["security"] == [{"bearer": []}] and "422" in send["responses"]
     assert "security" not in spec["paths"]["/auth/login"]["post"]
+
+
+async def test_both_creating_posts_document_the_idempotency_key_header(api: Api) -> None:
+    spec = await api.call("GET", "/openapi.json", expect=200)
+    for path in ("/messages", "/meetings"):
+        op = spec["paths"][path]["post"]
+        [header] = [p for p in op["parameters"] if p["in"] == "header"]
+        assert header["name"] == "Idempotency-Key" and header["required"] is False and header["schema"]["type"] == "string"
+        assert {"400", "422", "503"} <= set(op["responses"])
+    assert not any(p["in"] == "header" for p in spec["paths"]["/messages/read"]["post"].get("parameters", []))
