@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from meeting.combine import Combiner
+from meeting.combine import Combiner, OutcomeUnknown
 
 
 class Recorder:
@@ -67,6 +67,29 @@ async def test_a_failing_batch_is_retried_item_by_item_so_only_the_culprit_fails
     assert results[:2] == [0, 20] and results[3] == 40
     assert isinstance(results[2], RuntimeError)
     assert recorder.batches == [[0], [2, -1, 4], [2], [-1], [4]]
+
+
+async def test_a_batch_whose_outcome_is_unknown_fails_every_item_and_is_never_retried() -> None:
+    runs: list[list[int]] = []
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def run(items: list[int]) -> list[int | Exception]:
+        runs.append(list(items))
+        started.set()
+        await gate.wait()
+        if len(runs) == 2:  # the shared batch: its COMMIT failed and nobody can tell whether it was applied
+            raise OutcomeUnknown("commit outcome unknown")
+        return [i * 10 for i in items]
+
+    combiner: Combiner = Combiner(run)
+    first = asyncio.ensure_future(combiner.submit(1))
+    await asyncio.wait_for(started.wait(), 5)
+    later = [combiner.submit(i) for i in (2, 3)]  # queued for the next batch while the first is held
+    gate.set()
+    assert await first == 10
+    results = await asyncio.gather(*later, return_exceptions=True)
+    assert all(isinstance(r, OutcomeUnknown) for r in results)
+    assert runs == [[1], [2, 3]]  # 2 and 3 were not run again, alone or together
 
 
 async def test_a_cancelled_submitter_still_has_its_item_written_and_close_waits() -> None:
