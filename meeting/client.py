@@ -1,9 +1,14 @@
-"""Watch a user's message stream: `python -m meeting.client listen --url ... --username ... --password ...`.
+"""Watch a user's message stream, or send a message: `python -m meeting.client listen|send --url ... --username ... --password ...`.
 
-Logs in, connects to /ws/messages (token in the `bearer` subprotocol, never in
+`listen` logs in, connects to /ws/messages (token in the `bearer` subprotocol, never in
 the URL) and prints every frame as one JSON line. It behaves as docs/websocket.md
 asks of a client: reconnect with backoff, log in again on 4001, stop on 1003
 and 4029. Run it twice to watch two devices of one user.
+
+`send` posts one message with an Idempotency-Key (a new UUID, or `--key`) and
+retries with the same key on a timeout, a lost connection or a 5xx/409, as
+docs/api.md says a client may: the message is stored once however many tries it
+takes. It prints the answer's JSON body.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import json
 import random
 import sys
+import uuid
 from typing import Any
 
 import aiohttp
@@ -59,6 +65,34 @@ async def listen(url: str, username: str, password: str, max_frames: int | None 
             backoff = min(backoff * 2, 30.0)
 
 
+RETRY_STATUSES = {409, 500, 502, 503, 504}
+
+
+async def send(url: str, username: str, password: str, to: list[int], content: str, key: str | None = None,
+               attempts: int = 5, timeout: float = 10.0, out: Any = sys.stdout) -> int:
+    key = key or str(uuid.uuid4())
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+        token = await login(http, username, password)
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key}
+        for attempt in range(1, attempts + 1):
+            try:
+                async with http.post("/messages", json={"recipient_ids": to, "content": content}, headers=headers) as resp:
+                    text = await resp.text()
+                    if resp.status not in RETRY_STATUSES or attempt == attempts:
+                        print(text, file=out, flush=True)
+                        return 0 if resp.status == 201 else 1
+                    delay = float(resp.headers.get("Retry-After", 0.5 * 2**attempt))
+                    print(f"# {resp.status}; retrying with the same key in {delay:.1f}s", file=sys.stderr, flush=True)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if attempt == attempts:
+                    print(f"# gave up after {attempts} tries: {exc!r}", file=sys.stderr, flush=True)
+                    return 1
+                delay = 0.5 * 2**attempt
+                print(f"# {exc!r}; retrying with the same key in {delay:.1f}s", file=sys.stderr, flush=True)
+            await asyncio.sleep(delay * (1 + random.random() / 2))
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meeting.client", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,8 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--username", required=True)
     cmd.add_argument("--password", required=True)
     cmd.add_argument("--max-frames", type=int, help="exit after this many frames (for scripts)")
+    cmd = sub.add_parser("send", help="send one message, retrying safely with an Idempotency-Key")
+    cmd.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
+    cmd.add_argument("--username", required=True)
+    cmd.add_argument("--password", required=True)
+    cmd.add_argument("--to", type=int, action="append", required=True, help="a recipient's user id (repeat for several)")
+    cmd.add_argument("--content", required=True)
+    cmd.add_argument("--key", help="the Idempotency-Key (default: a new UUID); reuse it to retry a send by hand")
     args = parser.parse_args(argv)
     try:
+        if args.command == "send":
+            return asyncio.run(send(args.url, args.username, args.password, args.to, args.content, args.key))
         return asyncio.run(listen(args.url, args.username, args.password, args.max_frames))
     except KeyboardInterrupt:
         return 0

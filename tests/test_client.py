@@ -35,3 +35,21 @@ async def test_listen_prints_connected_backlog_and_live_frames(api: Api) -> None
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_send_with_a_key_stores_once_however_often_it_is_run(api: Api) -> None:
+    alice, bob = await api.users(2)
+
+    async def run(*extra: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meeting.client", "send", "--url", str(api.client.make_url("")).rstrip("/"),
+            "--username", alice.username, "--password", "correct horse", "--to", str(bob.id), "--content", "just once 📨", *extra,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode or 0, out.decode()
+
+    first, again, fresh = await asyncio.gather(run("--key", "cli-1"), run("--key", "cli-1"), run())
+    assert first[0] == again[0] == fresh[0] == 0
+    assert first[1] == again[1] and json.loads(first[1])["content"] == "just once 📨"
+    assert json.loads(fresh[1])["id"] != json.loads(first[1])["id"]  # no --key: a new UUID, a new message
+    assert len((await api.call("GET", "/messages", user=bob, expect=200))["messages"]) == 2

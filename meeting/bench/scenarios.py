@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from typing import Any, Callable
 
 import aiohttp
@@ -42,7 +43,7 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
                 sender, *targets = rng.sample(range(users), recipients + 1)
                 started = time.time()
                 async with http.post("/messages", json={"recipient_ids": [people[t]["id"] for t in targets], "content": f"bench {i}"},
-                                     headers={"Authorization": f"Bearer {people[sender]['token']}"}) as r:
+                                     headers={"Authorization": f"Bearer {people[sender]['token']}", "Idempotency-Key": str(uuid.uuid4())}) as r:
                     if r.status != 201:
                         errors += 1
                         return
@@ -127,7 +128,7 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int =
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=concurrency)) as http:
         async def send(members: list[int], i: int) -> None:
             async with http.post("/messages", json={"recipient_ids": [people[g]["id"] for g in members], "content": f"backlog {i}"},
-                                 headers={"Authorization": f"Bearer {sender['token']}"}) as r:
+                                 headers={"Authorization": f"Bearer {sender['token']}", "Idempotency-Key": str(uuid.uuid4())}) as r:
                 assert r.status == 201, (r.status, await r.text())
                 ledger.expect((await r.json())["id"], members)
             progress(len(members))
