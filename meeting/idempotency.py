@@ -47,11 +47,13 @@ PRUNE_CHUNK = 1000
 
 @dataclass(frozen=True)
 class Response:
-    """A response as it was sent: replayed byte for byte. `fresh` is what a first
-    (not replayed) request created, for post-commit work; never stored."""
+    """A response as it was sent: replayed byte for byte. Never stored: `fresh`, what a
+    first request created (for post-commit work); `new`, true for an answer that holds
+    only if this transaction commits (a first request, or its duplicate in the same batch)."""
     status: int
     body: str
     fresh: Any = field(default=None, compare=False, repr=False)
+    new: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class Keys:
         if asks[i][1].fingerprint != asks[earlier][1].fingerprint:  # type: ignore[index]
             return key_reused()
         if isinstance(outcome, Response):
-            return Response(outcome.status, outcome.body)  # stored once, by the earlier one
+            return Response(outcome.status, outcome.body, new=True)  # stored once, by the earlier one
         return outcome  # the same refusal: nothing was stored for either
 
     @staticmethod

@@ -83,6 +83,12 @@ def _stores(result: Any) -> bool:
     return isinstance(result, dict) or (isinstance(result, Response) and result.fresh is not None)
 
 
+def _needs_commit(result: Any) -> bool:
+    """Whether this answer is true only if its transaction committed (a stored message,
+    or the same-batch duplicate of a keyed one)."""
+    return isinstance(result, dict) or (isinstance(result, Response) and result.new)
+
+
 def fresh(results: Iterable[Any]) -> list[Message]:
     """The messages a transaction stored, in order (a keyed send carries its own)."""
     return [r if isinstance(r, dict) else r.fresh for r in results if _stores(r)]
@@ -165,7 +171,7 @@ async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: K
         ask = asks[i] if asks else None
         if ask is not None and isinstance(answer, dict):
             rendered = ask[1].render(answer)
-            answer = Response(rendered.status, rendered.body, fresh=answer)
+            answer = Response(rendered.status, rendered.body, fresh=answer, new=True)
             done.append((ask[0], ask[1], answer))
         results.append(answer)
     for i, claim in claimed.items():
@@ -277,7 +283,7 @@ class MessageService:
             results = exc.result
             stored = fresh(results)
             if stored and not await self._settle(exc, _message_proof(stored[0]), unknown_ok=True):
-                return [commit_unknown() if _stores(r) else r for r in results]
+                return [commit_unknown() if _needs_commit(r) else r for r in results]
         await self._after_commit(fresh(results))
         return list(results)
 

@@ -20,7 +20,8 @@ from sqlalchemy.engine import make_url
 
 from meeting.config import Config
 from meeting.db import create_engine, meetings, messages
-from meeting.typedefs import engine_key
+from meeting.idempotency import Once, Response
+from meeting.typedefs import engine_key, message_service_key
 from tests.conftest import _clean_mariadb, base_config
 from tests.faults import CommitCutter
 from tests.helpers import Api, User
@@ -144,3 +145,22 @@ async def test_sqlite_a_failed_commit_is_checked_not_retried_blindly(make_client
     again = await post(api, "/messages", alice, {"recipient_ids": [bob.id], "content": "m1"}, "k1")
     assert again[:2] == answers[1][:2]
     assert await count(url, messages, sender_id=alice.id) == 5
+
+
+async def test_mariadb_same_batch_duplicates_are_in_doubt_with_their_first(proxied: Api, cutter: CommitCutter, mariadb_url: str) -> None:
+    """Three sends submitted in one tick share one batch (an unkeyed one and a keyed one
+    twice): its COMMIT is applied, the answer lost and the database unreachable. The
+    duplicate's answer came from the first's, so it is in doubt too: all three 503."""
+    alice, bob = await proxied.users(2)
+    service = proxied.client.app[message_service_key]
+    once = Once("dup", "fingerprint", lambda message: Response(201, str(message["id"])))
+    cutter.arm("after", down_after_cut=True)
+    results = await asyncio.gather(service.send_message(alice.id, [bob.id], "plain"), service.send_message(alice.id, [bob.id], "keyed", once=once),
+                                   service.send_message(alice.id, [bob.id], "keyed", once=once), return_exceptions=True)
+    assert cutter.cuts == 1 and service.writer.batches == 1
+    assert [getattr(r, "code", r) for r in results] == ["commit_unknown"] * 3
+    await cutter.restore()
+    assert await count(mariadb_url, messages, sender_id=alice.id) == 2  # applied: the plain one and the keyed one, once
+    replay = await service.send_message(alice.id, [bob.id], "keyed", once=once)
+    assert isinstance(replay, Response) and replay.status == 201 and not replay.new
+    assert await count(mariadb_url, messages, sender_id=alice.id) == 2
