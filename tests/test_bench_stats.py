@@ -67,10 +67,10 @@ def test_suite_table_reports_the_median_its_range_and_whether_the_target_is_met(
     from meeting.bench.scenarios import LostOrDoubled
     from meeting.bench.suite import table
 
-    args = argparse.Namespace(env=["MEETING_DATABASE_URL=mysql+aiomysql://x/y", "MEETING_REDIS_URL=redis://z"], runs=3)
+    args = argparse.Namespace(env=["MEETING_DATABASE_URL=mysql+aiomysql://x/y", "MEETING_REDIS_URL=redis://z"], runs=3, keys=True)
     rows = table({"throughput": [_run("throughput", v) for v in (1400.0, 1700.0, 1600.0)],
                   "reconnect": [_run("reconnect", v) for v in (5.5, 4.5, 6.0)]}, args).splitlines()
-    assert "MariaDB + Redis" in rows[0] and "median of 3" in rows[0]
+    assert "MariaDB + Redis" in rows[0] and "median of 3" in rows[0] and "every send with an Idempotency-Key" in rows[0]
     throughput = next(r for r in rows if r.startswith("| `throughput`"))
     assert "**1,600**" in throughput and "[1,400-1,700]" in throughput and "| yes |" in throughput
     reconnect = next(r for r in rows if r.startswith("| `reconnect`"))
@@ -93,3 +93,21 @@ async def test_suite_runs_each_scenario_runs_times_against_the_given_target() ->
     out = await run_suite(args, run_one)
     assert seen == [["fanout", "--spawn", "--env=A=1", "--json"]] * 2 + [["conns", "--spawn", "--env=A=1", "--json"]] * 2
     assert "| `fanout` | **100** frames/s [100-100]" in out and "| `conns` |" in out
+
+
+async def test_suite_without_keys_passes_no_keys_to_every_sending_scenario() -> None:
+    from meeting.bench.__main__ import _parser
+    from meeting.bench.suite import run_suite
+
+    seen: list[list[str]] = []
+
+    async def run_one(argv: list[str]) -> dict:
+        seen.append(argv)
+        return {**_run(argv[0], 100.0), "_delivery_seconds": [0.1]}
+
+    args = _parser().parse_args(["suite", "--url", "http://x", "--runs", "1", "--no-keys", "--scenario", "throughput", "--scenario", "conns"])
+    out = await run_suite(args, run_one)
+    assert seen == [["throughput", "--url", "http://x", "--json", "--no-keys"], ["conns", "--url", "http://x", "--json"]]
+    assert "sends without Idempotency-Key" in out.splitlines()[0]
+    assert _parser().parse_args(["throughput", "--spawn", "--no-keys"]).keys is False
+    assert _parser().parse_args(["throughput", "--spawn"]).keys is True

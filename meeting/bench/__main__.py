@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
         if name != "conns" and name != "reconnect":
             cmd.add_argument("--plot", metavar="FILE.png", help="draw the delivery-latency distribution (needs matplotlib)")
+        if name != "conns":
+            cmd.add_argument("--no-keys", dest="keys", action="store_false",
+                             help="send without an Idempotency-Key (by default every send has one, as clients should)")
         if name == "conns":
             cmd.add_argument("--connections", type=int, default=10_000)
             cmd.add_argument("--users", type=int, default=2000)
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--spawn", action="store_true", help="a fresh server for every run")
     suite.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for --spawn (repeatable)")
     suite.add_argument("--runs", type=int, default=3)
+    suite.add_argument("--no-keys", dest="keys", action="store_false", help="sends without an Idempotency-Key")
     suite.add_argument("--scenario", dest="scenarios", action="append", choices=SCENARIOS, help="only these (repeatable)")
     return parser
 
@@ -70,13 +74,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.scenario == "conns":
             return await conns(server.url, args.connections, args.users, server.pid, progress=progress)
         if args.scenario == "latency":
-            return await latency(server.url, args.users, args.rate, args.duration, progress=progress)
+            return await latency(server.url, args.users, args.rate, args.duration, progress=progress, keys=args.keys)
         if args.scenario == "throughput":
-            return await throughput(server.url, args.users, args.messages, args.concurrency, progress=progress)
+            return await throughput(server.url, args.users, args.messages, args.concurrency, progress=progress, keys=args.keys)
         if args.scenario == "fanout":
             return await fanout(server.url, args.users, args.devices, args.recipients, args.messages, args.concurrency,
-                                progress=progress)
-        return await reconnect(server.url, args.users, args.backlog, args.group, progress=progress)
+                                progress=progress, keys=args.keys)
+        return await reconnect(server.url, args.users, args.backlog, args.group, progress=progress, keys=args.keys)
     finally:
         await server.stop()
 

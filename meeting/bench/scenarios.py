@@ -21,9 +21,11 @@ class LostOrDoubled(AssertionError):
 
 
 async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[int], float] | None, concurrency: int,
-                       progress: Progress, settle: float = 30.0, devices: int = 1, recipients: int = 1) -> dict[str, Any]:
+                       progress: Progress, settle: float = 30.0, devices: int = 1, recipients: int = 1,
+                       keys: bool = True) -> dict[str, Any]:
     """Users with `devices` devices each (in the receiver process); `messages` sends to
-    `recipients` users each, open-loop at `schedule(i)` seconds or closed-loop with `concurrency`."""
+    `recipients` users each, open-loop at `schedule(i)` seconds or closed-loop with `concurrency`;
+    each with an Idempotency-Key (a new UUID), as a client should, unless not `keys`."""
     people = await make_users(url, users)
     with receivers(url, [p["token"] for p in people for _ in range(devices)]) as pipe:
         kind, ready = await wait_pipe(pipe, 300)
@@ -43,7 +45,7 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
                 sender, *targets = rng.sample(range(users), recipients + 1)
                 started = time.time()
                 async with http.post("/messages", json={"recipient_ids": [people[t]["id"] for t in targets], "content": f"bench {i}"},
-                                     headers={"Authorization": f"Bearer {people[sender]['token']}", "Idempotency-Key": str(uuid.uuid4())}) as r:
+                                     headers=_headers(people[sender]["token"], keys)) as r:
                     if r.status != 201:
                         errors += 1
                         return
@@ -96,28 +98,32 @@ async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[
     return result
 
 
+def _headers(token: str, keys: bool) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", **({"Idempotency-Key": str(uuid.uuid4())} if keys else {})}
+
+
 async def latency(url: str, users: int = 1000, rate: float = 500.0, duration: float = 10.0,
-                  progress: Progress = lambda n: None) -> dict[str, Any]:
+                  progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
     messages = int(rate * duration)
-    result = await _deliver_run(url, users, messages, schedule=lambda i: i / rate, concurrency=0, progress=progress)
-    return {"scenario": "latency", "rate": rate, **result}
+    result = await _deliver_run(url, users, messages, schedule=lambda i: i / rate, concurrency=0, progress=progress, keys=keys)
+    return {"scenario": "latency", "rate": rate, "keys": keys, **result}
 
 
 async def throughput(url: str, users: int = 200, messages: int = 10_000, concurrency: int = 32,
-                     progress: Progress = lambda n: None) -> dict[str, Any]:
-    result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress)
-    return {"scenario": "throughput", "concurrency": concurrency, **result}
+                     progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
+    result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress, keys=keys)
+    return {"scenario": "throughput", "concurrency": concurrency, "keys": keys, **result}
 
 
 async def fanout(url: str, users: int = 1000, devices: int = 2, recipients: int = 100, messages: int = 200,
-                 concurrency: int = 8, progress: Progress = lambda n: None) -> dict[str, Any]:
+                 concurrency: int = 8, progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
     result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress,
-                                devices=devices, recipients=recipients)
-    return {"scenario": "fanout", "recipients": recipients, "concurrency": concurrency, **result}
+                                devices=devices, recipients=recipients, keys=keys)
+    return {"scenario": "fanout", "recipients": recipients, "concurrency": concurrency, "keys": keys, **result}
 
 
 async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int = 10, concurrency: int = 32,
-                    progress: Progress = lambda n: None) -> dict[str, Any]:
+                    progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
     """Every user has `backlog` unread messages, each sent to a group of `group` users; all
     devices connect at once. The time until the last one has its whole backlog
     (message.synced comes right after it) is the result."""
@@ -128,7 +134,7 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int =
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=concurrency)) as http:
         async def send(members: list[int], i: int) -> None:
             async with http.post("/messages", json={"recipient_ids": [people[g]["id"] for g in members], "content": f"backlog {i}"},
-                                 headers={"Authorization": f"Bearer {sender['token']}", "Idempotency-Key": str(uuid.uuid4())}) as r:
+                                 headers=_headers(sender["token"], keys)) as r:
                 assert r.status == 201, (r.status, await r.text())
                 ledger.expect((await r.json())["id"], members)
             progress(len(members))
@@ -140,7 +146,7 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int =
         kind, frames, receiver_health = await wait_pipe(pipe, 60)
     for message_id, device, _ in frames:
         ledger.record(message_id, device)
-    return {"scenario": "reconnect", "users": users, "backlog": backlog, "group": group, "messages": len(sends),
+    return {"scenario": "reconnect", "users": users, "backlog": backlog, "group": group, "keys": keys, "messages": len(sends),
             "copies": users * backlog, "post_errors": 0, "failed_devices": ready["failed"],
             "lost": ledger.lost, "duplicated": ledger.duplicated, "all_backlogs_seconds": round(ready["connect_seconds"], 2),
             **{f"receiver_{k}": round(v, 2) for k, v in receiver_health.items()}}

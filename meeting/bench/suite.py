@@ -36,7 +36,7 @@ async def run_suite(args: argparse.Namespace, run_one: Callable[[list[str]], Awa
     results: dict[str, list[dict[str, Any]]] = {}
     for scenario in args.scenarios or SCENARIOS:
         for i in range(args.runs):
-            result = await run_one([scenario, *target, "--json"])
+            result = await run_one([scenario, *target, "--json", *([] if args.keys or scenario == "conns" else ["--no-keys"])])
             result.pop("_delivery_seconds", None)
             print(f"# {scenario} run {i + 1}/{args.runs}: {result[HEADLINES[scenario][0]]} {HEADLINES[scenario][1]}",
                   file=sys.stderr)
@@ -48,7 +48,8 @@ def table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) ->
     env = dict(kv.split("=", 1) for kv in args.env)
     backend = "MariaDB + Redis" if "mysql" in env.get("MEETING_DATABASE_URL", "") and env.get("MEETING_REDIS_URL") else (
         "SQLite, no Redis" if not env.get("MEETING_DATABASE_URL") and not env.get("MEETING_REDIS_URL") else "custom")
-    lines = [f"{dt.date.today().isoformat()}, commit {_commit()}, {backend}, {os.cpu_count()} cores, "
+    keys = "every send with an Idempotency-Key" if args.keys else "sends without Idempotency-Key"
+    lines = [f"{dt.date.today().isoformat()}, commit {_commit()}, {backend}, {os.cpu_count()} cores, {keys}, "
              f"median of {args.runs} run(s) (range in brackets)", "",
              "| scenario | result | target | met | also (medians) | lost / doubled |", "|---|---|---|---|---|---|"]
     for scenario, runs in results.items():
