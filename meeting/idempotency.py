@@ -17,10 +17,11 @@ the first committed), and the loser of that race is retried alone, which finds
 the stored row and replays it. A meeting creation looks its key up after locking
 the organizer's row, so one with the same key has committed or waits.
 
-Keys are looked up inside the writing transaction, before anything is written, and
-inserted as its last statement, after every users lock: the send path's lock order
-is unchanged, and two sends with one key (same user) are serialised by the sender's
-row lock anyway.
+Keys are looked up (a plain read, no lock) inside the writing transaction before
+anything is written, and inserted as its last statements, after every users lock
+(an expired row of a key used again is deleted just before): the users-first
+lock order is unchanged, and two sends with one key (same user) are serialised by
+the sender's row lock anyway.
 """
 
 from __future__ import annotations
@@ -72,26 +73,33 @@ def key_reused() -> KeyReused:
     return KeyReused("This Idempotency-Key was already used with another request (method, route or body).")
 
 
+@dataclass
+class Claims:
+    """What a lookup found: `answers` for the requests that must not run (see Keys.claim),
+    and the expired rows of keys that may be used again (deleted by Keys.record)."""
+    answers: dict[int, Response | DomainError | int] = field(default_factory=dict)
+    expired: list[tuple[int, str]] = field(default_factory=list)
+    cutoff: dt.datetime | None = None
+
+
 class Keys:
     """Lookups and records for one transaction's keyed requests."""
 
     def __init__(self, ttl: float):
         self.ttl = dt.timedelta(seconds=ttl)
 
-    async def claim(self, conn: AsyncConnection, asks: list[tuple[int, Once] | None]) -> dict[int, Response | DomainError | int]:
+    async def claim(self, conn: AsyncConnection, asks: list[tuple[int, Once] | None]) -> Claims:
         """For each keyed request (index into `asks`) already answered: the stored
         response, `KeyReused`, or the index of an earlier request in `asks` with the
         same key (a duplicate in the same batch: answer it as that one is answered).
-        Requests not in the result run. Expired rows of these keys are deleted here."""
+        Requests not in `answers` run. A plain read: it locks nothing."""
         pairs = {i: (user_id, once.key) for i, ask in enumerate(asks) if ask is not None for user_id, once in [ask]}
         if not pairs:
-            return {}
+            return Claims()
         rows = await store.found(conn, pairs.values())
         cutoff = utcnow() - self.ttl
-        expired = [pair for pair, row in rows.items() if row["created_at"] < cutoff]
-        if expired:
-            await store.forget(conn, expired, cutoff)
-        answers: dict[int, Response | DomainError | int] = {}
+        claims = Claims(expired=[pair for pair, row in rows.items() if row["created_at"] < cutoff], cutoff=cutoff)
+        answers = claims.answers
         first: dict[tuple[int, str], int] = {}
         for i, pair in pairs.items():
             once = asks[i][1]  # type: ignore[index]
@@ -102,7 +110,7 @@ class Keys:
                 answers[i] = first[pair]
             else:
                 first[pair] = i
-        return answers
+        return claims
 
     @staticmethod
     def duplicate(asks: list[tuple[int, Once] | None], i: int, earlier: int, outcome: Any) -> Any:
@@ -114,9 +122,13 @@ class Keys:
         return outcome  # the same refusal: nothing was stored for either
 
     @staticmethod
-    async def record(conn: AsyncConnection, done: list[tuple[int, Once, Response]]) -> None:
-        """Store the responses of first requests: the transaction's last statement.
+    async def record(conn: AsyncConnection, done: list[tuple[int, Once, Response]], claims: Claims) -> None:
+        """Store the responses of first requests: the transaction's last statements (after
+        every users lock), deleting first the expired rows of the keys used again.
         Raises storage.idempotency.KeyTaken if a concurrent request took a key meanwhile."""
+        reused = {(user_id, once.key) for user_id, once, _ in done}.intersection(claims.expired)
+        if reused and claims.cutoff is not None:
+            await store.forget(conn, reused, claims.cutoff)
         now = utcnow()
         await store.insert(conn, [{"user_id": user_id, "idempotency_key": once.key, "fingerprint": once.fingerprint,
                                    "status": response.status, "response": response.body, "created_at": now}

@@ -52,10 +52,11 @@ class MeetingService:
                 raise Unauthorized("The user this token was issued to does not exist.", code="unknown_user")
             unknown = sorted(set(invitees) - set(existing))
             # The organizer's row is locked now: a concurrent creation with this key has committed or waits.
-            if once is not None and (claimed := await self._messages.keys.claim(batch.conn, [(organizer_id, once)])):
-                if isinstance(claimed[0], DomainError):
-                    raise claimed[0]
-                return claimed[0]  # type: ignore[return-value]  # the stored response: nothing written
+            claims = await self._messages.keys.claim(batch.conn, [(organizer_id, once)] if once else [])
+            if claims.answers:
+                if isinstance(claims.answers[0], DomainError):
+                    raise claims.answers[0]
+                return claims.answers[0]  # type: ignore[return-value]  # the stored response: nothing written
             if unknown:
                 raise Invalid("Some participants do not exist.", {"participant_ids": [f"Unknown user ids: {unknown}"], "unknown_ids": unknown})
             meeting = await store.insert(batch.conn, title, organizer_id, starts_at, participants)
@@ -66,7 +67,7 @@ class MeetingService:
             if once is None:
                 return meeting
             response = once.render(meeting)
-            await Keys.record(batch.conn, [(organizer_id, once, response)])  # the last statement
+            await Keys.record(batch.conn, [(organizer_id, once, response)], claims)  # the last statements
             return response
 
         try:

@@ -31,7 +31,7 @@ from .cache import MessageCache
 from .combine import Combiner, OutcomeUnknown
 from .db import CommitFailed, readers, transaction
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
-from .idempotency import Keys, Once, Response
+from .idempotency import Claims, Keys, Once, Response
 from .recipients import RecipientLists
 from .storage import meetings as meeting_store
 from .storage import messages as store
@@ -148,7 +148,8 @@ async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: K
     was used answers the stored response (or KeyReused) and stores nothing; a keyed
     draft stored answers its rendered Response, recorded in this transaction."""
     asks = [None if o is None else (d.sender_id, o) for d, o in zip(drafts, onces or ())]
-    claimed = await keys.claim(conn, asks) if keys is not None and any(asks) else {}
+    claims = await keys.claim(conn, asks) if keys is not None and any(asks) else Claims()
+    claimed = claims.answers
     refused: dict[int, DomainError] = {}
     for i, d in enumerate(drafts):
         if i in claimed:
@@ -177,7 +178,7 @@ async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: K
     for i, claim in claimed.items():
         results[i] = Keys.duplicate(asks, i, claim, results[claim]) if isinstance(claim, int) else claim
     if done:
-        await Keys.record(conn, done)
+        await Keys.record(conn, done, claims)
     return results
 
 
