@@ -93,7 +93,7 @@ class Keys:
         response, `KeyReused`, or the index of an earlier request in `asks` with the
         same key (a duplicate in the same batch: answer it as that one is answered).
         Requests not in `answers` run. A plain read: it locks nothing."""
-        pairs = {i: (user_id, once.key) for i, ask in enumerate(asks) if ask is not None for user_id, once in [ask]}
+        pairs = {i: (ask[0], ask[1].key) for i, ask in enumerate(asks) if ask is not None}
         if not pairs:
             return Claims()
         rows = await store.found(conn, pairs.values())
