@@ -1,20 +1,37 @@
-"""Deliver "this frame for user X" to X's connections, wherever they are.
+"""Deliver "this frame for user X" (or "for meeting room M") to X's connections, wherever they are.
 
 Two implementations of one interface, chosen by configuration, never both (a
 frame must not reach a device twice because it went locally *and* via Redis):
 
 - InProcessBroker: no Redis configured; delivery is a function call.
-- RedisBroker: per-user channels `<prefix>:user:<id>`. An instance subscribes
-  when its first local connection of a user opens and unsubscribes when the
-  last one closes, so it receives only what its own users need. One pub/sub
-  connection and one reader task per instance. Publishing a message for K
-  recipients is one scripted command (one round trip, one reply).
+- RedisBroker: per-key channels `<prefix>:<kind>:<id>` (kind `user` for the
+  push hub, `room` for meeting rooms; one broker, one pub/sub connection and
+  one reader task per kind and instance). An instance subscribes when its
+  first local connection of a user (a member of a room) opens and unsubscribes
+  when the last one closes, so it receives only what its own connections need.
+  Publishing a batch of frames is one scripted command (one round trip).
+
+Local delivery never waits for Redis: `publish` hands each frame to this
+instance's own connections at once and queues it for the other instances.
+Every payload carries the publishing instance's id, and the reader drops the
+frames that come back to their origin, so a frame reaches a local device once
+(message frames are also deduplicated by seq; `message.read` and room frames
+have no seq and rely on this alone).
+
+Redis is an accelerator, not a dependency. The process's circuit breaker
+(meeting.breaker) is shared with the cache and presence: while it is open the
+publisher sends nothing (the frames were delivered locally and are stored),
+and as soon as Redis answers again it publishes on `<prefix>:resync`, so every
+instance brings its devices up to date from the database.
 
 Pub/sub is fire-and-forget: whatever is published while a subscriber is
 disconnected is gone. So the reader keeps an outer loop that reconnects with
 backoff, re-subscribes, and then asks the hub to bring every local connection
-up to date from the database (`on_resync`). A publish that failed is repaired
-the same way on every instance, through the `<prefix>:resync` channel.
+up to date from the database (`on_resync`). A hung Redis (frozen, or a network
+path that drops packets without a reset) never closes the socket, so the
+reader pings when the channel was idle and treats a missing answer as a
+disconnection. A publish that failed is repaired the same way on every
+instance, through the `<prefix>:resync` channel.
 """
 
 from __future__ import annotations
@@ -22,21 +39,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from typing import Awaitable, Callable, Iterable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .cache import REDIS_FAILURES
+from .breaker import REDIS_FAILURES, RedisBreaker
 from .combine import Combiner
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[int, int, str, float], None]  # user id, seq (0: no seq), encoded frame, commit time
+Deliver = Callable[[int, int, str, float], None]  # user (room) id, seq (0: no seq), encoded frame, commit time
 Resync = Callable[[], Awaitable[int]]      # returns how many connections were resynchronised
-Wants = Callable[[int], bool]              # does this instance have a connection of that user now
+Wants = Callable[[int], bool]              # does this instance have a connection of that user (room) now
 SUBSCRIBE_TIMEOUT = 2.0
+IDLE_PING = 1.0                            # seconds of silence on the pub/sub connection before a PING
 
 # One command for a whole outbox batch: as a pipeline of PUBLISHes, redis-py
 # parsed every reply under its own timeout, the biggest cost of a fan-out.
@@ -63,24 +82,33 @@ class InProcessBroker:
     async def want(self, user_id: int) -> None:
         pass
 
-    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float) -> None:
+    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
+        """`local=False`: the caller delivered to this instance's connections itself."""
         for user_id, seq, frame in items:
             self.publishes += 1
-            self._deliver(user_id, seq, frame, committed_at)
+            if local:
+                self._deliver(user_id, seq, frame, committed_at)
 
 
 class RedisBroker:
-    def __init__(self, url: str, prefix: str, socket_timeout: float, deliver: Deliver, resync: Resync, wants: Wants):
+    def __init__(self, url: str, prefix: str, socket_timeout: float, deliver: Deliver, resync: Resync | None, wants: Wants,
+                 breaker: RedisBreaker | None = None, kind: str = "user"):
         # A client of its own with no retries: a dropped pub/sub connection must
         # surface here (redis-py would otherwise reconnect it silently and the
         # messages published meanwhile would be lost without a resync).
         self._client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
                                                health_check_interval=30, retry=Retry(NoBackoff(), 0))
         self._prefix = prefix
+        self._kind = kind
+        self._timeout = socket_timeout
         self._deliver = deliver
-        self._resync = resync
+        self._resync = resync  # None: nothing to repair (room frames are live only)
         self._wants = wants
+        self._breaker = breaker or RedisBreaker(self._client, log_interval=30.0, probe_timeout=socket_timeout)
+        self.origin = uuid.uuid4().hex[:12]  # this instance, in every payload it publishes
         self._resync_channel = f"{prefix}:resync"
+        self._late: set[str] = set()
+        self._reader_down = False  # subscriptions sent but not confirmed in time
         self._subscribed: set[int] = set()
         self._pubsub: aioredis.client.PubSub | None = None
         self._confirmations: dict[str, asyncio.Future[None]] = {}
@@ -93,10 +121,18 @@ class RedisBroker:
         self._publish_all = self._client.register_script(_PUBLISH_ALL)
         self._aligner: Combiner[int, None] = Combiner(self._align, max_batch=5000)
         self.connected = asyncio.Event()
-        self.publishes = self.received = self.reconnects = 0
+        self.publishes = self.received = self.reconnects = self.echoes = 0
+        if resync is not None:
+            self._breaker.on_recovered.append(self._wake_publisher)
 
     def channel(self, user_id: int) -> str:
-        return f"{self._prefix}:user:{user_id}"
+        return f"{self._prefix}:{self._kind}:{user_id}"
+
+    @property
+    def healthy(self) -> bool:
+        """No known trouble: the reader has not lost its connection (or has it back) and the
+        breaker is closed. (Not "connected": a reader still starting up is not trouble.)"""
+        return not self._reader_down and self._breaker.available
 
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._read_forever(), name="broker-reader")
@@ -152,16 +188,33 @@ class RedisBroker:
                     loop = asyncio.get_running_loop()
                     confirmed = [self._confirmations.setdefault(c, loop.create_future()) for c in subscribe]
                     await pubsub.subscribe(*subscribe)
+                    if not self._breaker.available:  # do not make a connect wait on a Redis known to be out
+                        raise asyncio.TimeoutError("the Redis breaker is open")
                     await asyncio.wait_for(asyncio.shield(asyncio.gather(*confirmed)), SUBSCRIBE_TIMEOUT)
             except (*REDIS_FAILURES, asyncio.TimeoutError) as exc:
-                log.warning("broker: (un)subscribe of %d channel(s) failed: %s; the reader will resubscribe",
+                # A subscription confirmed later may have missed what was published meanwhile:
+                # its confirmation triggers a resync (`_dispatch`). If the connection dies
+                # instead, the reader resubscribes everything and resyncs.
+                self._late.update(subscribe)
+                log.warning("broker: (un)subscribe of %d channel(s) not confirmed: %s; resync when it is",
                             len(subscribe) + len(unsubscribe), type(exc).__name__)
         return done
 
-    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float) -> None:
-        """Hand over without waiting on Redis: a slow Redis must not slow the sender.
-        One publisher task sends the outbox in order, in pipelined batches."""
-        self._outbox.put_nowait([(user_id, seq, frame, committed_at) for user_id, seq, frame in items])
+    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
+        """Deliver to this instance's connections now and hand over to the other
+        instances without waiting on Redis: a slow or absent Redis must neither slow
+        the sender nor delay a local device. One publisher task sends the outbox in
+        order, in batches. `local=False`: the caller delivered locally itself."""
+        batch = [(user_id, seq, frame, committed_at) for user_id, seq, frame in items]
+        if local:
+            for user_id, seq, frame, _ in batch:
+                self._deliver(user_id, seq, frame, committed_at)
+        self._outbox.put_nowait(batch)
+
+    async def _wake_publisher(self) -> None:
+        """Breaker closed again: the resync notice must not wait for the next send."""
+        if self._publish_lost:
+            self._outbox.put_nowait([])
 
     async def _publish_forever(self) -> None:
         while not self._closing:
@@ -170,23 +223,35 @@ class RedisBroker:
             while not self._outbox.empty() and (len(batch) < 1000 or self._publish_lost):  # failing: drain, do not pile up
                 batch.extend(self._outbox.get_nowait())
                 taken += 1
-            channels = [self.channel(user_id) for user_id, _, _, _ in batch]
-            payloads = [f"{seq} {committed_at:.6f} {frame}" for _, seq, frame, committed_at in batch]
-            if self._publish_lost:
-                channels.append(self._resync_channel)
-                payloads.append("lost")
             try:
-                await self._publish_all(keys=channels, args=payloads)
-                self._publish_lost = False
-                self.publishes += len(batch)
-            except REDIS_FAILURES as exc:
-                # The messages are stored; every instance resyncs its devices once Redis is back.
-                self._publish_lost = True
-                log.warning("broker: publish of %d frame(s) failed (%s); devices will be resynchronised",
-                            len(batch), type(exc).__name__)
+                await self._send(batch)
             finally:
                 for _ in range(taken):  # flush() waits on these
                     self._outbox.task_done()
+
+    async def _send(self, batch: list[tuple[int, int, str, float]]) -> None:
+        if not self._breaker.available:
+            # Delivered locally and stored: the other instances catch up from the
+            # database when Redis answers again (the resync notice below).
+            self._publish_lost = self._publish_lost or (bool(batch) and self._resync is not None)
+            return
+        channels = [self.channel(user_id) for user_id, _, _, _ in batch]
+        payloads = [f"{self.origin} {seq} {committed_at:.6f} {frame}" for _, seq, frame, committed_at in batch]
+        if self._publish_lost:
+            channels.append(self._resync_channel)
+            payloads.append("lost")
+        if not channels:
+            return
+        try:
+            await self._publish_all(keys=channels, args=payloads)
+            self._publish_lost = False
+            self.publishes += len(batch)
+        except REDIS_FAILURES as exc:
+            # The messages are stored; every instance resyncs its devices once Redis is back.
+            self._publish_lost = self._resync is not None
+            self._breaker.failed(exc, f"the {self._kind} broker's publisher")
+            log.warning("broker: publish of %d frame(s) failed (%s); devices will be resynchronised",
+                        len(batch), type(exc).__name__)
 
     async def _read_forever(self) -> None:
         backoff = 0.1
@@ -195,25 +260,26 @@ class RedisBroker:
             pubsub = self._client.pubsub()
             try:
                 async with self._lock:
+                    # The resync channel also keeps a broker with nothing else to follow connected.
                     await pubsub.subscribe(self._resync_channel, *[self.channel(u) for u in self._subscribed])
+                    self._late.clear()  # everything is subscribed afresh; the resync below covers the gap
                     self._pubsub = pubsub
                 self.connected.set()
+                self._reader_down = False
                 if not first:
                     self.reconnects += 1
-                    resynced = await self._resync()
-                    log.info("broker: reconnected to Redis; %d connection(s) resynchronised", resynced)
-                if self._publish_lost:
+                    if self._resync is not None:
+                        resynced = await self._resync()
+                        log.info("broker: reconnected to Redis; %d connection(s) resynchronised", resynced)
+                if self._publish_lost and self._breaker.available:
                     await self._client.publish(self._resync_channel, "lost")
                     self._publish_lost = False
                 first, backoff = False, 0.1
-                while not self._closing:
-                    # Shorter than health_check_interval: a blocking read never health-checks.
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        await self._dispatch(message)
+                await self._read(pubsub)
             except asyncio.CancelledError:
                 raise
             except REDIS_FAILURES as exc:
+                self._reader_down = True
                 if self.connected.is_set():
                     log.warning("broker: disconnected from Redis (%s: %s); reconnecting", type(exc).__name__, exc)
                 first = False
@@ -221,8 +287,32 @@ class RedisBroker:
                 self.connected.clear()
                 self._pubsub = None
                 await asyncio.shield(pubsub.aclose())
-            await asyncio.sleep(backoff * (1 + random.random()))
+            delay = backoff * (1 + random.random())
+            if self._breaker.open:  # reconnect as soon as the probe sees Redis answer again
+                await self._breaker.wait_closed(delay)
+            else:
+                await asyncio.sleep(delay)
             backoff = min(backoff * 2, 5.0)
+
+    async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+        """Dispatch until the connection fails. A frozen Redis leaves the socket open and
+        silent: after IDLE_PING seconds without a message, PING; no answer (a pong or
+        anything else) within the socket timeout is a disconnection."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        pinged: float | None = None
+        while not self._closing:
+            # Shorter than health_check_interval: a blocking read never health-checks.
+            message = await pubsub.get_message(timeout=min(1.0, IDLE_PING))
+            now = loop.time()
+            if message is not None:
+                heard, pinged = now, None
+                await self._dispatch(message)
+            elif pinged is not None and now - pinged > self._timeout:
+                raise TimeoutError(f"no answer to PING on the pub/sub connection in {self._timeout:.1f} s")
+            elif pinged is None and now - heard >= IDLE_PING:
+                await pubsub.ping()
+                pinged = now
 
     async def _dispatch(self, message: dict[str, object]) -> None:
         kind = message["type"]
@@ -231,15 +321,24 @@ class RedisBroker:
             future = self._confirmations.pop(channel, None)
             if future is not None and not future.done():
                 future.set_result(None)
+            if channel in self._late:
+                self._late.discard(channel)
+                if self._resync is not None:
+                    resynced = await self._resync()
+                    log.info("broker: a late subscription was confirmed; %d connection(s) resynchronised", resynced)
         elif kind == "message":
             data = message["data"]
             text = data.decode() if isinstance(data, bytes) else str(data)
             if channel == self._resync_channel:
-                resynced = await self._resync()
-                log.info("broker: a publish was lost somewhere; %d connection(s) resynchronised", resynced)
+                if self._resync is not None:
+                    resynced = await self._resync()
+                    log.info("broker: a publish was lost somewhere; %d connection(s) resynchronised", resynced)
+                return
+            origin, seq, committed_at, frame = text.split(" ", 3)
+            if origin == self.origin:
+                self.echoes += 1  # delivered locally when it was published
                 return
             self.received += 1
-            seq, committed_at, frame = text.split(" ", 2)
             self._deliver(int(channel.rsplit(":", 1)[1]), int(seq), frame, float(committed_at))
 
 

@@ -8,32 +8,35 @@ after its send or read returned. Two mechanisms make that hold:
   the stamp it read *before* querying the database is still current (checked
   atomically in a Lua script), so a value computed from pre-commit data can
   never be cached after the commit.
-- If an invalidation fails (Redis down, timeout), this instance bypasses the
-  cache until it manages to replace the global epoch, which orphans every entry.
+- If an invalidation fails (Redis down, timeout, or the breaker open), this
+  instance bypasses the cache until it has replaced the global epoch
+  `<prefix>:cache:epoch`, which orphans every entry on every instance (they all
+  read the epoch with each entry). It does so as soon as Redis answers again:
+  on the breaker's recovery, not on this instance's next cache read, so another
+  instance stops serving a suspect entry even if this one serves no reads.
 
-Redis trouble never fails a request: it is counted, logged once per interval,
-and the answer comes from the database. After a failure Redis is not tried
-again for `RETRY_AFTER` seconds, so an unreachable Redis costs one timeout per
-interval rather than one per request.
+Redis trouble never fails a request: it is reported to the process's one
+circuit breaker (meeting.breaker), and while the breaker is open the answer
+comes from the database without a round trip to Redis.
+
+What stays per instance: between the lost invalidation and this instance's
+next contact with Redis, other instances (which reach Redis) may still serve
+the entries it could not invalidate, for at most `cache_ttl` seconds; and if
+this instance dies before it reaches Redis again, nobody bumps the epoch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from typing import Awaitable, Callable, Iterable, TypeVar
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
+from .breaker import REDIS_FAILURES, RedisBreaker
 from .config import RedisConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRY_AFTER = 1.0
-REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+WHAT = "the message cache"
 
 _SET_IF_CURRENT = """
 local stamp = (redis.call('GET', KEYS[1]) or '') .. '|' .. (redis.call('GET', KEYS[2]) or '')
@@ -54,62 +57,43 @@ return #KEYS / 3
 """
 
 
-class RedisGuard:
-    """Shared failure policy: count, log once per interval, back off briefly."""
-
-    def __init__(self, client: aioredis.Redis | None, log_interval: float, what: str):
-        self.client = client
-        self.errors = 0
-        self._what = what
-        self._log_interval = log_interval
-        self._last_log = float("-inf")
-        self._retry_at = 0.0
-
-    @property
-    def available(self) -> bool:
-        return self.client is not None and time.monotonic() >= self._retry_at
-
-    def failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        self._retry_at = now + RETRY_AFTER
-        if now - self._last_log >= self._log_interval:
-            self._last_log = now
-            log.warning("redis unavailable for %s (%s: %s); using the database (%d failures so far)",
-                        self._what, type(exc).__name__, exc, self.errors)
-
-
 class MessageCache:
-    def __init__(self, client: aioredis.Redis | None, cfg: RedisConfig):
-        self._guard = RedisGuard(client, cfg.error_log_interval, "the message cache")
+    def __init__(self, breaker: RedisBreaker, cfg: RedisConfig):
+        self._breaker = breaker
         self._prefix = cfg.prefix
         self._ttl = cfg.cache_ttl
         self._dirty = False
         self.hits = 0
         self.misses = 0
+        self.errors = 0  # Redis failures seen by the cache itself
+        client = breaker.client
         self._script = client.register_script(_SET_IF_CURRENT) if client is not None else None
         self._invalidate = client.register_script(_INVALIDATE) if client is not None else None
-
-    @property
-    def errors(self) -> int:
-        return self._guard.errors
+        breaker.on_recovered.append(self._usable_now)
 
     @property
     def available(self) -> bool:
-        """False while backing off after a Redis failure (or with no Redis)."""
-        return self._guard.available
+        """True when the cache is in use: Redis configured, breaker closed, no lost invalidation pending."""
+        return self._breaker.available and not self._dirty
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self._breaker.failed(exc, WHAT)
+
+    async def _usable_now(self) -> None:
+        await self._usable()
 
     def _key(self, *parts: object) -> str:
         return ":".join([self._prefix, "cache", *map(str, parts)])
 
     async def _usable(self) -> bool:
-        if not self._guard.available:
+        if not self._breaker.available:
             return False
         if self._dirty:  # an invalidation was lost: orphan every entry before trusting any
             try:
-                await self._guard.client.set(self._key("epoch"), uuid.uuid4().hex)  # type: ignore[union-attr]
+                await self._breaker.client.set(self._key("epoch"), uuid.uuid4().hex)  # type: ignore[union-attr]
             except REDIS_FAILURES as exc:
-                self._guard.failed(exc)
+                self._failed(exc)
                 return False
             self._dirty = False
             log.info("message cache flushed after a lost invalidation")
@@ -119,12 +103,12 @@ class MessageCache:
                   encode: Callable[[T], str], decode: Callable[[str], T]) -> T:
         if not await self._usable():
             return await compute()
-        client = self._guard.client
+        client = self._breaker.client
         keys = [self._key("epoch"), self._key("gen", user_id), self._key(kind, user_id)]
         try:
             epoch, gen, entry = await client.mget(keys)  # type: ignore[union-attr]
         except REDIS_FAILURES as exc:
-            self._guard.failed(exc)
+            self._failed(exc)
             return await compute()
         stamp = f"{(epoch or b'').decode()}|{(gen or b'').decode()}"
         if entry is not None:
@@ -137,14 +121,14 @@ class MessageCache:
         try:
             await self._script(keys=keys, args=[stamp, f"{stamp}\n{encode(value)}", self._ttl, 2 * self._ttl])  # type: ignore[misc]
         except REDIS_FAILURES as exc:
-            self._guard.failed(exc)
+            self._failed(exc)
         return value
 
     async def invalidate(self, user_ids: Iterable[int]) -> None:
         """Call after the commit that changed these users' data, before answering."""
-        if self._guard.client is None:
+        if self._breaker.client is None:
             return
-        if not self._guard.available:
+        if not self._breaker.available:
             self._dirty = True
             return
         keys = [self._key(kind, user_id) for user_id in user_ids for kind in ("gen", "unread", "inbox")]
@@ -154,4 +138,4 @@ class MessageCache:
             await self._invalidate(keys=keys, args=[uuid.uuid4().hex, 2 * self._ttl])  # type: ignore[misc]
         except REDIS_FAILURES as exc:
             self._dirty = True
-            self._guard.failed(exc)
+            self._failed(exc)

@@ -1,4 +1,4 @@
-"""Who is online: last-seen time and device count per user.
+"""Who is online: last-seen time and device count per user; and how many devices a user may have.
 
 With Redis, shared by every instance:
 - the seed plan's hash `online_users` (namespaced `<prefix>:online_users`):
@@ -8,7 +8,18 @@ With Redis, shared by every instance:
   connection is counted while its entry has not expired, so the devices of an
   instance that dies without cleaning up (SIGKILL) go offline by themselves
   within two heartbeat intervals.
-Without Redis, or while Redis fails, each process answers from its own connections.
+
+The same sorted set enforces `push.max_connections_per_user` across instances:
+`admit` counts the live entries and adds the new connection in one Lua call,
+so two instances admitting at once cannot both take the last place. The count
+is approximate in two directions, both documented: a connection admitted while
+Redis was out has no entry until the next heartbeat refreshes it (a user may
+then briefly hold more than the cap), and the entries of a crashed instance
+count until they expire (its devices may be refused 4029 for up to two
+heartbeats when their user was at the cap).
+
+Without Redis, or while the breaker is open, each process counts and answers
+from its own connections.
 """
 
 from __future__ import annotations
@@ -17,35 +28,64 @@ import datetime as dt
 import time
 from typing import Iterable
 
-import redis.asyncio as aioredis
-
-from .cache import REDIS_FAILURES, RedisGuard
+from .breaker import REDIS_FAILURES, RedisBreaker
 from .config import RedisConfig
 
 Status = dict[str, object]
+WHAT = "presence"
+
+# KEYS: devices zset, online hash. ARGV: connection id, now, expiry, key ttl, max, user id.
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[6], ARGV[2])
+return 1
+"""
 
 
 class Presence:
-    def __init__(self, client: aioredis.Redis | None, cfg: RedisConfig, heartbeat: float):
-        self._guard = RedisGuard(client, cfg.error_log_interval, "presence")
+    def __init__(self, breaker: RedisBreaker, cfg: RedisConfig, heartbeat: float):
+        self._breaker = breaker
         self._prefix = cfg.prefix
         self._seen_key = f"{cfg.prefix}:online_users"
         self._lifetime = 2 * heartbeat
         self._local: dict[int, set[str]] = {}
         self._local_seen: dict[int, float] = {}
+        self._admit = breaker.client.register_script(_ADMIT) if breaker.client is not None else None
 
     def _devices_key(self, user_id: int) -> str:
         return f"{self._prefix}:devices:{user_id}"
 
-    async def connected(self, user_id: int, connection_id: str) -> None:
+    async def admit(self, user_id: int, connection_id: str, limit: int) -> bool:
+        """Count this connection in (and return True) unless the user already has `limit`
+        live connections on all instances together. The caller checked this instance's own
+        connections first; while Redis is out that is the only check."""
         self._local.setdefault(user_id, set()).add(connection_id)
-        await self._write([(user_id, connection_id)], [])
+        now = time.time()
+        self._local_seen[user_id] = now
+        if self._breaker.available:
+            try:
+                admitted = await self._admit(  # type: ignore[misc]
+                    keys=[self._devices_key(user_id), self._seen_key],
+                    args=[connection_id, f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1, limit, user_id])
+            except REDIS_FAILURES as exc:
+                self._breaker.failed(exc, WHAT)  # counted locally only; the heartbeat adds its entry later
+            else:
+                if not admitted:
+                    self._forget(user_id, connection_id)
+                    return False
+        return True
 
-    async def disconnected(self, user_id: int, connection_id: str) -> None:
+    def _forget(self, user_id: int, connection_id: str) -> None:
         devices = self._local.get(user_id, set())
         devices.discard(connection_id)
         if not devices:
             self._local.pop(user_id, None)
+
+    async def disconnected(self, user_id: int, connection_id: str) -> None:
+        self._forget(user_id, connection_id)
         await self._write([], [(user_id, connection_id)])
 
     async def heartbeat(self, connections: Iterable[tuple[int, str]]) -> None:
@@ -56,10 +96,10 @@ class Presence:
         now = time.time()
         for user_id, _ in (*alive, *gone):
             self._local_seen[user_id] = now
-        if not (alive or gone) or not self._guard.available:
+        if not (alive or gone) or not self._breaker.available:
             return
         try:
-            async with self._guard.client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
+            async with self._breaker.client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
                 for user_id, connection_id in alive:
                     key = self._devices_key(user_id)
                     pipe.zadd(key, {connection_id: now + self._lifetime})
@@ -69,15 +109,15 @@ class Presence:
                 pipe.hset(self._seen_key, mapping={str(u): f"{now:.3f}" for u, _ in (*alive, *gone)})
                 await pipe.execute()
         except REDIS_FAILURES as exc:
-            self._guard.failed(exc)
+            self._breaker.failed(exc, WHAT)
 
     async def status(self, user_ids: list[int]) -> dict[int, Status]:
         seen: list[float | None] = [self._local_seen.get(u) for u in user_ids]
         devices = [len(self._local.get(u, ())) for u in user_ids]
-        if self._guard.available and user_ids:
+        if self._breaker.available and user_ids:
             now = time.time()
             try:
-                async with self._guard.client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
+                async with self._breaker.client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
                     pipe.hmget(self._seen_key, [str(u) for u in user_ids])
                     for user_id in user_ids:
                         pipe.zcount(self._devices_key(user_id), now, "+inf")
@@ -85,6 +125,6 @@ class Presence:
                 seen = [float(v) if v is not None else None for v in raw_seen]
                 devices = [int(c) for c in counts]
             except REDIS_FAILURES as exc:
-                self._guard.failed(exc)
+                self._breaker.failed(exc, WHAT)
         return {u: {"online": n > 0, "last_seen": dt.datetime.fromtimestamp(s, dt.timezone.utc) if s else None, "devices": n}
                 for u, s, n in zip(user_ids, seen, devices)}

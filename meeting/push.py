@@ -21,7 +21,7 @@ from . import frames
 from .broker import InProcessBroker, RedisBroker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence
-from .typedefs import config_key, message_service_key, presence_key, push_hub_key, ws_users
+from .typedefs import config_key, message_service_key, presence_key, push_hub_key, redis_breaker_key, ws_users
 
 if TYPE_CHECKING:
     from .ws import UserConnection
@@ -44,14 +44,15 @@ class PushHub:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def register(self, conn: "UserConnection") -> bool:
-        live = self.users.setdefault(conn.user_id, set())
+    async def register(self, conn: "UserConnection") -> bool:
+        """Admit the connection unless its user is at `max_per_user`: counted on this
+        instance, then (with Redis) across all instances by presence."""
+        live = self.users.get(conn.user_id, set())
         if len([c for c in live if not c.closed]) >= self.max_per_user:
-            if not live:
-                del self.users[conn.user_id]
             return False
-        live.add(conn)
-        self.spawn(self.presence.connected(conn.user_id, conn.id))
+        if not await self.presence.admit(conn.user_id, conn.id, self.max_per_user):
+            return False
+        self.users.setdefault(conn.user_id, set()).add(conn)
         return True
 
     def unregister(self, conn: "UserConnection") -> None:
@@ -126,7 +127,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     redis_cfg = app[config_key].redis
     if redis_cfg.url:  # one path per configuration: never local *and* Redis delivery
         hub.broker = RedisBroker(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0),
-                                 hub.deliver_local, hub.resync, hub.wants)
+                                 hub.deliver_local, hub.resync, hub.wants, app[redis_breaker_key])
     await hub.broker.start()
     app[push_hub_key] = hub
     service = app[message_service_key]

@@ -3,8 +3,9 @@
 Built on the `limits` library (moving windows). With Redis configured the counts
 live there, so a limit holds across instances; without it, in this process.
 Redis trouble never refuses a request and never makes one wait: the counts fall
-back to this process for a moment (one shared failure policy, cache.RedisGuard),
-which is what a limit can honestly promise while Redis is away.
+back to this process while the process's Redis circuit breaker (meeting.breaker,
+shared with the cache, presence and the brokers) is open, which is what a limit
+can honestly promise while Redis is away.
 
 Limits are named after their config keys in the `limits` section; `limits.enabled:
 false` turns every one off (benchmarks, trusted networks). The client address is
@@ -20,13 +21,12 @@ import math
 import time
 from typing import Iterable
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from .cache import REDIS_FAILURES, RedisGuard
+from .breaker import REDIS_FAILURES, RedisBreaker
 from .config import LimitsConfig, RedisConfig
 from .errors import TooManyRequests
 
@@ -42,13 +42,14 @@ def networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 
 class RateLimits:
-    def __init__(self, cfg: LimitsConfig, client: aioredis.Redis | None, redis_cfg: RedisConfig):
+    def __init__(self, cfg: LimitsConfig, breaker: RedisBreaker, redis_cfg: RedisConfig):
         self.enabled = cfg.enabled
         self._items: dict[str, RateLimitItem] = {name: parse(getattr(cfg, name)) for name in RULES}
         self._trusted = networks(cfg.trusted_proxies)
         self._local = MovingWindowRateLimiter(MemoryStorage())
         self._shared = self._local
-        self._guard = RedisGuard(client, redis_cfg.error_log_interval, "rate limits")
+        self._guard = breaker
+        client = breaker.client
         if client is not None:
             storage = RedisStorage(f"async+{redis_cfg.url}", implementation="redispy", key_prefix=f"{redis_cfg.prefix}:limits",
                                    connection_pool=client.connection_pool)
@@ -75,7 +76,7 @@ class RateLimits:
         try:
             return bool(await getattr(limiter, method)(self._items[rule], *keys))
         except REDIS_FAILURES as exc:
-            self._guard.failed(exc)
+            self._guard.failed(exc, "rate limits")
             return bool(await getattr(self._local, method)(self._items[rule], *keys))
 
     async def _refuse(self, rule: str, identity: Iterable[object], shared: bool) -> None:

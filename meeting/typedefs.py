@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from .auth import AuthService, TokenCodec
+    from .breaker import RedisBreaker
     from .cache import MessageCache
     from .config import Config
     from .meetings import MeetingService
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 config_key = web.AppKey("config", "Config")
 engine_key = web.AppKey("engine", "AsyncEngine")
 redis_key = web.AppKey("redis", "aioredis.Redis | None")
+#: The one circuit breaker for every use of Redis in this process (meeting.breaker).
+redis_breaker_key = web.AppKey("redis_breaker", "RedisBreaker")
 tokens_key = web.AppKey("tokens", "TokenCodec")
 auth_service_key = web.AppKey("auth_service", "AuthService")
 user_service_key = web.AppKey("user_service", "UserService")

@@ -34,7 +34,8 @@ from .push import push_ctx
 from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
-    auth_service_key, cache_key, config_key, engine_key, limits_key, meeting_service_key, message_service_key, redis_key,
+    auth_service_key, cache_key, config_key, engine_key, limits_key, meeting_service_key, message_service_key,
+    redis_breaker_key,
     presence_key, push_hub_key, rooms_key, stats_key, tokens_key, user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
@@ -130,15 +131,15 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[config_key]
     tokens = TokenCodec(cfg.auth.secret, cfg.auth.token_ttl)
     app[tokens_key] = tokens
-    app[limits_key] = RateLimits(cfg.limits, app[redis_key], cfg.redis)
+    app[limits_key] = RateLimits(cfg.limits, app[redis_breaker_key], cfg.redis)
     app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth, app[limits_key])
     app[user_service_key] = UserService(app[engine_key])
-    app[cache_key] = MessageCache(app[redis_key], cfg.redis)
+    app[cache_key] = MessageCache(app[redis_breaker_key], cfg.redis)
     app[message_service_key] = MessageService(app[engine_key], app[cache_key],
                                               transaction_attempts=cfg.database.transaction_attempts,
                                               keys=Keys(cfg.idempotency.ttl))
     app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
-    app[presence_key] = Presence(app[redis_key], cfg.redis, cfg.push.heartbeat)
+    app[presence_key] = Presence(app[redis_breaker_key], cfg.redis, cfg.push.heartbeat)
     stats = app[stats_key]
 
     async def count_stored(message: dict[str, object]) -> None:

@@ -170,7 +170,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     stats = app[stats_key]
     conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister,
                           fetch=service.received_after_seq, stats=stats, encode=hub.bodies.message_new)
-    if not hub.register(conn):
+    if not await hub.register(conn):
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
         return ws

@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from meeting.breaker import RedisBreaker
 from meeting.cache import MessageCache
 from meeting.config import Config, RedisConfig, with_overrides
 from meeting.typedefs import cache_key
@@ -44,7 +45,8 @@ async def test_reads_are_served_from_redis_and_sends_invalidate(api: Api) -> Non
 
 
 def _cache(client: aioredis.Redis, prefix: str) -> MessageCache:
-    return MessageCache(client, RedisConfig(url="redis://unused", prefix=prefix, socket_timeout=0.2, cache_ttl=60))
+    return MessageCache(RedisBreaker(client, log_interval=30.0, probe_timeout=0.2),
+                        RedisConfig(url="redis://unused", prefix=prefix, socket_timeout=0.2, cache_ttl=60))
 
 
 async def test_a_value_computed_before_an_invalidation_is_not_cached(raw_redis: aioredis.Redis) -> None:
@@ -87,7 +89,7 @@ async def test_lost_invalidation_flushes_the_cache_before_it_is_trusted_again(ra
 
 
 async def _until_available(cache: MessageCache) -> None:
-    while not cache.available:  # the breaker re-opens after RETRY_AFTER
+    while not cache.available:  # the breaker's probe closes it once Redis answers
         await asyncio.sleep(0.05)
 
 
@@ -104,7 +106,7 @@ async def test_a_hung_redis_costs_bounded_time_and_logs_once(api: Api, raw_redis
         assert time.monotonic() - started < 2.5  # one 0.2 s timeout, then the breaker, not 7 timeouts
     finally:
         await raw_redis.execute_command("CLIENT", "UNPAUSE")
-    warnings = [r for r in caplog.records if "redis unavailable for the message cache" in r.getMessage()]
+    warnings = [r for r in caplog.records if "redis unavailable (the message cache" in r.getMessage()]
     assert len(warnings) == 1
     assert api.client.app[cache_key].errors >= 1
     assert await api.unread_count(bob) == 2

@@ -232,7 +232,7 @@ async def test_closing_the_broker_publishes_its_whole_outbox_first(redis_url: st
         while len(seqs) < 5000:
             message = await asyncio.wait_for(pubsub.get_message(ignore_subscribe_messages=True, timeout=5), 10)
             assert message is not None, f"only {len(seqs)} of 5000 frames were published"
-            seqs.append(int(message["data"].split(b" ", 1)[0]))
+            seqs.append(int(message["data"].split(b" ", 2)[1]))  # "<origin> <seq> <committed_at> <frame>"
         assert seqs == list(range(1, 5001))
     finally:
         await pubsub.aclose()

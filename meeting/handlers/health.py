@@ -6,7 +6,7 @@ from aiohttp import web
 
 from .. import db, redis_client
 from ..schemas import HealthSchema
-from ..typedefs import config_key, engine_key, redis_key
+from ..typedefs import config_key, engine_key, push_hub_key, redis_breaker_key, redis_key
 from .common import doc, public, respond
 
 # Built once: schemas are stateless, and constructing one costs more than using it.
@@ -26,13 +26,26 @@ async def healthz(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure means "not ok"; the reason goes to the log only
         log.warning("health: database check failed: %s", type(exc).__name__)
         result.update(status="unavailable", database="unavailable")
-    client = app[redis_key]
-    if client is not None:
-        try:
-            await redis_client.ping(client, app[config_key].redis.socket_timeout * 2)
-            result["redis"] = "ok"
-        except Exception as exc:
-            log.warning("health: redis check failed: %s", type(exc).__name__)
-            result.update(status="degraded" if result["status"] == "ok" else result["status"], redis="unavailable")
+    if app[redis_key] is not None:
+        result["redis"] = "ok" if await _redis_ok(app) else "unavailable"
+        if result["redis"] != "ok" and result["status"] == "ok":
+            result["status"] = "degraded"  # sends and local push work; other instances catch up later
     status = 503 if result["database"] != "ok" else 200
     return respond(HEALTH_SCHEMA, result, status=status)
+
+
+async def _redis_ok(app: web.Application) -> bool:
+    """Redis is usable by this instance: the breaker is closed (no ping while it is open:
+    the answer must come at once), the push broker's reader is subscribed, and a PING answers."""
+    if app[redis_breaker_key].open:
+        return False
+    hub = app.get(push_hub_key)
+    if hub is not None and not getattr(hub.broker, "healthy", True):
+        log.warning("health: the push broker is not connected to redis")
+        return False
+    try:
+        await redis_client.ping(app[redis_key], app[config_key].redis.socket_timeout * 2)  # type: ignore[arg-type]
+    except Exception as exc:
+        log.warning("health: redis check failed: %s", type(exc).__name__)
+        return False
+    return True
