@@ -83,7 +83,11 @@ class InProcessBroker:
         pass
 
     async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
-        """`local=False`: the caller delivered to this instance's connections itself."""
+        self.post(items, committed_at, local)
+
+    def post(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
+        """`publish` without an await (safe in a finally block under cancellation).
+        `local=False`: the caller delivered to this instance's connections itself."""
         for user_id, seq, frame in items:
             self.publishes += 1
             if local:
@@ -201,6 +205,9 @@ class RedisBroker:
         return done
 
     async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
+        self.post(items, committed_at, local)
+
+    def post(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
         """Deliver to this instance's connections now and hand over to the other
         instances without waiting on Redis: a slow or absent Redis must neither slow
         the sender nor delay a local device. One publisher task sends the outbox in
@@ -282,6 +289,8 @@ class RedisBroker:
                 self._reader_down = True
                 if self.connected.is_set():
                     log.warning("broker: disconnected from Redis (%s: %s); reconnecting", type(exc).__name__, exc)
+                else:  # could not even (re)connect: Redis is out for everyone here, not just this socket
+                    self._breaker.failed(exc, f"the {self._kind} broker's reader")
                 first = False
             finally:
                 self.connected.clear()

@@ -18,6 +18,7 @@ from marshmallow import ValidationError
 from . import db
 from .auth import AuthService, TokenCodec
 from . import signing
+from .broker import RedisBroker
 from .config import Config, with_overrides
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
@@ -174,9 +175,18 @@ async def drain_then_close(app: web.Application) -> None:
 
 
 async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[rooms_key] = RoomManager()
+    """Rooms and their broker (Redis when configured, so one room spans every instance)."""
+    rooms = RoomManager()
+    redis_cfg = app[config_key].redis
+    if redis_cfg.url:  # one path per configuration, as for user push
+        rooms.broker = RedisBroker(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0), rooms.deliver_local,
+                                   None, rooms.wants, app[redis_breaker_key], kind="room")
+    await rooms.broker.start()
+    app[rooms_key] = rooms
     yield
-    await app[rooms_key].close_all()
+    await rooms.close_all()
+    await rooms.drain_background()
+    await rooms.broker.close()
 
 
 def create_app(config: Config) -> web.Application:

@@ -1,4 +1,4 @@
-"""GET /ws/meetings/{id}: the meeting-room WebSocket (join, chat, leave)."""
+"""GET /ws/meetings/{id}: the meeting-room WebSocket (join, chat, leave), one room across instances."""
 
 from __future__ import annotations
 
@@ -47,11 +47,12 @@ async def room(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     rooms = request.app[rooms_key]
     conn = Connection(ws, user_id, cfg.queue_limit)
-    rooms.broadcast(meeting_id, frames.encode("meeting.joined", {"user_id": user_id}))
     rooms.join(meeting_id, conn)
     limits = request.app[limits_key]
     strikes = 0  # frames refused in a row for the chat rate limit
     try:
+        await rooms.follow(meeting_id)  # hear the other instances before they hear of us
+        rooms.broadcast(meeting_id, frames.encode("meeting.joined", {"user_id": user_id}), exclude=conn)
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 try:
