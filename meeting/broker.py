@@ -192,8 +192,11 @@ class RedisBroker:
                     loop = asyncio.get_running_loop()
                     confirmed = [self._confirmations.setdefault(c, loop.create_future()) for c in subscribe]
                     await pubsub.subscribe(*subscribe)
-                    if not self._breaker.available:  # do not make a connect wait on a Redis known to be out
-                        raise asyncio.TimeoutError("the Redis breaker is open")
+                    if not self._breaker.available:
+                        # Redis is known to be out: do not make a connect wait for it. The
+                        # SUBSCRIBE is on its way; its confirmation will trigger the resync.
+                        self._late.update(subscribe)
+                        return done
                     await asyncio.wait_for(asyncio.shield(asyncio.gather(*confirmed)), SUBSCRIBE_TIMEOUT)
             except (*REDIS_FAILURES, asyncio.TimeoutError) as exc:
                 # A subscription confirmed later may have missed what was published meanwhile:

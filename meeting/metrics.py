@@ -18,7 +18,9 @@ from prometheus_client.registry import Collector
 
 from .errors import Forbidden
 from .handlers.common import doc, public
-from .typedefs import cache_key, config_key, message_service_key, metrics_key, push_hub_key, stats_key, ws_users
+from .typedefs import (
+    cache_key, config_key, message_service_key, metrics_key, push_hub_key, redis_breaker_key, stats_key, ws_users,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -68,6 +70,9 @@ class AppCollector(Collector):
         yield _counter("meeting_cache_hits", "Cache reads answered by Redis", cache.hits)
         yield _counter("meeting_cache_misses", "Cache reads answered by the database", cache.misses)
         yield _counter("meeting_cache_errors", "Redis failures seen by the cache", cache.errors)
+        breaker = app[redis_breaker_key]
+        yield _gauge("meeting_redis_breaker_open", "1 while Redis is not used after a failure (the probe closes it)", int(breaker.open))
+        yield _counter("meeting_redis_breaker_trips", "Times the Redis circuit breaker opened", breaker.trips)
         if push_hub_key in app:
             broker = app[push_hub_key].broker
             yield _counter("meeting_broker_publishes", "Frames published to the broker", broker.publishes)

@@ -52,8 +52,10 @@ async def test_counters_follow_messages_and_connections(api: Api) -> None:
     names = set(after)
     for expected in ("meeting_cache_hits_total", "meeting_cache_misses_total", "meeting_cache_errors_total",
                      "meeting_slow_consumer_closes_total", "meeting_heartbeat_timeouts_total", "meeting_broker_reconnects_total",
-                     "meeting_recipient_lists_hits_total", "meeting_recipient_lists_misses_total"):
+                     "meeting_recipient_lists_hits_total", "meeting_recipient_lists_misses_total",
+                     "meeting_redis_breaker_trips_total"):
         assert expected in names
+    assert after["meeting_redis_breaker_open"] == 0
     assert all(re.fullmatch(r"meeting_[a-z_]+(\{.*\})?", n) for n in names if n.startswith("meeting"))
 
 

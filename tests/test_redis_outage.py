@@ -93,3 +93,23 @@ async def test_a_frozen_then_restarted_redis_slows_no_send_and_stops_no_local_pu
         assert await frames_until_pong(device) == []
     health = await b.call("GET", "/healthz", expect=200)
     assert health == {"status": "ok", "database": "ok", "redis": "ok"}
+
+
+async def test_a_frozen_redis_is_noticed_by_the_pubsub_reader(
+        make_client: Any, config: Config, private_redis: PrivateRedis) -> None:  # noqa: F811
+    """SIGSTOP leaves every socket open and silent: only the reader's PING finds out."""
+    cfg = with_overrides(config, redis={"url": f"redis://127.0.0.1:{private_redis.port}/0",
+                                        "prefix": f"t{uuid.uuid4().hex[:10]}", "socket_timeout": 0.2})
+    api = Api(await make_client(cfg))
+    broker = api.client.app[push_hub_key].broker
+    await asyncio.wait_for(broker.connected.wait(), 5)
+    assert private_redis.proc is not None
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        await until(lambda: not broker.connected.is_set(), timeout=10)
+        assert (await api.call("GET", "/healthz", expect=200))["status"] == "degraded"
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+    await until(lambda: broker.connected.is_set() and broker.reconnects == 1, timeout=15)
+    await until(lambda: api.client.app[redis_breaker_key].available, timeout=5)
+    assert (await api.call("GET", "/healthz", expect=200))["status"] == "ok"
