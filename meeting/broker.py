@@ -1,7 +1,6 @@
 """Deliver "this frame for user X" (or "for meeting room M") to X's connections, wherever they are.
 
-Two implementations of one interface, chosen by configuration, never both (a
-frame must not reach a device twice because it went locally *and* via Redis):
+Two implementations of one interface, chosen by configuration, never both:
 
 - InProcessBroker: no Redis configured; delivery is a function call.
 - RedisBroker: per-key channels `<prefix>:<kind>:<id>` (kind `user` for the

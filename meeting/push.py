@@ -125,7 +125,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[config_key].push
     hub = PushHub(app[ws_users], app[presence_key], cfg.max_connections_per_user)
     redis_cfg = app[config_key].redis
-    if redis_cfg.url:  # one path per configuration: never local *and* Redis delivery
+    if redis_cfg.url:  # one broker per configuration; RedisBroker delivers here itself and drops its own echoes
         hub.broker = RedisBroker(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0),
                                  hub.deliver_local, hub.resync, hub.wants, app[redis_breaker_key])
     await hub.broker.start()
