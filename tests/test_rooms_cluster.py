@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from pathlib import Path
+from typing import Any, AsyncIterator
 
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 
 from meeting.frames import validate_frame
-from tests.test_processes import Instance, _user, instances  # noqa: F401  (fixture)
+from tests.conftest import _clean_mariadb
+from tests.test_processes import Instance, _start, _user, instance_env
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncIterator[tuple[list[Instance], str]]:
+    """Two instances and their Redis prefix."""
+    _clean_mariadb(mariadb_url)
+    env = instance_env(mariadb_url, redis_url)
+    started = list(await asyncio.gather(_start(tmp_path, env), _start(tmp_path, env)))
+    yield started, env["MEETING_REDIS_PREFIX"]
+    for instance in started:
+        if instance.proc.returncode is None:
+            instance.proc.terminate()
+            await asyncio.wait_for(instance.proc.wait(), 15)
+
+
+class Wire:
+    """A subscriber of our own on a room channel: shows when an instance has published a
+    frame, so the next participant connects after it (a join is announced once the
+    joining instance follows the room, which the client cannot see)."""
+
+    def __init__(self, pubsub: Any):
+        self.pubsub = pubsub
+
+    async def published(self, type_: str, user_id: int) -> None:
+        async def wait() -> None:
+            while True:
+                message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    parsed = validate_frame(message["data"].decode().split(" ", 3)[3])
+                    if (parsed["type"], parsed["payload"].get("user_id")) == (type_, user_id):
+                        return
+        await asyncio.wait_for(wait(), 10)
 
 
 async def frame(ws: aiohttp.ClientWebSocketResponse) -> tuple[str, dict[str, Any]]:
@@ -18,8 +54,18 @@ async def frame(ws: aiohttp.ClientWebSocketResponse) -> tuple[str, dict[str, Any
     return parsed["type"], parsed["payload"]
 
 
-async def test_participants_on_two_instances_share_one_room(instances: list[Instance]) -> None:  # noqa: F811
-    a, b = instances
+async def test_participants_on_two_instances_share_one_room(cluster: tuple[list[Instance], str], redis_url: str) -> None:
+    (a, b), prefix = cluster
+    probe = aioredis.Redis.from_url(redis_url)
+    pubsub = probe.pubsub()
+    try:
+        await _scenario(a, b, prefix, pubsub)
+    finally:
+        await pubsub.aclose()
+        await probe.aclose()
+
+
+async def _scenario(a: Instance, b: Instance, prefix: str, pubsub: Any) -> None:
     async with aiohttp.ClientSession(a.url) as http_a, aiohttp.ClientSession(b.url) as http_b:
         org, bob, carol = await _user(http_a, "org"), await _user(http_a, "bob"), await _user(http_b, "carol")
         async with http_a.post("/meetings", json={"title": "Across", "participant_ids": [bob["id"], carol["id"]],
@@ -28,11 +74,16 @@ async def test_participants_on_two_instances_share_one_room(instances: list[Inst
             assert r.status == 201, await r.text()
             meeting = await r.json()
         path = f"/ws/meetings/{meeting['id']}"
+        await pubsub.subscribe(f"{prefix}:room:{meeting['id']}")
+        wire = Wire(pubsub)
         ws_org = await http_a.ws_connect(path, params={"token": org["token"]})
+        await wire.published("meeting.joined", org["id"])
         ws_bob = await http_b.ws_connect(path, params={"token": bob["token"]})
+        await wire.published("meeting.joined", bob["id"])
         # bob joined on B; org, on A, hears of it through Redis
         assert await frame(ws_org) == ("meeting.joined", {"user_id": bob["id"]})
         ws_carol = await http_a.ws_connect(path, params={"token": carol["token"]})
+        await wire.published("meeting.joined", carol["id"])
         for ws in (ws_org, ws_bob):
             assert await frame(ws) == ("meeting.joined", {"user_id": carol["id"]})
 
