@@ -215,10 +215,10 @@ class RedisBroker:
         the sender nor delay a local device. One publisher task sends the outbox in
         order, in batches. `local=False`: the caller delivered locally itself."""
         batch = [(user_id, seq, frame, committed_at) for user_id, seq, frame in items]
+        self._outbox.put_nowait(batch)  # first: a local delivery that raised must not cost the other instances
         if local:
             for user_id, seq, frame, _ in batch:
                 self._deliver(user_id, seq, frame, committed_at)
-        self._outbox.put_nowait(batch)
 
     async def _wake_publisher(self) -> None:
         """Breaker closed again: the resync notice must not wait for the next send."""
