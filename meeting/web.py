@@ -186,7 +186,7 @@ async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await rooms.close_all()
     await rooms.drain_background()
-    await rooms.broker.close()
+    await rooms.broker.close(flush=app[config_key].server.shutdown_timeout)  # the last meeting.left frames
 
 
 def create_app(config: Config) -> web.Application:
