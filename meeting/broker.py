@@ -312,14 +312,18 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged: float | None = None
+        wait = min(1.0, IDLE_PING)
         while not self._closing:
             # Shorter than health_check_interval: a blocking read never health-checks.
-            message = await pubsub.get_message(timeout=min(1.0, IDLE_PING))
+            before = loop.time()
+            message = await pubsub.get_message(timeout=wait)
             now = loop.time()
             if message is not None:
                 heard, pinged = now, None
                 await self._dispatch(message)
-            elif pinged is not None and now - pinged > self._timeout:
+            elif pinged is not None and now - pinged > self._timeout and now - before < wait + 0.5:
+                # (Only after a read that came back on time: when this loop itself was stalled,
+                # the answer may be sitting unread in the socket.)
                 raise TimeoutError(f"no answer to PING on the pub/sub connection in {self._timeout:.1f} s")
             elif pinged is None and now - heard >= IDLE_PING:
                 await pubsub.ping()
