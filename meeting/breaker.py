@@ -3,9 +3,11 @@
 Redis is an accelerator (cache, presence, cross-instance fan-out), never a
 dependency of a request: when it is unreachable or hung, requests must answer
 at their usual speed from the database and the local connection map. So the
-first failure seen by any user of Redis (the cache, presence, the broker's
-publisher or reader) opens the breaker for all of them: while it is open
-nobody sends a command to Redis, and no request pays a timeout.
+first failure seen by any user of Redis (the cache, presence, the brokers'
+publisher or a reader that cannot reconnect) opens the breaker for all of
+them: while it is open no request sends a command to Redis, and none pays a
+timeout. (The brokers' background tasks keep trying on their own: they delay
+no request, and a frame they gave up on could not always be repaired.)
 
 Requests do not probe Redis themselves (that would cost one request a timeout
 per probe interval). A background task pings it every `PROBE_INTERVAL`

@@ -17,11 +17,12 @@ frames that come back to their origin, so a frame reaches a local device once
 (message frames are also deduplicated by seq; `message.read` and room frames
 have no seq and rely on this alone).
 
-Redis is an accelerator, not a dependency. The process's circuit breaker
-(meeting.breaker) is shared with the cache and presence: while it is open the
-publisher sends nothing (the frames were delivered locally and are stored),
-and as soon as Redis answers again it publishes on `<prefix>:resync`, so every
-instance brings its devices up to date from the database.
+Redis is an accelerator, not a dependency. The publisher is a task of its own,
+so a hung Redis delays no sender. When a publish fails (reported to the
+process's circuit breaker, meeting.breaker, shared with the cache and
+presence) the messages are stored all the same, and as soon as Redis answers
+again the publisher says so on `<prefix>:resync`, so every instance brings its
+devices up to date from the database.
 
 Pub/sub is fire-and-forget: whatever is published while a subscriber is
 disconnected is gone. So the reader keeps an outer loop that reconnects with
@@ -51,7 +52,7 @@ from .combine import Combiner
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[int, int, str, float], None]  # user (room) id, seq (0: no seq), encoded frame, commit time
-Resync = Callable[[], Awaitable[int]]      # returns how many connections were resynchronised
+Resync = Callable[[list[int] | None], Awaitable[int]]  # those users' (None: all) connections catch up; how many
 Wants = Callable[[int], bool]              # does this instance have a connection of that user (room) now
 SUBSCRIBE_TIMEOUT = 2.0
 IDLE_PING = 1.0                            # seconds of silence on the pub/sub connection before a PING
@@ -191,11 +192,6 @@ class RedisBroker:
                     loop = asyncio.get_running_loop()
                     confirmed = [self._confirmations.setdefault(c, loop.create_future()) for c in subscribe]
                     await pubsub.subscribe(*subscribe)
-                    if not self._breaker.available:
-                        # Redis is known to be out: do not make a connect wait for it. The
-                        # SUBSCRIBE is on its way; its confirmation will trigger the resync.
-                        self._late.update(subscribe)
-                        return done
                     await asyncio.wait_for(asyncio.shield(asyncio.gather(*confirmed)), SUBSCRIBE_TIMEOUT)
             except (*REDIS_FAILURES, asyncio.TimeoutError) as exc:
                 # A subscription confirmed later may have missed what was published meanwhile:
@@ -239,11 +235,9 @@ class RedisBroker:
                     self._outbox.task_done()
 
     async def _send(self, batch: list[tuple[int, int, str, float]]) -> None:
-        if not self._breaker.available:
-            # Delivered locally and stored: the other instances catch up from the
-            # database when Redis answers again (the resync notice below).
-            self._publish_lost = self._publish_lost or (bool(batch) and self._resync is not None)
-            return
+        # Tried even while the breaker is open: this task is no request's, and the breaker
+        # may have opened on a hiccup elsewhere (a cache timeout), while a frame given up
+        # here is repaired for messages (resync) but not for `message.read` or room frames.
         channels = [self.channel(user_id) for user_id, _, _, _ in batch]
         payloads = [f"{self.origin} {seq} {committed_at:.6f} {frame}" for _, seq, frame, committed_at in batch]
         if self._publish_lost:
@@ -278,7 +272,7 @@ class RedisBroker:
                 if not first:
                     self.reconnects += 1
                     if self._resync is not None:
-                        resynced = await self._resync()
+                        resynced = await self._resync(None)
                         log.info("broker: reconnected to Redis; %d connection(s) resynchronised", resynced)
                 if self._publish_lost and self._breaker.available:
                     await self._client.publish(self._resync_channel, "lost")
@@ -339,14 +333,14 @@ class RedisBroker:
             if channel in self._late:
                 self._late.discard(channel)
                 if self._resync is not None:
-                    resynced = await self._resync()
-                    log.info("broker: a late subscription was confirmed; %d connection(s) resynchronised", resynced)
+                    resynced = await self._resync([int(channel.rsplit(":", 1)[1])])
+                    log.info("broker: late subscription to %s confirmed; %d connection(s) resynchronised", channel, resynced)
         elif kind == "message":
             data = message["data"]
             text = data.decode() if isinstance(data, bytes) else str(data)
             if channel == self._resync_channel:
                 if self._resync is not None:
-                    resynced = await self._resync()
+                    resynced = await self._resync(None)
                     log.info("broker: a publish was lost somewhere; %d connection(s) resynchronised", resynced)
                 return
             origin, seq, committed_at, frame = text.split(" ", 3)

@@ -73,9 +73,12 @@ class PushHub:
         for conn in list(self.users.get(user_id, ())):
             conn.deliver(seq, frame, committed_at)
 
-    async def resync(self) -> int:
-        """After broker trouble: every local connection catches up from the database."""
-        conns = [c for conns in list(self.users.values()) for c in list(conns)]
+    async def resync(self, user_ids: list[int] | None = None) -> int:
+        """After broker trouble: every local connection (of `user_ids`) catches up from the database."""
+        if user_ids is None:
+            conns = [c for conns in list(self.users.values()) for c in list(conns)]
+        else:
+            conns = [c for user_id in user_ids for c in list(self.users.get(user_id, ()))]
         for conn in conns:
             conn.request_catch_up()
         return len(conns)

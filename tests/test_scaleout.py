@@ -215,7 +215,7 @@ async def test_closing_the_broker_publishes_its_whole_outbox_first(redis_url: st
 
     prefix = f"t{uuid.uuid4().hex[:10]}"
 
-    async def no_resync() -> int:
+    async def no_resync(user_ids: list[int] | None) -> int:
         return 0
 
     broker = RedisBroker(redis_url, prefix, 2.0, lambda *_: None, no_resync, lambda _: False)
