@@ -19,7 +19,9 @@ from tests.test_processes import Instance, _start, _user, instance_env
 async def cluster(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncIterator[tuple[list[Instance], str]]:
     """Two instances and their Redis prefix."""
     _clean_mariadb(mariadb_url)
-    env = instance_env(mariadb_url, redis_url)
+    # The default heartbeat: these sockets are read only when a frame is expected, and aiohttp
+    # answers pings only while reading (instance_env's 0.5 s would drop a socket left unread).
+    env = instance_env(mariadb_url, redis_url) | {"MEETING_PUSH_HEARTBEAT": "30"}
     started = list(await asyncio.gather(_start(tmp_path, env), _start(tmp_path, env)))
     yield started, env["MEETING_REDIS_PREFIX"]
     for instance in started:
