@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from .config import AuthConfig
 from .db import readers
 from .errors import Conflict, Unauthorized, Unavailable
 from .ratelimit import RateLimits
+from .sessions import Sessions, revoked_error
+from .storage import sessions as session_store
 from .storage import users as user_store
 
 log = logging.getLogger(__name__)
@@ -38,14 +42,18 @@ ALGORITHM = "HS256"
 @dataclass(frozen=True)
 class TokenClaims:
     user_id: int
+    session_id: int
     expires_at: dt.datetime
 
 
 class TokenCodec:
     """HS256 only: the algorithm list is pinned on decode, so `alg: none` or RS/HS confusion is refused."""
 
-    def __init__(self, secret: str, ttl: int, cache_size: int = 10_000, clock: Callable[[], float] = time.time):
+    def __init__(self, secret: str, ttl: int, issuer: str = "meeting", audience: str = "meeting",
+                 cache_size: int = 10_000, clock: Callable[[], float] = time.time):
         self._secret = secret
+        self._issuer = issuer
+        self._audience = audience
         # Prepared once: PyJWT otherwise re-prepares (and PEM-sniffs) a str key on every decode.
         self._key = PyJWK({"kty": "oct", "k": base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode()}, ALGORITHM)
         self.ttl = ttl
@@ -56,9 +64,11 @@ class TokenCodec:
         self._verified: dict[str, TokenClaims] = {}
         self._cache_size = cache_size
 
-    def issue(self, user_id: int, now: dt.datetime | None = None) -> str:
+    def issue(self, user_id: int, session_id: int, now: dt.datetime | None = None) -> str:
+        """An access token of that login (meeting.sessions): revoking the session ends it."""
         now = now or dt.datetime.now(dt.timezone.utc)
-        claims = {"sub": str(user_id), "iat": now, "exp": now + dt.timedelta(seconds=self.ttl)}
+        claims = {"sub": str(user_id), "sid": session_id, "iss": self._issuer, "aud": self._audience,
+                  "iat": now, "exp": now + dt.timedelta(seconds=self.ttl)}
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
     def decode(self, token: str) -> TokenClaims:
@@ -76,19 +86,25 @@ class TokenCodec:
 
     def _verify(self, token: str) -> TokenClaims:
         try:
-            claims = jwt.decode(token, self._key, algorithms=[ALGORITHM], options={"require": ["sub", "iat", "exp"]})
+            claims = jwt.decode(token, self._key, algorithms=[ALGORITHM], issuer=self._issuer, audience=self._audience,
+                                options={"require": ["sub", "sid", "iss", "aud", "iat", "exp"]})
             user_id = int(claims["sub"])
+            session_id = claims["sid"]
+            if not isinstance(session_id, int) or isinstance(session_id, bool):
+                raise ValueError("sid")
         except jwt.ExpiredSignatureError:
             raise Unauthorized("The access token has expired.", code="token_expired") from None
         except (jwt.InvalidTokenError, ValueError, TypeError):
             raise Unauthorized("The access token is invalid.", code="invalid_token") from None
-        return TokenClaims(user_id, dt.datetime.fromtimestamp(claims["exp"], dt.timezone.utc))
+        return TokenClaims(user_id, session_id, dt.datetime.fromtimestamp(claims["exp"], dt.timezone.utc))
 
 
 class AuthService:
-    def __init__(self, engine: AsyncEngine, tokens: TokenCodec, cfg: AuthConfig, limits: RateLimits):
+    def __init__(self, engine: AsyncEngine, tokens: TokenCodec, cfg: AuthConfig, limits: RateLimits, sessions: Sessions):
         self._engine = engine
         self._limits = limits
+        self._sessions = sessions
+        self._refresh_ttl = dt.timedelta(seconds=cfg.refresh_ttl)
         self._reads = readers(engine)
         self._tokens = tokens
         self._hasher = PasswordHasher(time_cost=cfg.hash_time_cost, memory_cost=cfg.hash_memory_kib)
@@ -148,9 +164,61 @@ class AuthService:
         if self._hasher.check_needs_rehash(stored):  # the cost settings were raised since it was stored
             await self._rehash(user["id"], password)
         del user["password_hash"]
-        return {
-            "access_token": self._tokens.issue(user["id"]),
-            "token_type": "bearer",
-            "expires_in": self._tokens.ttl,
-            "user": user,
-        }
+        async with self._engine.begin() as conn:
+            session_id = await session_store.create(conn, user["id"])
+            refresh_token = await self._new_refresh_token(conn, session_id)
+        return {**self._tokens_of(user["id"], session_id, refresh_token), "user": user}
+
+    def _tokens_of(self, user_id: int, session_id: int, refresh_token: str) -> dict[str, Any]:
+        return {"access_token": self._tokens.issue(user_id, session_id), "token_type": "bearer",
+                "expires_in": self._tokens.ttl, "refresh_token": refresh_token,
+                "refresh_expires_in": int(self._refresh_ttl.total_seconds())}
+
+    async def _new_refresh_token(self, conn: Any, session_id: int) -> str:
+        """Opaque and random; only its SHA-256 is stored (a database leak hands out no session)."""
+        token = secrets.token_urlsafe(32)
+        await session_store.add_refresh_token(conn, session_id, _digest(token), dt.datetime.now(dt.timezone.utc) + self._refresh_ttl)
+        return token
+
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """A new access token and a new refresh token for the same session; the old refresh
+        token is spent. Presenting a spent one means two parties hold it (a stolen copy):
+        the whole session is revoked, the thief's tokens and the owner's alike."""
+        digest = _digest(refresh_token)
+        reused: tuple[int, int] | None = None
+        async with self._engine.begin() as conn:
+            row = await session_store.refresh_token_for_update(conn, digest)
+            if row is None:
+                raise Unauthorized("Unknown refresh token.", code="invalid_refresh_token")
+            session_id, user_id = row["session_id"], row["user_id"]
+            if row["revoked_at"] is not None:
+                raise revoked_error()
+            if row["used_at"] is not None:
+                await session_store.revoke(conn, session_id)
+                reused = (session_id, user_id)
+            elif row["expires_at"] <= dt.datetime.now(dt.timezone.utc):
+                raise Unauthorized("The refresh token has expired; log in again.", code="refresh_token_expired")
+            else:
+                await session_store.mark_used(conn, digest)
+                new_refresh = await self._new_refresh_token(conn, session_id)
+        if reused is not None:
+            log.warning("a spent refresh token was presented again: session %s of user %s revoked", *reused)
+            self._sessions.revoked([reused])
+            raise Unauthorized("This refresh token was already used; the session is revoked. Log in again.",
+                               code="refresh_token_reused")
+        return self._tokens_of(user_id, session_id, new_refresh)
+
+    async def logout(self, user_id: int, session_id: int) -> None:
+        async with self._engine.begin() as conn:
+            await session_store.revoke(conn, session_id)
+        self._sessions.revoked([(session_id, user_id)])
+
+    async def logout_all(self, user_id: int) -> int:
+        async with self._engine.begin() as conn:
+            ids = await session_store.revoke_all(conn, user_id)
+        self._sessions.revoked([(session_id, user_id) for session_id in ids])
+        return len(ids)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -66,6 +66,10 @@ class AuthConfig:
     token_ttl: int = _opt(3600, validate.Range(min=1))
     hash_time_cost: int = _opt(3, validate.Range(1, 20))
     hash_memory_kib: int = _opt(65536, validate.Range(min=8))
+    refresh_ttl: int = _opt(30 * 24 * 3600, validate.Range(min=60))
+    issuer: str = _opt("meeting", validate.Length(min=1))
+    audience: str = _opt("meeting", validate.Length(min=1))
+    revocation_poll: float = _opt(0.5, validate.Range(min=0.05))
     hash_workers: int = _opt(2, validate.Range(1, 256))
     hash_queue: int = _opt(64, validate.Range(0, 100_000))
 

@@ -42,13 +42,14 @@ CLOSE_TIMEOUT = 5.0
 class Connection:
     # Slots, not a __dict__, and the deque only while frames wait: per idle connection
     # that is a few hundred bytes each, times ten thousand connections.
-    __slots__ = ("ws", "user_id", "id", "stats", "_queue", "_queue_limit", "_on_dead", "_closing", "_sending",
+    __slots__ = ("ws", "user_id", "session_id", "id", "stats", "_queue", "_queue_limit", "_on_dead", "_closing", "_sending",
                  "_stopped", "_writer", "high_water")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[["Connection"], None] | None = None, stats: "PushStats | None" = None):
         self.ws = ws
         self.user_id = user_id
+        self.session_id: int | None = None  # the login its token belongs to: a logout closes it
         self.id = uuid.uuid4().hex[:16]
         self.stats = stats
         self._queue: deque[tuple[str, float | None]] | None = None  # (frame, commit wall time or None)
@@ -141,6 +142,12 @@ class Connection:
         self.close_soon(code, reason)
         assert self._closing is not None
         await asyncio.shield(self._closing)
+
+    def end_session(self, revoked: set[int]) -> None:
+        """Its login was revoked (logout, logout-all, a reused refresh token): 4001, as for an
+        expired token, since the client's remedy is the same: log in again."""
+        if self.session_id in revoked:
+            self.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")
 
     async def flush_and_close(self, code: int, reason: str, timeout: float) -> None:
         """Close after what is queued was written (shutdown: the device keeps every frame

@@ -144,6 +144,30 @@ idempotency_keys = Table(
 )
 
 
+# A login: the access tokens it issues carry its id (`sid`), its refresh tokens belong to
+# it. Revoking it (logout, logout-all, a reused refresh token) ends them all (meeting.sessions).
+auth_sessions = Table(
+    "auth_sessions", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("user_id", Id, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True, index=True),
+    **MYSQL_TABLE_ARGS,
+)
+
+# Opaque refresh tokens, stored as their SHA-256: each is used once, and a second use
+# (a stolen copy) revokes its session.
+refresh_tokens = Table(
+    "refresh_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("session_id", Id, ForeignKey("auth_sessions.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False, index=True),
+    Column("used_at", UTCDateTime(), nullable=True),
+    **MYSQL_TABLE_ARGS,
+)
+
+
 def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
     url = make_url(cfg.url)
     backend = url.get_backend_name()

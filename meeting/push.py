@@ -21,7 +21,7 @@ from . import frames
 from .broker import InProcessBroker, RedisBroker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence
-from .typedefs import config_key, message_service_key, presence_key, push_hub_key, redis_breaker_key, ws_users
+from .typedefs import config_key, message_service_key, presence_key, push_hub_key, redis_breaker_key, sessions_key, ws_users
 
 if TYPE_CHECKING:
     from .ws import UserConnection
@@ -68,6 +68,12 @@ class PushHub:
 
     def wants(self, user_id: int) -> bool:
         return user_id in self.users
+
+    def sessions_revoked(self, pairs: list[tuple[int, int]]) -> None:
+        revoked = {session_id for session_id, _ in pairs}
+        for user_id in {user_id for _, user_id in pairs}:
+            for conn in list(self.users.get(user_id, ())):
+                conn.end_session(revoked)
 
     def deliver_local(self, user_id: int, seq: int, frame: str, committed_at: float) -> None:
         for conn in list(self.users.get(user_id, ())):
@@ -136,6 +142,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     service = app[message_service_key]
     service.on_stored.append(hub.on_stored)
     service.on_read.append(hub.on_read)
+    app[sessions_key].on_revoked.append(hub.sessions_revoked)
 
     async def sweep() -> None:
         removed = hub.sweep()
@@ -157,5 +164,6 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.close_all()
     await hub.drain_background()
     await hub.broker.close(flush=app[config_key].server.shutdown_timeout)
+    app[sessions_key].on_revoked.remove(hub.sessions_revoked)
     service.on_stored.remove(hub.on_stored)
     service.on_read.remove(hub.on_read)

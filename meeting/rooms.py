@@ -65,6 +65,11 @@ class RoomManager:
         for conn in list(self.rooms.get(meeting_id, ())):
             conn.push(frame)
 
+    def sessions_revoked(self, pairs: list[tuple[int, int]]) -> None:
+        revoked = {session_id for session_id, _ in pairs}
+        for conn in [conn for members in list(self.rooms.values()) for conn in list(members)]:
+            conn.end_session(revoked)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)

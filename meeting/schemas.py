@@ -109,11 +109,25 @@ class UserSchema(Schema):
     created_at = fields.AwareDateTime()
 
 
-class LoginResponseSchema(Schema):
+class TokensSchema(Schema):
     access_token = fields.String()
     token_type = fields.String()
     expires_in = fields.Integer()
+    #: Opaque; POST /auth/refresh spends it for a new pair. Keep it out of reach of scripts.
+    refresh_token = fields.String()
+    refresh_expires_in = fields.Integer()
+
+
+class LoginResponseSchema(TokensSchema):
     user = fields.Nested(UserSchema)
+
+
+class RefreshSchema(Schema):
+    refresh_token = fields.String(required=True, validate=validate.Length(1, 200))
+
+
+class LogoutAllSchema(Schema):
+    sessions = fields.Integer()
 
 
 class UserSearchQuery(Schema):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .metrics import PushStats
     from .presence import Presence
     from .ratelimit import RateLimits
+    from .sessions import Sessions
     from .push import PushHub
     from .rooms import RoomManager
     from .users import UserService
@@ -36,6 +37,7 @@ redis_key = web.AppKey("redis", "aioredis.Redis | None")
 #: The one circuit breaker for every use of Redis in this process (meeting.breaker).
 redis_breaker_key = web.AppKey("redis_breaker", "RedisBreaker")
 tokens_key = web.AppKey("tokens", "TokenCodec")
+sessions_key = web.AppKey("sessions", "Sessions")
 auth_service_key = web.AppKey("auth_service", "AuthService")
 user_service_key = web.AppKey("user_service", "UserService")
 cache_key = web.AppKey("cache", "MessageCache")
@@ -53,3 +55,5 @@ rooms_key = web.AppKey("rooms", "RoomManager")
 
 #: The authenticated user's id, set by the auth middleware from the JWT.
 user_id_key = web.RequestKey("user_id", int)
+#: The login (auth_sessions row) the request's token belongs to: what POST /auth/logout ends.
+session_id_key = web.RequestKey("session_id", int)

@@ -23,7 +23,7 @@ from .config import Config, with_overrides
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
 from .handlers import auth, health, meetings, messages, presence, rooms, users
-from .handlers.common import ID, Handler, bearer_token, error_response
+from .handlers.common import ID, Handler, authenticate, bearer_token, error_response
 from .idempotency import Keys, prune_ctx
 from .redis_client import redis_ctx
 from .meetings import MeetingService
@@ -31,13 +31,14 @@ from .metrics import metrics, setup_metrics
 from .openapi import openapi_json
 from .presence import Presence
 from .ratelimit import RateLimits
+from .sessions import Sessions
 from .push import push_ctx
 from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
     auth_service_key, cache_key, config_key, engine_key, limits_key, meeting_service_key, message_service_key,
-    redis_breaker_key,
-    presence_key, push_hub_key, rooms_key, stats_key, tokens_key, user_id_key, user_service_key, ws_users,
+    presence_key, push_hub_key, redis_breaker_key, rooms_key, session_id_key, sessions_key, stats_key, tokens_key,
+    user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
 from .ws import messages_ws
@@ -57,6 +58,9 @@ def setup_routes(app: web.Application) -> None:
         web.get("/openapi.json", openapi_json),
         web.post("/auth/register", auth.register),
         web.post("/auth/login", auth.login),
+        web.post("/auth/refresh", auth.refresh),
+        web.post("/auth/logout", auth.logout),
+        web.post("/auth/logout-all", auth.logout_all),
         web.get("/users/me", users.me),
         web.get(f"/users/{ID}", users.get_user),
         web.get("/users", users.search),
@@ -112,7 +116,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         token = bearer_token(request)
         if token is None:
             raise Unauthorized("A bearer token is required.", code="missing_token")
-        request[user_id_key] = request.app[tokens_key].decode(token).user_id
+        claims = await authenticate(request.app, token)
+        request[user_id_key] = claims.user_id
+        request[session_id_key] = claims.session_id
     return await handler(request)
 
 
@@ -130,10 +136,12 @@ class AccessLogger(AbstractAccessLogger):
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[config_key]
-    tokens = TokenCodec(cfg.auth.secret, cfg.auth.token_ttl)
+    tokens = TokenCodec(cfg.auth.secret, cfg.auth.token_ttl, cfg.auth.issuer, cfg.auth.audience)
     app[tokens_key] = tokens
+    app[sessions_key] = Sessions(app[engine_key], cfg.auth.token_ttl)
+    await app[sessions_key].poll()  # sessions revoked before we started
     app[limits_key] = RateLimits(cfg.limits, app[redis_breaker_key], cfg.redis)
-    app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth, app[limits_key])
+    app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth, app[limits_key], app[sessions_key])
     app[user_service_key] = UserService(app[engine_key])
     app[cache_key] = MessageCache(app[redis_breaker_key], cfg.redis)
     app[message_service_key] = MessageService(app[engine_key], app[cache_key],
@@ -147,7 +155,10 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         stats.messages_stored += 1
 
     app[message_service_key].on_stored.append(count_stored)
+    poller = asyncio.create_task(app[sessions_key].run(cfg.auth.revocation_poll), name="session-revocations")
     yield
+    poller.cancel()
+    await asyncio.gather(poller, return_exceptions=True)
     await app[message_service_key].close()  # writes already accepted are finished, not dropped
     app[auth_service_key].close()
 
@@ -183,7 +194,9 @@ async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
                                    None, rooms.wants, app[redis_breaker_key], kind="room")
     await rooms.broker.start()
     app[rooms_key] = rooms
+    app[sessions_key].on_revoked.append(rooms.sessions_revoked)
     yield
+    app[sessions_key].on_revoked.remove(rooms.sessions_revoked)
     await rooms.close_all()
     await rooms.drain_background()
     await rooms.broker.close(flush=app[config_key].server.shutdown_timeout)  # the last meeting.left frames

@@ -27,10 +27,10 @@ from .connection import (
     CLOSE_SERVER_ERROR, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED, Connection,
 )
 from .errors import DomainError, Unauthorized
-from .handlers.common import decode_json, doc, admit_websocket, parse_query, public, websocket_token
+from .handlers.common import admit_websocket, authenticate, decode_json, doc, parse_query, public, websocket_token
 from .schemas import Id, QueryInt
 from .sequencing import SeqGate
-from .typedefs import config_key, message_service_key, push_hub_key, stats_key, tokens_key
+from .typedefs import config_key, message_service_key, push_hub_key, stats_key
 
 log = logging.getLogger(__name__)
 PAGE = 200
@@ -158,7 +158,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     token = websocket_token(request)
     if token is None:
         raise Unauthorized("A token is required (`bearer` subprotocol, Authorization header or `token` query).", code="missing_token")
-    claims = app[tokens_key].decode(token)
+    claims = await authenticate(app, token)
     await admit_websocket(request, claims.user_id)
     since = parse_query(request, CONNECT_QUERY)["since"]
     cfg = app[config_key].push
@@ -170,6 +170,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     stats = app[stats_key]
     conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister,
                           fetch=service.received_after_seq, stats=stats, encode=hub.bodies.message_new)
+    conn.session_id = claims.session_id
     if not await hub.register(conn):
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
@@ -250,9 +251,10 @@ async def _on_text(app: web.Application, conn: UserConnection, data: str) -> Non
             await app[message_service_key].mark_read(conn.user_id, ids, strict=True)  # message.read reaches every device
         else:
             new_token = REFRESH_IN.load(frame["payload"])["token"]
-            claims = app[tokens_key].decode(new_token)
+            claims = await authenticate(app, new_token)
             if claims.user_id != conn.user_id:
                 raise Unauthorized("That token is for another user.", code="wrong_user")
+            conn.session_id = claims.session_id
             conn.expire_at(claims.expires_at, app[config_key].push.token_expiry_notice)
             conn.push(frames.encode("token.refreshed", {"expires_at": claims.expires_at}))
     except ValidationError as exc:

@@ -9,11 +9,19 @@ from typing import Any
 _names = itertools.count(1)
 
 
+def session_of(user: "User") -> int:
+    """The login (auth session) the user's access token belongs to."""
+    import jwt
+
+    return int(jwt.decode(user.token, options={"verify_signature": False})["sid"])
+
+
 @dataclass
 class User:
     id: int
     username: str
     token: str
+    refresh_token: str = ""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -36,7 +44,7 @@ class Api:
         username = username or f"user{next(_names)}"
         created = await self.call("POST", "/auth/register", json={"username": username, "password": password}, expect=201)
         login = await self.call("POST", "/auth/login", json={"username": username, "password": password}, expect=200)
-        return User(created["id"], created["username"], login["access_token"])
+        return User(created["id"], created["username"], login["access_token"], login["refresh_token"])
 
     async def users(self, n: int) -> list[User]:
         return [await self.user() for _ in range(n)]

@@ -62,8 +62,9 @@ async def test_login_returns_a_bearer_token_for_the_user(api: Api) -> None:
     body = await api.call("POST", LOGIN, json={"username": "Erin", "password": "password123"}, expect=200)
     assert body["token_type"] == "bearer" and body["expires_in"] == 3600
     assert body["user"] == created
-    claims = jwt.decode(body["access_token"], TEST_SECRET, algorithms=["HS256"])
-    assert claims["sub"] == str(created["id"]) and claims["exp"] - claims["iat"] == 3600
+    claims = jwt.decode(body["access_token"], TEST_SECRET, algorithms=["HS256"], audience="meeting", issuer="meeting")
+    assert claims["sub"] == str(created["id"]) and claims["exp"] - claims["iat"] == 3600 and isinstance(claims["sid"], int)
+    assert len(body["refresh_token"]) >= 40 and body["refresh_expires_in"] == 30 * 24 * 3600
     me = await api.call("GET", "/users/me", headers={"Authorization": f"Bearer {body['access_token']}"}, expect=200)
     assert me == created
 
@@ -95,7 +96,16 @@ def _none_alg_token() -> str:
         ("Bearer not.a.jwt", "invalid_token"),
         ("Bearer " + jwt.encode({"sub": "1", "iat": 1, "exp": 4102444800}, "another-secret-of-thirty-two-chars!!", algorithm="HS256"), "invalid_token"),
         ("Bearer " + _none_alg_token(), "invalid_token"),
-        ("Bearer " + jwt.encode({"sub": "1", "iat": 1, "exp": 1000}, TEST_SECRET, algorithm="HS256"), "token_expired"),
+        ("Bearer " + jwt.encode({"sub": "1", "sid": 1, "iss": "meeting", "aud": "meeting", "iat": 1, "exp": 1000}, TEST_SECRET,
+                                algorithm="HS256"), "token_expired"),
+        ("Bearer " + jwt.encode({"sub": "1", "sid": 1, "iss": "other", "aud": "meeting", "iat": 1, "exp": 4102444800}, TEST_SECRET,
+                                algorithm="HS256"), "invalid_token"),
+        ("Bearer " + jwt.encode({"sub": "1", "sid": 1, "iss": "meeting", "aud": "other", "iat": 1, "exp": 4102444800}, TEST_SECRET,
+                                algorithm="HS256"), "invalid_token"),
+        ("Bearer " + jwt.encode({"sub": "1", "sid": "1", "iss": "meeting", "aud": "meeting", "iat": 1, "exp": 4102444800},
+                                TEST_SECRET, algorithm="HS256"), "invalid_token"),
+        ("Bearer " + jwt.encode({"sub": "1", "iss": "meeting", "aud": "meeting", "iat": 1, "exp": 4102444800}, TEST_SECRET,
+                                algorithm="HS256"), "invalid_token"),  # no sid: issued before sessions, or forged
         ("Bearer " + jwt.encode({"sub": "x", "iat": 1, "exp": 4102444800}, TEST_SECRET, algorithm="HS256"), "invalid_token"),
         ("Bearer " + jwt.encode({"iat": 1, "exp": 4102444800}, TEST_SECRET, algorithm="HS256"), "invalid_token"),
     ],
@@ -115,14 +125,14 @@ async def test_identity_comes_from_the_token_not_the_body(api: Api) -> None:
 def test_a_verified_token_is_remembered_until_it_expires_and_the_memory_is_bounded() -> None:
     now = [dt.datetime.now(dt.timezone.utc).timestamp()]
     codec = TokenCodec(TEST_SECRET, ttl=60, cache_size=2, clock=lambda: now[0])
-    token = codec.issue(7)
+    token = codec.issue(7, 1)
     assert codec.decode(token).user_id == 7
     assert codec.decode(token).user_id == 7  # from memory
     forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
     with pytest.raises(Unauthorized) as refused:
         codec.decode(forged)  # never trusted because it resembles a remembered token
     assert refused.value.code == "invalid_token"
-    others = [codec.issue(n) for n in (8, 9)]
+    others = [codec.issue(n, 1) for n in (8, 9)]
     assert [codec.decode(t).user_id for t in others] == [8, 9]
     assert len(codec._verified) == 2  # bounded: the oldest went out
     now[0] += 61

@@ -160,6 +160,6 @@ async def test_a_meeting_from_a_token_whose_user_is_gone_is_401(api: Api) -> Non
     from meeting.auth import TokenCodec
     from tests.conftest import TEST_SECRET
 
-    ghost = User(10**12, "ghost", TokenCodec(TEST_SECRET, 60).issue(10**12))
+    ghost = User(10**12, "ghost", TokenCodec(TEST_SECRET, 60).issue(10**12, 1))
     body = await api.call("POST", "/meetings", user=ghost, json={"title": "t", "participant_ids": []}, expect=401)
-    assert body["error"]["code"] == "unknown_user"
+    assert body["error"]["code"] == "token_revoked"

@@ -186,7 +186,7 @@ async def test_concurrent_sends_share_transactions_and_each_gets_its_own_answer(
     """Group commit: refused sends in a shared transaction fail alone, take no seq,
     and the accepted ones reach each recipient with dense seqs in commit order."""
     alice, bob, carol = await api.users(3)
-    ghost = User(987654321, "ghost", api.client.app[tokens_key].issue(987654321))  # a token outliving its user
+    ghost = User(987654321, "ghost", api.client.app[tokens_key].issue(987654321, 1))  # a token outliving its user
     bodies = [(alice, {"recipient_ids": [bob.id, carol.id] + ([999999] if i % 5 == 4 else []), "content": f"m{i}"})
               for i in range(40)] + [(ghost, {"recipient_ids": [bob.id], "content": "from nowhere"})]
     writer = api.client.app[message_service_key].writer
@@ -195,7 +195,7 @@ async def test_concurrent_sends_share_transactions_and_each_gets_its_own_answer(
     statuses = [a.status for a in answers]
     assert statuses == [422 if i % 5 == 4 else 201 for i in range(40)] + [401]
     assert (await answers[4].json())["error"]["details"]["unknown_ids"] == [999999]
-    assert (await answers[-1].json())["error"]["code"] == "unknown_user"
+    assert (await answers[-1].json())["error"]["code"] == "token_revoked"  # no such login: refused at the door
     assert writer.batches - batches_before < len(bodies), "concurrent sends were not combined"
     stored = [await a.json() for a in answers if a.status == 201]
     for user in (bob, carol):

@@ -20,7 +20,7 @@ from meeting.typedefs import push_hub_key, rooms_key, ws_users
 from meeting.ws import UserConnection
 from meeting.web import create_app
 from tests.conftest import TEST_SECRET
-from tests.helpers import Api, Device, User
+from tests.helpers import Api, Device, User, session_of
 
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
@@ -66,7 +66,8 @@ async def test_1_bad_tokens_get_401_json_before_upgrade(api: Api, token: str) ->
     now = dt.datetime.now(dt.timezone.utc)
     value = {
         "missing": None, "garbage": "x.y.z",
-        "expired": jwt.encode({"sub": "1", "iat": now - dt.timedelta(hours=2), "exp": now - dt.timedelta(hours=1)}, TEST_SECRET, algorithm="HS256"),
+        "expired": jwt.encode({"sub": "1", "sid": 1, "iss": "meeting", "aud": "meeting", "iat": now - dt.timedelta(hours=2),
+                               "exp": now - dt.timedelta(hours=1)}, TEST_SECRET, algorithm="HS256"),
         "wrong-key": jwt.encode({"sub": "1", "iat": now, "exp": now + dt.timedelta(hours=1)}, "k" * 40, algorithm="HS256"),
         "alg-none": jwt.encode({"sub": "1", "iat": 1, "exp": 4102444800}, None, algorithm="none"),
     }[token]
@@ -278,7 +279,8 @@ async def test_graceful_shutdown_closes_every_socket_with_1001(aiohttp_client: A
 
 
 def _short_token(user: User, ttl: int) -> str:
-    return TokenCodec(TEST_SECRET, ttl).issue(user.id)
+    """A token of the user's own login that expires sooner."""
+    return TokenCodec(TEST_SECRET, ttl).issue(user.id, session_of(user))
 
 
 @pytest.fixture

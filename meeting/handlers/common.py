@@ -9,8 +9,10 @@ from typing import Any, Awaitable, Callable, TypeVar
 from aiohttp import web
 from marshmallow import Schema
 
+from ..auth import TokenClaims
+
 from ..errors import BadRequest, Forbidden, Invalid, NotFound
-from ..typedefs import config_key, limits_key
+from ..typedefs import config_key, limits_key, sessions_key, tokens_key
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
@@ -100,6 +102,14 @@ def parse_query(request: web.Request, schema: Schema) -> Any:
 
 #: A path id: ASCII digits only (`\d` also matches other scripts' digits), at most 19 of them.
 ID = r"{id:[0-9]{1,19}}"
+
+
+async def authenticate(app: web.Application, token: str) -> TokenClaims:
+    """A token's claims, if it is well signed, current, and its session still live: REST,
+    both WebSockets and the `refresh` frame all ask this, so a logout holds everywhere."""
+    claims = app[tokens_key].decode(token)
+    await app[sessions_key].check(claims.session_id, claims.user_id)
+    return claims
 
 
 async def limit(request: web.Request, rule: str, *identity: object) -> None:

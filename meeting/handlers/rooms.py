@@ -8,12 +8,13 @@ from aiohttp import WSMsgType, web
 from marshmallow import Schema, ValidationError, fields, validate
 
 from .. import frames
+from ..auth import TokenClaims
 from ..connection import CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
 from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
 from ..ratelimit import RateLimits
 from ..rooms import RoomManager
-from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key, tokens_key
-from .common import decode_json, doc, admit_websocket, path_id, public, websocket_token
+from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key
+from .common import admit_websocket, authenticate, decode_json, doc, path_id, public, websocket_token
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,19 @@ class ChatIn(Schema):
 CHAT_IN = ChatIn()
 
 
-async def authenticate(request: web.Request) -> int:
-    """401 before the upgrade for a missing or bad token."""
+async def _claims(request: web.Request) -> TokenClaims:
+    """401 before the upgrade for a missing, bad or revoked token."""
     token = websocket_token(request)
     if token is None:
         raise Unauthorized("A token is required (query `token`, Authorization header or `bearer` subprotocol).", code="missing_token")
-    return request.app[tokens_key].decode(token).user_id
+    return await authenticate(request.app, token)
 
 
 @doc("Meeting-room WebSocket (upgrade); token in `token` query, Authorization header or `bearer` subprotocol", response=(101, None), errors=(401, 403, 429), tag="meetings")
 @public  # authenticates itself: browsers cannot set headers on a WebSocket
 async def room(request: web.Request) -> web.StreamResponse:
-    user_id = await authenticate(request)
+    claims = await _claims(request)
+    user_id = claims.user_id
     await admit_websocket(request, user_id)
     meeting_id = path_id(request)
     if not await request.app[meeting_service_key].is_participant(user_id, meeting_id):
@@ -47,6 +49,7 @@ async def room(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     rooms = request.app[rooms_key]
     conn = Connection(ws, user_id, cfg.queue_limit)
+    conn.session_id = claims.session_id
     rooms.join(meeting_id, conn)
     limits = request.app[limits_key]
     strikes = 0  # frames refused in a row for the chat rate limit
