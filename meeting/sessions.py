@@ -102,17 +102,26 @@ class Sessions:
             await store.prune(conn, utcnow() - self._token_ttl - CLOCK_SLACK)
 
     async def run(self, interval: float, prune_every: float = 3600.0) -> None:
-        """The poller: a cleanup-context task for the app's lifetime."""
+        """The poller: a task for the app's lifetime. Its first look loads the sessions
+        revoked within a token lifetime; until then `check` asks the database about every
+        session it does not know, so nothing revoked gets in meanwhile (nor if the
+        database is down at start)."""
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + prune_every
+        failing = False
         while True:
             try:
                 await self.poll()
                 if loop.time() >= next_prune:
                     next_prune = loop.time() + prune_every
                     await self.prune()
+                if failing:
+                    log.info("session revocation poll works again")
+                failing = False
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("session revocation poll failed; retrying")
+            except Exception as exc:
+                if not failing:  # once per outage, not twice a second
+                    log.warning("session revocation poll failed (%s: %s); retrying every %.1f s", type(exc).__name__, exc, interval)
+                failing = True
             await asyncio.sleep(interval)

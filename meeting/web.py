@@ -139,7 +139,6 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     tokens = TokenCodec(cfg.auth.secret, cfg.auth.token_ttl, cfg.auth.issuer, cfg.auth.audience)
     app[tokens_key] = tokens
     app[sessions_key] = Sessions(app[engine_key], cfg.auth.token_ttl)
-    await app[sessions_key].poll()  # sessions revoked before we started
     app[limits_key] = RateLimits(cfg.limits, app[redis_breaker_key], cfg.redis)
     app[auth_service_key] = AuthService(app[engine_key], tokens, cfg.auth, app[limits_key], app[sessions_key])
     app[user_service_key] = UserService(app[engine_key])
