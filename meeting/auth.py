@@ -148,9 +148,11 @@ class AuthService:
 
     async def login(self, username: str, password: str) -> dict[str, Any]:
         """Failed logins are counted per username (guessing one account's password from
-        many addresses); once over the limit even the right password waits."""
+        many addresses); once over the limit even the right password waits. Each attempt
+        counts before its password is checked, so a parallel burst cannot slip past the
+        limit while the hashes run; a success clears the count."""
         username = username.lower()
-        await self._limits.check("login_failures_per_username", username)
+        await self._limits.hit("login_failures_per_username", username)
         async with self._reads.connect() as conn:
             user = await user_store.by_username(conn, username)
         stored = user["password_hash"] if user else self._dummy_hash
@@ -159,8 +161,8 @@ class AuthService:
         except (VerificationError, InvalidHashError):
             user = None
         if user is None:
-            await self._limits.hit("login_failures_per_username", username)
             raise Unauthorized("Wrong username or password.", code="invalid_credentials")
+        await self._limits.reset("login_failures_per_username", username)
         if self._hasher.check_needs_rehash(stored):  # the cost settings were raised since it was stored
             await self._rehash(user["id"], password)
         del user["password_hash"]

@@ -171,7 +171,8 @@ refresh_tokens = Table(
 def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
     url = make_url(cfg.url)
     backend = url.get_backend_name()
-    kwargs: dict[str, Any] = {"echo": cfg.echo, "pool_pre_ping": True}
+    # hide_parameters: a logged database error must not carry the values (a password hash, a message).
+    kwargs: dict[str, Any] = {"echo": cfg.echo, "pool_pre_ping": True, "hide_parameters": True}
     if backend in ("mysql", "mariadb"):
         if "charset" not in url.query:
             url = url.update_query_dict({"charset": "utf8mb4"})

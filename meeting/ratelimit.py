@@ -65,10 +65,10 @@ class RateLimits:
         if not await self._call("hit", rule, identity, shared):
             await self._refuse(rule, identity, shared)
 
-    async def check(self, rule: str, *identity: object) -> None:
-        """Refuse if the limit is used up, without counting (then `hit` on failure only)."""
-        if self.enabled and not await self._call("test", rule, identity, True):
-            await self._refuse(rule, identity, True)
+    async def reset(self, rule: str, *identity: object) -> None:
+        """Forget the count (a login that succeeded clears its username's failures)."""
+        if self.enabled:
+            await self._call("clear", rule, identity, True)
 
     async def _call(self, method: str, rule: str, identity: Iterable[object], shared: bool) -> bool:
         keys = [rule, *map(str, identity)]

@@ -98,7 +98,9 @@ class RegisterSchema(Schema):
 
 
 class LoginSchema(Schema):
-    username = fields.String(required=True, validate=validate.Length(1, 64))
+    # The registration pattern: on MariaDB "alice " would match alice (PAD SPACE), and each
+    # such variant would get its own count of failed logins.
+    username = fields.String(required=True, validate=USERNAME)
     password = fields.String(required=True, validate=validate.Length(1, 256))
 
 

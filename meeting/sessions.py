@@ -49,6 +49,9 @@ class Sessions:
         self._watermark = utcnow() - self._token_ttl
         self.on_revoked: list[RevokedListener] = []
 
+    def is_revoked(self, session_id: int | None) -> bool:
+        return session_id in self._revoked
+
     async def check(self, session_id: int, user_id: int) -> None:
         """401 unless the session is live: a revoked one, or one that does not exist (a
         token from another deployment with the same secret, a user who is gone)."""
@@ -86,12 +89,15 @@ class Sessions:
 
     async def poll(self) -> int:
         """One look at the table for sessions revoked since the last; answers how many were new."""
+        started = utcnow()
         async with self._reads.connect() as conn:
             rows = await store.revoked_since(conn, self._watermark - CLOCK_SLACK)
         new = 0
         for session_id, user_id, revoked_at in rows:
             new += self.revoked([(session_id, user_id)], revoked_at)
-            self._watermark = max(self._watermark, revoked_at)
+            # Never past our own clock: a row stamped by a fast clock must not hide the
+            # revocations that slower clocks stamp after it.
+            self._watermark = min(max(self._watermark, revoked_at), started)
         cutoff = utcnow() - self._token_ttl - CLOCK_SLACK  # tokens of sessions revoked before this have expired
         for session_id in [s for s, at in self._revoked.items() if at < cutoff]:
             del self._revoked[session_id]

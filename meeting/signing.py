@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -63,10 +64,13 @@ def _create(path: Path) -> str:
     """Written whole under a temporary name, then linked into place: a process starting at
     the same moment either links first or reads the complete file, never half of it."""
     secret = secrets.token_urlsafe(48)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary: Path | None = None
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp: a new file of an unpredictable name, created exclusively (never through a
+        # planted symlink, never an old file's mode), readable by its owner only.
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        temporary = Path(name)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(secret + "\n")
         os.link(temporary, path)
@@ -75,6 +79,7 @@ def _create(path: Path) -> str:
     except OSError as exc:
         raise ConfigError(f"auth.secret_file: cannot create {path}: {exc.strerror}") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
     log.info("generated a JWT signing key in %s (keep it private; tokens stay valid across restarts)", path)
     return secret

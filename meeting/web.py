@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from marshmallow import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from . import db
 from .auth import AuthService, TokenCodec
@@ -103,6 +104,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, code, exc.reason, headers=headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except (OperationalError, InterfaceError) as exc:  # the database is down or unreachable: not our bug
+        log.warning("database unavailable on %s %s: %s", request.method, request.path, type(exc.orig).__name__)
+        return error_response(503, "database_unavailable", "The database is unavailable; try again.", headers={"Retry-After": "1"})
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "Something went wrong on our side.")

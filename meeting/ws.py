@@ -30,7 +30,7 @@ from .errors import DomainError, Unauthorized
 from .handlers.common import admit_websocket, authenticate, decode_json, doc, parse_query, public, websocket_token
 from .schemas import Id, QueryInt
 from .sequencing import SeqGate
-from .typedefs import config_key, message_service_key, push_hub_key, stats_key
+from .typedefs import config_key, message_service_key, push_hub_key, sessions_key, stats_key
 
 log = logging.getLogger(__name__)
 PAGE = 200
@@ -175,6 +175,8 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
         return ws
+    if app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting: the
+        conn.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")  # revocation's listeners did not see us yet
     try:
         await hub.broker.want(conn.user_id)
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))

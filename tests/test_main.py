@@ -121,7 +121,8 @@ async def test_with_no_secret_configured_a_key_is_generated_once_and_kept(tmp_pa
             async with http.get("/users/me", headers={"Authorization": f"Bearer {token}"}) as r:
                 assert r.status == 200 and (await r.json())["username"] == "newcomer"
     assert key_file.read_text() == key
-    forged = jwt.encode({"sub": "1", "iat": 1, "exp": 4102444800}, "dev-secret-change-me-0123456789abcdef", algorithm="HS256")
+    forged = jwt.encode({"sub": "1", "sid": 1, "iss": "meeting", "aud": "meeting", "iat": 1, "exp": 4102444800},
+                        "dev-secret-change-me-0123456789abcdef", algorithm="HS256")  # well formed: only the key is wrong
     async with _serving(tmp_path, port, MEETING_AUTH_SECRET=""):
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             async with http.get("/users/me", headers={"Authorization": f"Bearer {forged}"}) as r:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import shutil
@@ -87,6 +88,10 @@ async def test_nginx_limits_answer_json_429_and_hide_its_version(proxy: tuple[st
         alice = await _user(http, "alice")
         async with http.get("/healthz") as r:
             assert r.headers["Server"] == "nginx"  # server_tokens off: no version
+        async with http.get("/metrics") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        async with http.post("/messages", data=io.BytesIO(b"x" * (1024 * 1024 + 1)), headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413 and (await r.json())["error"]["code"] == "payload_too_large"
 
         async def status(method: str, path: str, **kwargs: object) -> tuple[int, str, str | None]:
             async with http.request(method, path, **kwargs) as r:

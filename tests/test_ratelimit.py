@@ -156,4 +156,5 @@ async def test_origin_allowlist_refuses_other_browser_origins_with_403(make_clie
     resp = await api.client.get(url, params={"token": bob.token}, headers={"Origin": "https://evil.example"})
     assert (await resp.json())["error"]["code"] == "origin_not_allowed"
     await api.client.ws_connect(url, params={"token": bob.token}, headers={"Origin": "https://app.example.com"})
+    await api.client.ws_connect(url, params={"token": bob.token}, headers={"Origin": "https://APP.Example.com:443"})
     await api.client.ws_connect(url, params={"token": bob.token})  # no Origin: not a browser

@@ -145,3 +145,61 @@ async def test_two_racing_refreshes_of_one_token_revoke_the_session(api: Api) ->
     answers = await asyncio.gather(*(api.client.post("/auth/refresh", json={"refresh_token": alice.refresh_token}) for _ in range(2)))
     assert sorted(r.status for r in answers) == [200, 401]
     await _refused_everywhere(api, alice)
+
+
+async def test_a_logout_while_a_websocket_connects_still_closes_it(api: Api) -> None:
+    """The session is checked before the upgrade and the socket joins the hub after it;
+    a logout in between must not leave an open socket that no revocation will reach."""
+    from meeting.typedefs import presence_key
+
+    alice = await api.user()
+    presence = api.client.app[presence_key]
+    admit = presence.admit
+
+    async def logout_first(*args: Any, **kwargs: Any) -> Any:  # the logout lands mid-connect
+        presence.admit = admit
+        await _logout(api, alice)
+        return await admit(*args, **kwargs)
+
+    presence.admit = logout_first
+    device = Device(await api.client.ws_connect("/ws/messages", params={"token": alice.token}))
+    assert await device.closed(timeout=2) == 4001
+
+
+async def test_a_fast_clock_on_one_instance_does_not_hide_later_revocations(make_client: Any, config: Config) -> None:
+    from meeting.db import auth_sessions
+    from meeting.typedefs import sessions_key
+
+    a, b = Api(await make_client(config)), Api(await make_client(config))
+    alice, bob = await a.users(2)
+    engine = create_engine(config.database)
+    try:  # alice's session was revoked by an instance whose clock runs 10 s fast
+        async with engine.begin() as conn:
+            await conn.execute(auth_sessions.update().where(auth_sessions.c.user_id == alice.id)
+                               .values(revoked_at=sa.func.datetime("now", "+10 seconds") if "sqlite" in config.database.url
+                                       else sa.text("UTC_TIMESTAMP(6) + INTERVAL 10 SECOND")))
+    finally:
+        await engine.dispose()
+    await b.client.app[sessions_key].poll()
+    await _logout(a, bob)  # stamped by a correct clock, before the fast one's time
+    await b.client.app[sessions_key].poll()
+    await _refused_everywhere(b, bob)
+
+
+async def test_parallel_guesses_cannot_slip_past_the_failed_login_limit(make_client: Any, config: Config) -> None:
+    from meeting.config import with_overrides
+
+    api = Api(await make_client(with_overrides(config, limits={"enabled": True, "login_failures_per_username": "10/15 minutes"})))
+    alice = await api.user()  # one login: a success clears the count
+    guesses = [{"username": alice.username, "password": "correct horse" if i == 35 else f"guess-{i}"} for i in range(40)]
+    answers = await asyncio.gather(*(api.client.post("/auth/login", json=g) for g in guesses))
+    statuses = [r.status for r in answers]
+    assert statuses.count(401) + statuses.count(200) == 10 and statuses.count(429) == 30
+    assert statuses[35] == 429  # the right password, after the limit: refused like the rest
+
+
+@pytest.mark.parametrize("name", ["alice ", " alice", "alice\t", "ALICE  "])
+async def test_login_usernames_are_matched_in_full(api: Api, name: str) -> None:
+    await api.user("alice")
+    body = await api.call("POST", "/auth/login", json={"username": name, "password": "correct horse"}, expect=422)
+    assert list(body["error"]["details"]) == ["username"]

@@ -59,3 +59,15 @@ def test_bad_key_files_fail_loudly_naming_the_setting(tmp_path: Path, caplog: An
     loose.chmod(0o644)
     assert signing.resolve(_keyless(tmp_path, secret_file=str(loose))) == "k" * 40
     assert any("readable by other users" in r.getMessage() and "k" * 40 not in r.getMessage() for r in caplog.records)
+
+
+def test_a_leftover_file_at_an_old_temporary_name_changes_nothing(tmp_path: Path) -> None:
+    import os
+
+    planted = tmp_path / f".app.db.secret.{os.getpid()}"
+    planted.write_text("planted\n")
+    planted.chmod(0o644)
+    secret = signing.resolve(_keyless(tmp_path))
+    key_file = tmp_path / "app.db.secret"
+    assert key_file.read_text().strip() == secret and key_file.stat().st_mode & 0o777 == 0o600
+    assert planted.read_text() == "planted\n"

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from meeting.config import Config, with_overrides
 from meeting.handlers.common import public
+from meeting.typedefs import engine_key
 from meeting.web import create_app
 from tests.conftest import base_config
 from tests.helpers import Api
@@ -93,3 +94,12 @@ async def test_access_log_has_method_path_status_and_no_query(api: Api, caplog: 
     assert any(line.startswith("GET /healthz 200 ") and line.endswith("ms") for line in lines), lines
     assert "sekrit" not in caplog.text
 
+
+
+async def test_a_database_that_is_down_answers_503_not_500(make_client: Any) -> None:
+    cfg = base_config(database={"url": "mysql+aiomysql://root@127.0.0.1:1/nope", "connect_timeout": 0.5, "auto_migrate": False})
+    api = Api(await make_client(cfg))
+    resp = await api.client.post("/auth/register", json={"username": "dbdown", "password": "correct horse"})
+    body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "database_unavailable" and resp.headers["Retry-After"] == "1"
+    assert api.client.app[engine_key].sync_engine.hide_parameters  # a logged statement error carries no values

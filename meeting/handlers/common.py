@@ -121,13 +121,22 @@ def client_address(request: web.Request) -> str:
     return request.app[limits_key].client_address(request)
 
 
+def _origin(value: str) -> str:
+    """Scheme and host compare case-insensitively; a default port is no port."""
+    origin = value.strip().rstrip("/").lower()
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin[: -len(port)]
+    return origin
+
+
 async def admit_websocket(request: web.Request, user_id: int) -> None:
     """Both WebSockets, before the upgrade: a page from an origin not in
     `push.allowed_origins` gets a 403 (a browser always sends Origin; other clients
     need not), and a reconnect loop gone wild gets a 429."""
     allowed = request.app[config_key].push.allowed_origins
     origin = request.headers.get("Origin")
-    if allowed and origin is not None and origin.rstrip("/") not in {o.strip().rstrip("/") for o in allowed.split(",")}:
+    if allowed and origin is not None and _origin(origin) not in {_origin(o) for o in allowed.split(",")}:
         raise Forbidden("WebSockets from this origin are not allowed.", code="origin_not_allowed")
     await limit(request, "connects_per_address", client_address(request))
     await limit(request, "connects_per_user", user_id)

@@ -9,11 +9,11 @@ from marshmallow import Schema, ValidationError, fields, validate
 
 from .. import frames
 from ..auth import TokenClaims
-from ..connection import CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
+from ..connection import CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
 from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
 from ..ratelimit import RateLimits
 from ..rooms import RoomManager
-from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key
+from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key, sessions_key
 from .common import admit_websocket, authenticate, decode_json, doc, path_id, public, websocket_token
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ async def room(request: web.Request) -> web.StreamResponse:
     conn = Connection(ws, user_id, cfg.queue_limit)
     conn.session_id = claims.session_id
     rooms.join(meeting_id, conn)
+    if request.app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting
+        conn.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")
     limits = request.app[limits_key]
     strikes = 0  # frames refused in a row for the chat rate limit
     try:
