@@ -51,7 +51,7 @@ from .combine import Combiner
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[int, int, str, float], None]  # user (room) id, seq (0: no seq), encoded frame, commit time
+Deliver = Callable[[int, int, str, float], None]  # user (room) id, seq (<= 0: follows seq -seq), encoded frame, commit time
 Resync = Callable[[list[int] | None], Awaitable[int]]  # those users' (None: all) connections catch up; how many
 Wants = Callable[[int], bool]              # does this instance have a connection of that user (room) now
 SUBSCRIBE_TIMEOUT = 2.0

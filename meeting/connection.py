@@ -10,6 +10,12 @@ Most sockets are idle most of the time, and one process holds ten thousand of
 them: the queue is a plain deque and the writer task exists only while there
 is something to send (started by `push`, gone once the deque is empty), which
 saves about 4 KB per idle connection over an asyncio.Queue and a parked task.
+
+Whoever has a lot to send (a replay of history, a catch-up, a backlog) does not
+push it all at once: it pushes a page, then awaits `room()`, which returns once
+the writer has brought the queue down to `low_water` (a quarter of the limit).
+So a slow device is fed at its own pace without being closed, and the memory a
+socket holds depends on the queue limit, not on how much history it is owed.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class Connection:
     # Slots, not a __dict__, and the deque only while frames wait: per idle connection
     # that is a few hundred bytes each, times ten thousand connections.
     __slots__ = ("ws", "user_id", "session_id", "id", "stats", "_queue", "_queue_limit", "_on_dead", "_closing", "_sending",
-                 "_stopped", "_writer", "high_water")
+                 "_stopped", "_writer", "high_water", "low_water", "_room")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[["Connection"], None] | None = None, stats: "PushStats | None" = None):
@@ -60,6 +66,8 @@ class Connection:
         self._stopped = False
         self._writer: asyncio.Task[None] | None = None  # only while there is something to send
         self.high_water = 0
+        self.low_water = queue_limit // 4
+        self._room: asyncio.Future[None] | None = None  # only while someone awaits room()
 
     @property
     def closed(self) -> bool:
@@ -68,6 +76,20 @@ class Connection:
     @property
     def queued(self) -> int:
         return len(self._queue) if self._queue is not None else 0
+
+    async def room(self) -> bool:
+        """Wait until at most `low_water` frames are queued; False once the connection
+        is closing (then there is nobody to send more to)."""
+        while not self.closed and self.queued > self.low_water:
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)  # shared by every waiter: one cancelled must not wake the others
+        return not self.closed
+
+    def _wake(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def push(self, frame: str, committed_at: float | None = None) -> bool:
         """Queue an encoded frame; False if the connection is (now) closing."""
@@ -97,6 +119,8 @@ class Connection:
         try:
             while (queue := self._queue) and self._closing is None and not self._stopped:
                 frame, committed_at = queue.popleft()
+                if self._room is not None and len(queue) <= self.low_water:
+                    self._wake()
                 self._sending = True
                 await self.ws.send_str(frame)
                 self._sending = False
@@ -115,6 +139,7 @@ class Connection:
             self._writer = None
             if not self._queue:
                 self._queue = None
+            self._wake()  # empty, or failed and closing: a waiter either has room or learns it is closed
 
     def _mark_dead(self) -> None:
         if self._on_dead is not None:
@@ -126,6 +151,7 @@ class Connection:
         if self._closing is None:
             self._mark_dead()
             self._closing = asyncio.create_task(self._close(code, reason), name=f"ws-close-{self.id}")
+            self._wake()
 
     async def _close(self, code: int, reason: str) -> None:
         # Never cancel a writer blocked on drain: aiohttp shares one drain waiter per
@@ -170,6 +196,7 @@ class Connection:
         self._mark_dead()
         self._stopped = True
         self._queue = None
+        self._wake()
         writer = self._writer
         if writer is not None:
             if not self._sending:

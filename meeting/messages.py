@@ -49,7 +49,7 @@ PAGE_SIZE = 50
 Message = dict[str, Any]
 T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
-ReadListener = Callable[[int, list[int], int], Awaitable[None]]
+ReadListener = Callable[[int, list[int], int, int], Awaitable[None]]  # user, ids, unread count, highest seq read
 #: Whether a transaction whose COMMIT failed was applied (None: cannot tell).
 Proof = Callable[[AsyncConnection], Awaitable[bool]]
 
@@ -348,10 +348,13 @@ class MessageService:
         async with self._reads.connect() as conn:
             return _page(await self._attach(conn, await store.sent(conn, user_id, limit + 1, before)), limit)
 
-    async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None,
-                     upto_seq: int | None = None) -> dict[str, Any]:
-        rows = await self.unread_rows(user_id, limit, after_seq, upto_seq)
-        return {"messages": rows, "count": await self.unread_count(user_id)}
+    async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None) -> dict[str, Any]:
+        """A page of unread messages oldest first, keyset on seq: the next page starts
+        after `next_after_seq` (None on the last page); `count` is every unread message."""
+        rows = await self.unread_rows(user_id, limit + 1, after_seq)
+        page = rows[:limit]
+        return {"messages": page, "count": await self.unread_count(user_id),
+                "next_after_seq": page[-1]["seq"] if len(rows) > limit else None}
 
     async def unread_rows(self, user_id: int, limit: int, after_seq: int | None = None,
                           upto_seq: int | None = None) -> list[Message]:
@@ -409,10 +412,11 @@ class MessageService:
             if not is_recipient:
                 raise NotFound("No such message.")
             changed: list[int] = []
+            upto_seq = 0
             if read_at is None:
-                changed, read_at = await store.mark_read(conn, user_id, [message_id])
+                changed, read_at, upto_seq = await store.mark_read(conn, user_id, [message_id])
         if changed:
-            await self._after_read(user_id, changed)
+            await self._after_read(user_id, changed, upto_seq)
         return {"id": message_id, "read_at": read_at}
 
     @_write_op
@@ -424,14 +428,14 @@ class MessageService:
                 foreign = sorted(set(ids) - await store.received_among(conn, user_id, ids))
                 if foreign:
                     raise NotFound("Some of these messages are not yours.", {"ids": foreign})
-            changed, _ = await store.mark_read(conn, user_id, ids)
-        count = await self._after_read(user_id, changed) if changed else await self.unread_count(user_id)
+            changed, _, upto_seq = await store.mark_read(conn, user_id, ids)
+        count = await self._after_read(user_id, changed, upto_seq) if changed else await self.unread_count(user_id)
         return {"updated": len(changed), "count": count}
 
-    async def _after_read(self, user_id: int, changed: list[int]) -> int:
+    async def _after_read(self, user_id: int, changed: list[int], upto_seq: int) -> int:
         await self._cache.invalidate([user_id])
         count = await self.unread_count(user_id)
-        await self._notify(self.on_read, user_id, changed, count)
+        await self._notify(self.on_read, user_id, changed, count, upto_seq)
         return count
 
 

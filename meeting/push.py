@@ -94,8 +94,10 @@ class PushHub:
         frame_for = self.bodies.message_new_for(message)
         await self.broker.publish(((user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items()), committed_at)
 
-    async def on_read(self, user_id: int, ids: list[int], count: int) -> None:
-        await self.broker.publish([(user_id, 0, frames.encode("message.read", {"ids": ids, "count": count}))], time.time())
+    async def on_read(self, user_id: int, ids: list[int], count: int, upto_seq: int) -> None:
+        """Published as seq -upto_seq: the frame follows the message of that seq (meeting.sequencing)."""
+        frame = frames.encode("message.read", {"ids": ids, "count": count})
+        await self.broker.publish([(user_id, -upto_seq, frame)], time.time())
 
     def sweep(self) -> int:
         """Drop connections that closed without their handler noticing yet."""

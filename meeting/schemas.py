@@ -210,9 +210,15 @@ class SentPageSchema(Schema):
     next_before = fields.Integer(allow_none=True)
 
 
+class UnreadQuery(LimitQuery):
+    #: The previous page's `next_after_seq` (or the seq of the last backlog message on the WebSocket).
+    after_seq = fields.Integer(load_default=None, validate=validate.Range(0, MAX_ID))
+
+
 class UnreadSchema(Schema):
     messages = fields.List(fields.Nested(ReceivedMessageSchema))
     count = fields.Integer()
+    next_after_seq = fields.Integer(allow_none=True)
 
 
 class CountSchema(Schema):

@@ -3,13 +3,20 @@
 Connect sequence, gap-free and duplicate-free:
 1. authenticate (HTTP 401 before any upgrade), upgrade, register in the map and
    subscribe on the broker (confirmed): from here every new message reaches us,
-   and is held back until step 3;
-2. `connected`; then, read from the database *after* step 1, either the unread
-   backlog up to the user's last seq (`message.unread`), or with `?since=` every
-   message after it (`message.new`);
+   and is held back until step 3; then `connected`;
+2. read from the database *after* step 1, either the unread backlog up to the
+   user's last seq (`message.unread`), or with `?since=` every message after it
+   (`message.new`), a page at a time as the socket drains (`Connection.room`);
 3. `message.synced`, and live frames through the connection's SeqGate, which
    drops what was already sent and fills any gap from the database.
 So a device sees every message exactly once, in seq order, whatever the broker did.
+
+Read-sync frames (`message.read`) take the same road: held until `message.synced`,
+then through the gate as followers of the highest seq they name, so a read never
+reaches a device before the message it marks (see meeting.sequencing).
+
+Steps 2-3 run in a task beside the read loop: a device that goes away in the
+middle of a long replay stops it at once.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from . import frames
 from .connection import (
-    CLOSE_SERVER_ERROR, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED, Connection,
+    CLOSE_SERVER_ERROR, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_TRY_AGAIN_LATER,
+    CLOSE_UNSUPPORTED, Connection,
 )
 from .errors import DomainError, Unauthorized
 from .handlers.common import admit_websocket, authenticate, decode_json, doc, parse_query, public, websocket_token
@@ -39,37 +47,68 @@ Item = tuple[str, "float | None"]  # an encoded frame and its message's commit t
 
 
 class UserConnection(Connection):
-    """A user's push socket: seq ordering, catch-up and token timers on top of the queue."""
+    """A user's push socket: seq ordering, catch-up and token timers on top of the queue.
 
-    __slots__ = ("gate", "_live", "_early", "_fetch", "_encode", "_catching_up", "_timer")
+    `deliver` takes what the broker brings: seq > 0 is the `message.new` of that seq,
+    seq <= 0 a frame that must follow seq -seq (a `message.read`; 0 follows nothing).
+    """
+
+    __slots__ = ("gate", "page", "_live", "_early", "_early_known", "_fetch", "_encode", "_catching_up", "_again",
+                 "_timer")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
                  stats: Any = None, encode: Callable[[dict[str, Any]], str] | None = None):
         super().__init__(ws, user_id, queue_limit, on_dead, stats)
         self.gate: SeqGate[Item] | None = None  # set when the initial sync starts
+        # Rows fetched per page: half the queue, so a page pushed at low water leaves room
+        # for live frames, pongs and read syncs before the limit.
+        self.page = max(1, min(PAGE, queue_limit // 2))
         self._live = False                      # until message.synced went out, broker frames wait
         self._early: list[tuple[int, Item]] = []
+        self._early_known = 0                   # highest seq dropped from _early over the limit
         self._fetch = fetch
         self._encode = encode or (lambda row: frames.encode("message.new", row))  # a stored row as message.new
         self._catching_up: asyncio.Task[None] | None = None
+        self._again = False                     # a catch-up was asked for since the last fetch began
         self._timer: asyncio.TimerHandle | None = None  # token expiry: the notice, then the close
 
     def deliver(self, seq: int, frame: str, committed_at: float | None = None) -> None:
-        """A frame from the broker. seq 0: not a message (read sync), sent as is."""
-        if seq == 0:
-            self.push(frame, committed_at)
-        elif not self._live or self.gate is None:
-            self._early.append((seq, (frame, committed_at)))
+        """A frame from the broker: held until message.synced, then through the gate."""
+        if not self._live or self.gate is None:
+            if len(self._early) < self._queue_limit:
+                self._early.append((seq, (frame, committed_at)))
+            elif seq > 0:  # stored: the catch-up after message.synced fetches it
+                self._early_known = max(self._early_known, seq)
+            else:
+                self._too_slow()
+            return
+        self._offer(seq, (frame, committed_at))
+        if self.gate.waiting:
+            self.request_catch_up()
+
+    def _offer(self, seq: int, item: Item) -> None:
+        gate = self.gate
+        assert gate is not None
+        if seq > 0:
+            ready = gate.offer(seq, item)
+        elif gate.followers >= self._queue_limit:
+            self._too_slow()
+            return
         else:
-            for ready in self.gate.offer(seq, (frame, committed_at)):
-                self.push(*ready)
-            if self.gate.waiting:
-                self.request_catch_up()
+            ready = gate.follow(-seq, item)
+        for frame in ready:
+            self.push(*frame)
+
+    def _too_slow(self) -> None:
+        log.info("closing connection %s of user %s: too many frames held", self.id, self.user_id)
+        if self.stats is not None:
+            self.stats.slow_consumer_closes += 1
+        self.close_soon(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect and resync")
 
     def start(self, last_seq: int) -> None:
         """The device has (or is being sent) everything up to `last_seq`."""
-        self.gate = SeqGate(last_seq)
+        self.gate = SeqGate(last_seq, cap=self._queue_limit)
 
     def go_live(self) -> None:
         """After message.synced: release what the broker brought meanwhile, in order."""
@@ -77,25 +116,41 @@ class UserConnection(Connection):
         self._live = True
         early, self._early = self._early, []
         for seq, item in early:
-            for ready in self.gate.offer(seq, item):
-                self.push(*ready)
-        if self.gate.waiting:
+            self._offer(seq, item)
+        self.gate.heard(self._early_known)
+        if self.gate.waiting or self._again:
             self.request_catch_up()
 
     def request_catch_up(self) -> None:
-        if self.gate is not None and not self.closed and (self._catching_up is None or self._catching_up.done()):
+        """Fetch what the gate misses. Never lost: a request during a catch-up makes it
+        fetch once more; one before message.synced runs at go_live."""
+        if self.closed:
+            return
+        self._again = True
+        if self._live and (self._catching_up is None or self._catching_up.done()):
             self._catching_up = asyncio.create_task(self._catch_up_or_close(), name=f"ws-catchup-{self.id}")
 
     async def catch_up(self) -> None:
-        """Send, in seq order, everything stored after what this device has."""
+        """Send, in seq order, everything stored after what this device has, a page at a
+        time as the socket drains; until nothing waits in the gate and nobody asked again.
+        Returns as soon as the connection closes."""
         assert self.gate is not None and self._fetch is not None
+        gate = self.gate
         while True:
-            rows = await self._fetch(self.user_id, self.gate.last, PAGE)
+            self._again = False
+            if not await self.room():
+                return
+            rows = await self._fetch(self.user_id, gate.last, self.page)
+            if self.closed:
+                return
             for row in rows:
-                if row["seq"] > self.gate.last:
-                    for ready in self.gate.offer(row["seq"], (self._encode(row), None)):
-                        self.push(*ready)
-            if len(rows) < PAGE:
+                self._offer(row["seq"], (self._encode(row), None))
+            if len(rows) == self.page or self._again:
+                continue
+            if not gate.waiting:
+                return
+            if not rows:  # held frames whose rows are not stored: cannot happen (published after commit)
+                log.warning("connection %s: seqs %d..%d announced but not stored", self.id, gate.last + 1, gate.known)
                 return
 
     async def _catch_up_or_close(self) -> None:
@@ -110,9 +165,11 @@ class UserConnection(Connection):
             self._catching_up.cancel()
         await super().stop()
 
-    def expire_at(self, expires_at: dt.datetime, notice: float) -> None:
+    def expire_at(self, expires_at: dt.datetime, notice: float, keep: bool = False) -> None:
         """One timer at a time per connection (ten thousand of them): the notice, which
-        then sets the close."""
+        then sets the close. `keep`: leave a timer a refresh already set."""
+        if keep and self._timer is not None:
+            return
         self.cancel_timers()
         remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
         self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining - notice), self._expiring, expires_at)
@@ -177,24 +234,11 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         return ws
     if app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting: the
         conn.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")  # revocation's listeners did not see us yet
+    sync: asyncio.Task[None] | None = None
     try:
         await hub.broker.want(conn.user_id)
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))
-        limit = cfg.backlog_limit
-        # A resume (`since`) replays from the database itself: it needs no backlog page.
-        last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit) if since is None else 0)
-        if since is None:
-            await _send_backlog(app, conn, last, count, first_page, limit, hub.bodies)
-            conn.start(last)
-        else:
-            conn.start(min(since, last))  # a `since` from the future must not hide new messages
-            await conn.catch_up()
-        assert conn.gate is not None
-        if conn.gate.last != last:
-            count = await service.unread_count_upto(conn.user_id, conn.gate.last)
-        conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": count}))
-        conn.go_live()
-        conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # after the sync: connected, backlog, then anything
+        sync = asyncio.create_task(_sync(app, conn, since, claims.expires_at), name=f"ws-sync-{conn.id}")
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await _on_text(app, conn, msg.data)
@@ -210,14 +254,48 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         if isinstance(ws.exception(), asyncio.TimeoutError):
             stats.heartbeat_timeouts += 1
         conn.cancel_timers()
+        if sync is not None:
+            sync.cancel()  # a replay stops with the socket
         await conn.stop()
+        if sync is not None:
+            await asyncio.gather(sync, return_exceptions=True)
     return ws
+
+
+async def _sync(app: web.Application, conn: UserConnection, since: int | None, expires_at: dt.datetime) -> None:
+    """Steps 2 and 3: the backlog or the replay, `message.synced`, then live. Runs beside
+    the read loop, which answers pings and takes reads meanwhile (their `message.read`
+    waits for `message.synced` like every broker frame)."""
+    service = app[message_service_key]
+    cfg = app[config_key].push
+    try:
+        limit = cfg.backlog_limit
+        # A resume (`since`) replays from the database itself: it needs no backlog page.
+        last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit) if since is None else 0)
+        if since is None:
+            await _send_backlog(app, conn, last, count, first_page, limit, app[push_hub_key].bodies)
+            conn.start(last)
+        else:
+            conn.start(min(since, last))  # a `since` from the future must not hide new messages
+            await conn.catch_up()
+        if conn.closed:
+            return
+        assert conn.gate is not None
+        if conn.gate.last != last:
+            count = await service.unread_count_upto(conn.user_id, conn.gate.last)
+        conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": count}))
+        conn.go_live()
+        conn.expire_at(expires_at, cfg.token_expiry_notice, keep=True)  # after the sync, unless refreshed
+    except Exception:
+        log.exception("initial sync of push connection %s failed", conn.id)
+        conn.close_soon(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
 
 
 async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: int, count: int,
                         first_page: list[dict[str, Any]], limit: int, bodies: frames.MessageBodies) -> None:
     """The unread messages up to `upto_seq` (`count` of them), oldest first, in frames of
-    PAGE, at most `limit`; the first page came with the sync point."""
+    PAGE, at most `limit`; the first page came with the sync point. The next page is read
+    only once the socket has room; nothing more once it closed."""
     service = app[message_service_key]
     sent = 0
     after: int | None = None
@@ -225,6 +303,8 @@ async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: in
         size = min(PAGE, limit - sent)
         if after is None:
             batch = first_page
+        elif not await conn.room():
+            return
         else:
             batch = await service.unread_rows(conn.user_id, size, after, upto_seq) if size > 0 else []
         sent += len(batch)

@@ -13,15 +13,15 @@ async def test_listeners_run_after_commit_and_never_for_a_failed_send(api: Api) 
     service = api.client.app[message_service_key]
     engine = api.client.app[engine_key]
     stored: list[dict[str, Any]] = []
-    reads: list[tuple[int, list[int], int]] = []
+    reads: list[tuple[int, list[int], int, int]] = []
 
     async def on_stored(message: dict[str, Any]) -> None:
         async with engine.connect() as conn:  # a separate connection sees the row: it is committed
             committed = (await conn.execute(sa.select(messages.c.id).where(messages.c.id == message["id"]))).scalar()
         stored.append({**message, "committed": committed == message["id"]})
 
-    async def on_read(user_id: int, ids: list[int], count: int) -> None:
-        reads.append((user_id, ids, count))
+    async def on_read(user_id: int, ids: list[int], count: int, upto_seq: int) -> None:
+        reads.append((user_id, ids, count, upto_seq))
 
     service.on_stored.append(on_stored)
     service.on_read.append(on_read)
@@ -32,7 +32,7 @@ async def test_listeners_run_after_commit_and_never_for_a_failed_send(api: Api) 
     await api.send(alice, [bob])
     await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)
     await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)  # nothing changed: no event
-    assert reads == [(bob.id, [sent["id"], sent["id"] + 1], 0)]
+    assert reads == [(bob.id, [sent["id"], sent["id"] + 1], 0, 2)]  # bob's seq 2 is the newest read
 
 
 async def test_a_failing_listener_does_not_fail_the_send(api: Api) -> None:

@@ -3,8 +3,8 @@
 from aiohttp import web
 
 from ..schemas import (
-    CountSchema, LimitQuery, MarkReadResultSchema, MarkReadSchema, MessageSchema, PageQuery,
-    ReadOneSchema, ReceivedMessageSchema, ReceivedPageSchema, ReceivedQuery, SendMessageSchema, SentPageSchema, UnreadSchema,
+    CountSchema, MarkReadResultSchema, MarkReadSchema, MessageSchema, PageQuery,
+    ReadOneSchema, ReceivedMessageSchema, ReceivedPageSchema, ReceivedQuery, SendMessageSchema, SentPageSchema, UnreadQuery, UnreadSchema,
 )
 from ..typedefs import message_service_key, user_id_key
 from .common import doc, limit, parse_body, parse_query, path_id, respond
@@ -12,7 +12,6 @@ from .idempotency import keyed_body, respond_keyed
 
 # Built once: schemas are stateless, and constructing one costs more than using it.
 COUNT_SCHEMA = CountSchema()
-LIMIT_QUERY = LimitQuery()
 MARK_READ_RESULT_SCHEMA = MarkReadResultSchema()
 MARK_READ_SCHEMA = MarkReadSchema()
 MESSAGE_SCHEMA = MessageSchema()
@@ -23,6 +22,7 @@ RECEIVED_PAGE_SCHEMA = ReceivedPageSchema()
 RECEIVED_QUERY = ReceivedQuery()
 SEND_MESSAGE_SCHEMA = SendMessageSchema()
 SENT_PAGE_SCHEMA = SentPageSchema()
+UNREAD_QUERY = UnreadQuery()
 UNREAD_SCHEMA = UnreadSchema()
 
 
@@ -48,9 +48,10 @@ async def sent(request: web.Request) -> web.Response:
     return respond(SENT_PAGE_SCHEMA, await request.app[message_service_key].sent(request[user_id_key], **query))
 
 
-@doc("Unread messages, oldest first, with the total unread count", query=LimitQuery, response=(200, UnreadSchema), tag="messages")
+@doc("Unread messages, oldest first by seq (page with after_seq = the previous next_after_seq), with the total unread count",
+     query=UnreadQuery, response=(200, UnreadSchema), tag="messages")
 async def unread(request: web.Request) -> web.Response:
-    query = parse_query(request, LIMIT_QUERY)
+    query = parse_query(request, UNREAD_QUERY)
     return respond(UNREAD_SCHEMA, await request.app[message_service_key].unread(request[user_id_key], **query))
 
 

@@ -185,23 +185,26 @@ async def visible(conn: AsyncConnection, user_id: int, message_id: int) -> dict[
     return None if row is None else row._asdict()
 
 
-async def mark_read(conn: AsyncConnection, user_id: int, ids: Iterable[int] | None) -> tuple[list[int], dt.datetime]:
+async def mark_read(conn: AsyncConnection, user_id: int, ids: Iterable[int] | None) -> tuple[list[int], dt.datetime, int]:
     """Mark the user's unread messages among `ids` (all of them for None) read.
 
-    Returns the ids that changed from unread to read, so that every device can be told.
+    Returns the ids that changed from unread to read, so that every device can be told,
+    and the highest of the user's seqs among them (0 if none changed): a device must not
+    hear of the read before it had that message.
     """
     now = utcnow()
     where = [mr.c.recipient_id == user_id, mr.c.read_at.is_(None)]
     if ids is not None:
         ids = list(ids)
         if not ids:
-            return [], now
+            return [], now, 0
         where.append(mr.c.message_id.in_(ids))
-    changed = list((await conn.execute(sa.select(mr.c.message_id).where(*where).order_by(mr.c.message_id))).scalars())
+    rows = (await conn.execute(sa.select(mr.c.message_id, mr.c.seq).where(*where).order_by(mr.c.message_id))).all()
+    changed = [row.message_id for row in rows]
     if changed:
         await conn.execute(mr.update().where(mr.c.recipient_id == user_id, mr.c.read_at.is_(None),
                                              mr.c.message_id.in_(changed)).values(read_at=now))
-    return changed, now
+    return changed, now, max((row.seq for row in rows), default=0)
 
 
 async def read_at(conn: AsyncConnection, user_id: int, message_id: int) -> tuple[bool, dt.datetime | None]:
