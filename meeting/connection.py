@@ -77,6 +77,11 @@ class Connection:
     def queued(self) -> int:
         return len(self._queue) if self._queue is not None else 0
 
+    @property
+    def waiting_for_room(self) -> bool:
+        """Someone (a replay, a catch-up, a backlog) waits for the queue to drain."""
+        return self._room is not None and not self._room.done()
+
     async def room(self) -> bool:
         """Wait until at most `low_water` frames are queued; False once the connection
         is closing (then there is nobody to send more to)."""

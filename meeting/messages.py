@@ -372,6 +372,11 @@ class MessageService:
             rows = await store.unread(conn, user_id, page, upto_seq=last) if count and page else []
             return last, count, await self._attach(conn, rows)
 
+    async def last_seq(self, user_id: int) -> int:
+        """Where a resuming device's replay ends (it goes on if more arrives meanwhile)."""
+        async with self._reads.connect() as conn:
+            return await store.last_seq(conn, user_id)
+
     async def unread_count_upto(self, user_id: int, seq: int) -> int:
         """Unread messages with seq <= `seq`: the count that goes with a sync point."""
         async with self._reads.connect() as conn:

@@ -269,19 +269,19 @@ async def _sync(app: web.Application, conn: UserConnection, since: int | None, e
     service = app[message_service_key]
     cfg = app[config_key].push
     try:
-        limit = cfg.backlog_limit
-        # A resume (`since`) replays from the database itself: it needs no backlog page.
-        last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit) if since is None else 0)
         if since is None:
+            limit = cfg.backlog_limit
+            last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit))
             await _send_backlog(app, conn, last, count, first_page, limit, app[push_hub_key].bodies)
             conn.start(last)
-        else:
+        else:  # a resume replays from the database itself: no backlog, and the count comes after it
+            last = await service.last_seq(conn.user_id)
             conn.start(min(since, last))  # a `since` from the future must not hide new messages
             await conn.catch_up()
         if conn.closed:
             return
         assert conn.gate is not None
-        if conn.gate.last != last:
+        if since is not None or conn.gate.last != last:
             count = await service.unread_count_upto(conn.user_id, conn.gate.last)
         conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": count}))
         conn.go_live()
