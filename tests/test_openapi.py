@@ -14,6 +14,10 @@ async def test_every_route_is_documented_in_a_valid_openapi_document(api: Api) -
     assert send["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/SendMessage")
     assert send["security"] == [{"bearer": []}] and "422" in send["responses"]
     assert "security" not in spec["paths"]["/auth/login"]["post"]
+    unread = spec["paths"]["/messages/unread"]["get"]
+    assert {p["name"] for p in unread["parameters"]} == {"limit", "after_seq"}
+    page = spec["components"]["schemas"][unread["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert set(page["properties"]) == {"messages", "count", "next_after_seq"}
 
 
 async def test_both_creating_posts_document_the_idempotency_key_header(api: Api) -> None:

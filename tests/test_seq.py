@@ -91,3 +91,23 @@ async def test_migration_0002_numbers_existing_rows_in_message_order(empty_db_ur
         assert [tuple(r) for r in counters] == [(1, 0), (2, 3), (3, 1)]
     finally:
         await engine.dispose()
+
+
+async def test_unread_pages_by_seq_with_the_after_seq_cursor(api: Api) -> None:
+    alice, bob = await api.users(2)
+    ids = [(await api.send(alice, [bob], f"u{i}"))["id"] for i in range(7)]  # seqs 1..7
+    await api.call("POST", "/messages/read", user=bob, json={"ids": [ids[1], ids[4]]}, expect=200)  # seqs 2 and 5
+
+    async def page(after: int | None) -> dict[str, Any]:
+        params = {"limit": "2", **({} if after is None else {"after_seq": str(after)})}
+        return await api.call("GET", "/messages/unread", user=bob, params=params, expect=200)
+
+    first = await page(None)
+    assert [m["seq"] for m in first["messages"]] == [1, 3] and first["next_after_seq"] == 3 and first["count"] == 5
+    await api.call("POST", f"/messages/{ids[3]}/read", user=bob, expect=200)  # seq 4, read between pages
+    second = await page(first["next_after_seq"])
+    assert [m["seq"] for m in second["messages"]] == [6, 7] and second["next_after_seq"] is None and second["count"] == 4
+    assert (await page(7))["messages"] == [] and (await page(0))["next_after_seq"] == 3
+    for bad in ("-1", "x", "99999999999999999999"):
+        body = await api.call("GET", "/messages/unread", user=bob, params={"after_seq": bad}, expect=422)
+        assert "after_seq" in body["error"]["details"]
