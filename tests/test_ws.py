@@ -193,6 +193,10 @@ async def test_connect_race_delivers_every_message_exactly_once(api: Api) -> Non
         assert len(got) == len(set(got)), "a message arrived twice"
         assert set(sent) <= set(got), "a message fell in the gap"
         await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)
+        # Wait for that read's frame here: with Redis it is published after the answer, and
+        # must not reach the next round's device (which would get it, harmlessly, after its
+        # message.synced: a read of messages it never had).
+        assert sorted((await device.expect("message.read"))["ids"]) == sorted(got)
         await device.ws.close()
 
 
