@@ -16,7 +16,8 @@ async def test_every_route_is_documented_in_a_valid_openapi_document(api: Api) -
     assert "security" not in spec["paths"]["/auth/login"]["post"]
     unread = spec["paths"]["/messages/unread"]["get"]
     assert {p["name"] for p in unread["parameters"]} == {"limit", "after_seq"}
-    page = spec["components"]["schemas"][unread["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    ref = unread["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    page = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert set(page["properties"]) == {"messages", "count", "next_after_seq"}
 
 

@@ -152,7 +152,8 @@ async def test_a_read_during_a_backlog_comes_after_synced(tight_client: Any, slo
     api = await tight_client(slow_queue)
     alice, bob = await api.users(2)
     await store_many(api, alice, bob, 1200, "x" * 2000)  # six backlog frames of 200, ~460 KB each
-    seq_ids = {m["seq"]: m["id"] for m in (await api.call("GET", "/messages?after_seq=0&limit=10", user=bob, expect=200))["messages"]}
+    first = (await api.call("GET", "/messages?after_seq=0&limit=10", user=bob, expect=200))["messages"]
+    seq_ids = {m["seq"]: m["id"] for m in first}
     late = (await api.call("GET", "/messages?after_seq=1149&limit=1", user=bob, expect=200))["messages"][0]
     session, device = await stalled_device(api, bob, {})
     await until(lambda: (c := server_conn(api, bob)) is not None and c.waiting_for_room and c.gate is None)

@@ -3,8 +3,8 @@
 from aiohttp import web
 
 from ..schemas import (
-    CountSchema, MarkReadResultSchema, MarkReadSchema, MessageSchema, PageQuery,
-    ReadOneSchema, ReceivedMessageSchema, ReceivedPageSchema, ReceivedQuery, SendMessageSchema, SentPageSchema, UnreadQuery, UnreadSchema,
+    CountSchema, MarkReadResultSchema, MarkReadSchema, MessageSchema, PageQuery, ReadOneSchema, ReceivedMessageSchema,
+    ReceivedPageSchema, ReceivedQuery, SendMessageSchema, SentPageSchema, UnreadQuery, UnreadSchema,
 )
 from ..typedefs import message_service_key, user_id_key
 from .common import doc, limit, parse_body, parse_query, path_id, respond
