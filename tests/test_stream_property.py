@@ -20,6 +20,7 @@ over the same range, and a device that resumed with `since` each time saw every 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from meeting.config import Config
+from meeting.config import Config, with_overrides
 from meeting.frames import validate_frame
 from meeting.typedefs import push_hub_key
 from tests.helpers import Api, User
@@ -173,9 +174,13 @@ def unread_view(conn: Conn) -> set[int]:
     return unread
 
 
-@pytest.fixture
-def config(config: Config) -> Config:
-    return config  # SQLite and MariaDB, in-process broker
+@pytest.fixture(params=["in-process", "redis"])
+def config(config: Config, request: pytest.FixtureRequest) -> Config:
+    """SQLite and MariaDB; the in-process broker, and Redis (publishes asynchronous, through
+    pub/sub: a read's frame may reach a device long after the REST answer)."""
+    if request.param == "in-process":
+        return config
+    return with_overrides(config, redis={"url": request.getfixturevalue("redis_url"), "prefix": f"t{uuid.uuid4().hex[:10]}"})
 
 
 @pytest.fixture
@@ -186,7 +191,7 @@ async def lossy(api: Api) -> Any:
 
 
 # No shrinking: shrinking a failing stream race takes minutes; the failing program is printed as found.
-@settings(max_examples=50, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+@settings(max_examples=40, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(program=st.lists(ops, min_size=1, max_size=20))
 async def test_every_device_stream_agrees_with_the_database(api: Api, lossy: LostPublishes,
