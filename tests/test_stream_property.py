@@ -143,7 +143,15 @@ def check_order(conn: Conn, seq_of: dict[int, int], complete: bool) -> None:
             seen.add(f["payload"]["id"])
         elif f["type"] == "message.read":
             for message_id in f["payload"]["ids"]:
-                assert seq_of[message_id] <= boundary or message_id in seen, ("read before its message", message_id)
+                assert seq_of[message_id] <= boundary or message_id in seen, (
+                    "read before its message", message_id, conn.since, [_brief(g) for g in frames])
+
+
+def _brief(frame: dict[str, Any]) -> Any:
+    p = frame["payload"]
+    return {"message.new": lambda: ("new", p["seq"], p["id"]), "message.read": lambda: ("read", p["ids"]),
+            "message.unread": lambda: ("unread", [m["seq"] for m in p["messages"]]),
+            "message.synced": lambda: ("synced", p["seq"])}.get(frame["type"], lambda: frame["type"])()
 
 
 def check_chain(conns: list[Conn], total: int) -> None:
@@ -199,7 +207,7 @@ async def test_every_device_stream_agrees_with_the_database(api: Api, lossy: Los
     alice = await api.user()
     users: list[User] = [await api.user() for _ in range(USERS)]
     received: list[list[int]] = [[] for _ in range(USERS)]   # message ids per user, in send order
-    seq_of: dict[int, int] = {}                               # message id -> its recipient's seq
+    seq_of: list[dict[int, int]] = [{} for _ in range(USERS)]  # per user: message id -> that user's seq
     history: list[list[Conn]] = [[] for _ in DEVICES]
 
     async def connect(device: int, since: int | None) -> None:
@@ -256,8 +264,8 @@ async def test_every_device_stream_agrees_with_the_database(api: Api, lossy: Los
         received[u].append(marker["id"])
     for u, user in enumerate(users):
         for m in (await api.call("GET", "/messages?after_seq=0&limit=100", user=user, expect=200))["messages"]:
-            seq_of[m["id"]] = m["seq"]
-        assert [seq_of[i] for i in received[u]] == list(range(1, len(received[u]) + 1))
+            seq_of[u][m["id"]] = m["seq"]
+        assert [seq_of[u][i] for i in received[u]] == list(range(1, len(received[u]) + 1))
     for u, user in enumerate(users):
         await api.call("POST", f"/messages/{marker['id']}/read", user=user, expect=200)
     for device, conns in enumerate(history):
@@ -268,7 +276,7 @@ async def test_every_device_stream_agrees_with_the_database(api: Api, lossy: Los
         u = DEVICES[device]
         truth = (await api.call("GET", "/messages?after_seq=0&limit=100", user=users[u], expect=200))["messages"]
         for n, conn in enumerate(conns):
-            check_order(conn, seq_of, complete=n == len(conns) - 1)
+            check_order(conn, seq_of[u], complete=n == len(conns) - 1)
         check_chain(conns, len(received[u]))
         final = conns[-1]
         expected = {m["id"] for m in truth if m["read_at"] is None and m["seq"] > (final.since or 0)}
