@@ -78,6 +78,11 @@ class Connection:
         return len(self._queue) if self._queue is not None else 0
 
     @property
+    def ended(self) -> bool:
+        """Closing, or its handler is done with it: nothing more is worth sending."""
+        return self._stopped or self.closed
+
+    @property
     def waiting_for_room(self) -> bool:
         """Someone (a replay, a catch-up, a backlog) waits for the queue to drain."""
         return self._room is not None and not self._room.done()
@@ -85,11 +90,11 @@ class Connection:
     async def room(self) -> bool:
         """Wait until at most `low_water` frames are queued; False once the connection
         is closing (then there is nobody to send more to)."""
-        while not self.closed and self.queued > self.low_water:
+        while not self.ended and self.queued > self.low_water:
             if self._room is None:
                 self._room = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._room)  # shared by every waiter: one cancelled must not wake the others
-        return not self.closed
+        return not self.ended
 
     def _wake(self) -> None:
         room, self._room = self._room, None

@@ -16,7 +16,7 @@ then through the gate as followers of the highest seq they name, so a read never
 reaches a device before the message it marks (see meeting.sequencing).
 
 Steps 2-3 run in a task beside the read loop: a device that goes away in the
-middle of a long replay stops it at once.
+middle of a long replay stops it at its next page.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class UserConnection(Connection):
             if not await self.room():
                 return
             rows = await self._fetch(self.user_id, gate.last, self.page)
-            if self.closed:
+            if self.ended:
                 return
             for row in rows:
                 self._offer(row["seq"], (self._encode(row), None))
@@ -161,9 +161,12 @@ class UserConnection(Connection):
             self.close_soon(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
 
     async def stop(self) -> None:
-        if self._catching_up is not None:
-            self._catching_up.cancel()
+        """The catch-up is not cancelled but ends by itself after the query it is in: a
+        query cancelled midway makes SQLAlchemy terminate its connection, which can hang
+        while the engine is being disposed at shutdown."""
         await super().stop()
+        if self._catching_up is not None:
+            await asyncio.gather(self._catching_up, return_exceptions=True)
 
     def expire_at(self, expires_at: dt.datetime, notice: float, keep: bool = False) -> None:
         """One timer at a time per connection (ten thousand of them): the notice, which
@@ -254,9 +257,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         if isinstance(ws.exception(), asyncio.TimeoutError):
             stats.heartbeat_timeouts += 1
         conn.cancel_timers()
-        if sync is not None:
-            sync.cancel()  # a replay stops with the socket
-        await conn.stop()
+        await conn.stop()  # a replay or backlog stops at its next page (see UserConnection.stop: not cancelled)
         if sync is not None:
             await asyncio.gather(sync, return_exceptions=True)
     return ws
@@ -278,7 +279,7 @@ async def _sync(app: web.Application, conn: UserConnection, since: int | None, e
             last = await service.last_seq(conn.user_id)
             conn.start(min(since, last))  # a `since` from the future must not hide new messages
             await conn.catch_up()
-        if conn.closed:
+        if conn.ended:
             return
         assert conn.gate is not None
         if since is not None or conn.gate.last != last:
