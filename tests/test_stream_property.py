@@ -270,7 +270,9 @@ async def test_every_device_stream_agrees_with_the_database(api: Api, lossy: Los
         await api.call("POST", f"/messages/{marker['id']}/read", user=user, expect=200)
     for device, conns in enumerate(history):
         final = conns[-1]
-        await until(lambda: final.has(lambda f: f["type"] == "message.read" and marker["id"] in f["payload"]["ids"]))
+        # generous: a connect whose Redis SUBSCRIBE is slow to confirm resyncs only after 2 s
+        await until(lambda: final.has(lambda f: f["type"] == "message.read" and marker["id"] in f["payload"]["ids"]),
+                    timeout=15.0)
 
     for device, conns in enumerate(history):
         u = DEVICES[device]
