@@ -270,6 +270,8 @@ async def _sync(app: web.Application, conn: UserConnection, since: int | None, e
     service = app[message_service_key]
     cfg = app[config_key].push
     try:
+        if conn.ended:  # closed while connecting (a logout): no reads left half done
+            return
         if since is None:
             limit = cfg.backlog_limit
             last, count, first_page = await service.sync_point(conn.user_id, min(PAGE, limit))
