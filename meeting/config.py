@@ -86,6 +86,8 @@ class PushConfig:
     heartbeat: float = _opt(30.0, validate.Range(min=0.05))
     max_connections_per_user: int = _opt(10, validate.Range(min=1))
     queue_limit: int = _opt(1000, validate.Range(min=1))
+    queue_bytes: int = _opt(1024 * 1024, validate.Range(min=64 * 1024))
+    backlog_frame_bytes: int = _opt(256 * 1024, validate.Range(min=1024))
     max_frame_size: int = _opt(65536, validate.Range(min=256))
     cleanup_interval: float = _opt(60.0, validate.Range(min=0.01))
     backlog_limit: int = _opt(1000, validate.Range(min=0))

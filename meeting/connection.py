@@ -45,21 +45,29 @@ CLOSE_TOO_MANY_CONNECTIONS = 4029
 CLOSE_TIMEOUT = 5.0
 
 
+def frame_bytes(frame: str) -> int:
+    """Its size in UTF-8; str.isascii is O(1) in CPython, so ASCII frames cost no encoding."""
+    return len(frame) if frame.isascii() else len(frame.encode())
+
+
 class Connection:
     # Slots, not a __dict__, and the deque only while frames wait: per idle connection
     # that is a few hundred bytes each, times ten thousand connections.
     __slots__ = ("ws", "user_id", "session_id", "id", "stats", "_queue", "_queue_limit", "_on_dead", "_closing", "_sending",
-                 "_stopped", "_writer", "high_water", "low_water", "_room")
+                 "_stopped", "_writer", "high_water", "low_water", "_room", "_bytes", "_queue_bytes")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
-                 on_dead: Callable[["Connection"], None] | None = None, stats: "PushStats | None" = None):
+                 on_dead: Callable[["Connection"], None] | None = None, stats: "PushStats | None" = None,
+                 queue_bytes: int = 1 << 20):
         self.ws = ws
         self.user_id = user_id
         self.session_id: int | None = None  # the login its token belongs to: a logout closes it
         self.id = uuid.uuid4().hex[:16]
         self.stats = stats
-        self._queue: deque[tuple[str, float | None]] | None = None  # (frame, commit wall time or None)
+        self._queue: deque[tuple[str, float | None, int]] | None = None  # (frame, commit wall time or None, bytes)
         self._queue_limit = queue_limit
+        self._queue_bytes = queue_bytes
+        self._bytes = 0  # UTF-8 bytes of the frames queued
         self._on_dead = on_dead
         self._closing: asyncio.Task[None] | None = None
         self._sending = False
@@ -87,10 +95,19 @@ class Connection:
         """Someone (a replay, a catch-up, a backlog) waits for the queue to drain."""
         return self._room is not None and not self._room.done()
 
+    def fits(self, frame: str) -> bool:
+        """Whether a bulk sender (replay, catch-up, backlog) may queue `frame` now, leaving a
+        quarter of the byte limit for live frames; else it awaits `room()` first."""
+        return self._bytes + frame_bytes(frame) <= self._queue_bytes - self._queue_bytes // 4
+
+    @property
+    def _has_room(self) -> bool:
+        return self.queued <= self.low_water and self._bytes <= self._queue_bytes // 4
+
     async def room(self) -> bool:
-        """Wait until at most `low_water` frames are queued; False once the connection
-        is closing (then there is nobody to send more to)."""
-        while not self.ended and self.queued > self.low_water:
+        """Wait until at most `low_water` frames (and a quarter of the byte limit) are
+        queued; False once the connection is closing (then there is nobody to send more to)."""
+        while not self.ended and not self._has_room:
             if self._room is None:
                 self._room = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._room)  # shared by every waiter: one cancelled must not wake the others
@@ -105,15 +122,18 @@ class Connection:
         """Queue an encoded frame; False if the connection is (now) closing."""
         if self.closed:
             return False
+        size = frame_bytes(frame)
         if self._queue is None:
             self._queue = deque()
-        elif len(self._queue) >= self._queue_limit:
-            log.info("closing connection %s of user %s: %d frames behind", self.id, self.user_id, len(self._queue))
+        elif len(self._queue) >= self._queue_limit or self._bytes + size > self._queue_bytes:
+            log.info("closing connection %s of user %s: %d frames (%d bytes) behind", self.id, self.user_id,
+                     len(self._queue), self._bytes)
             if self.stats is not None:
                 self.stats.slow_consumer_closes += 1
             self.close_soon(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect and resync")
             return False
-        self._queue.append((frame, committed_at))
+        self._queue.append((frame, committed_at, size))
+        self._bytes += size
         depth = len(self._queue)
         if depth > self.high_water:
             self.high_water = depth
@@ -128,8 +148,9 @@ class Connection:
         No await between the last empty check and `finally`, so no push is missed."""
         try:
             while (queue := self._queue) and self._closing is None and not self._stopped:
-                frame, committed_at = queue.popleft()
-                if self._room is not None and len(queue) <= self.low_water:
+                frame, committed_at, size = queue.popleft()
+                self._bytes -= size
+                if self._room is not None and self._has_room:
                     self._wake()
                 self._sending = True
                 await self.ws.send_str(frame)
@@ -149,6 +170,7 @@ class Connection:
             self._writer = None
             if not self._queue:
                 self._queue = None
+                self._bytes = 0
             self._wake()  # empty, or failed and closing: a waiter either has room or learns it is closed
 
     def _mark_dead(self) -> None:
@@ -169,6 +191,7 @@ class Connection:
         # Drop what is queued (the client resyncs from the database) and let the writer
         # exit after the frame it is sending.
         self._queue = None
+        self._bytes = 0
         try:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode(), drain=False), CLOSE_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):

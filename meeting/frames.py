@@ -123,6 +123,21 @@ class MessageBodies:
         tail = f',"read_at":null,{self.body(message)[1:]},"timestamp":"{_now()}"}}'
         return lambda seq: f"{head}{seq}{tail}"
 
+    def message_unread_frames(self, rows: list[dict[str, Any]], count: int, has_more: bool, max_bytes: int) -> list[str]:
+        """The page as one or more frames of at most about `max_bytes` each (a message is
+        never split): 200 messages of 10,000 characters would be one 2 MB frame.
+        `has_more` goes on the last frame only."""
+        chunks: list[list[dict[str, Any]]] = [[]]
+        size = 0
+        for row in rows:
+            body = len(self.received(row).encode())
+            if chunks[-1] and size + body > max_bytes:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(row)
+            size += body
+        return [self.message_unread(chunk, count, has_more and i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
+
     def message_unread(self, rows: list[dict[str, Any]], count: int, has_more: bool) -> str:
         messages = ",".join(self.received(row) for row in rows)
         payload = f'{{"messages":[{messages}],"count":{int(count)},"has_more":{"true" if has_more else "false"}}}'

@@ -58,8 +58,8 @@ class UserConnection(Connection):
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
-                 stats: Any = None, encode: Callable[[dict[str, Any]], str] | None = None):
-        super().__init__(ws, user_id, queue_limit, on_dead, stats)
+                 stats: Any = None, encode: Callable[[dict[str, Any]], str] | None = None, queue_bytes: int = 1 << 20):
+        super().__init__(ws, user_id, queue_limit, on_dead, stats, queue_bytes)
         self.gate: SeqGate[Item] | None = None  # set when the initial sync starts
         # Rows fetched per page: half the queue, so a page pushed at low water leaves room
         # for live frames, pongs and read syncs before the limit.
@@ -144,7 +144,10 @@ class UserConnection(Connection):
             if self.ended:
                 return
             for row in rows:
-                self._offer(row["seq"], (self._encode(row), None))
+                frame = self._encode(row)
+                if not self.fits(frame) and not await self.room():  # bytes, not only frames, bound a page
+                    return
+                self._offer(row["seq"], (frame, None))
             if len(rows) == self.page or self._again:
                 continue
             if not gate.waiting:
@@ -228,8 +231,8 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     hub = app[push_hub_key]
     service = app[message_service_key]
     stats = app[stats_key]
-    conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister,
-                          fetch=service.received_after_seq, stats=stats, encode=hub.bodies.message_new)
+    conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister, fetch=service.received_after_seq,
+                          stats=stats, encode=hub.bodies.message_new, queue_bytes=cfg.queue_bytes)
     conn.session_id = claims.session_id
     if not await hub.register(conn):
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
@@ -300,6 +303,7 @@ async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: in
     PAGE, at most `limit`; the first page came with the sync point. The next page is read
     only once the socket has room; nothing more once it closed."""
     service = app[message_service_key]
+    frame_bytes_limit = app[config_key].push.backlog_frame_bytes
     sent = 0
     after: int | None = None
     while True:
@@ -313,7 +317,11 @@ async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: in
         sent += len(batch)
         done = len(batch) < size or sent >= limit
         if batch or not sent:
-            conn.push(bodies.message_unread(batch, count, done and count > sent))
+            chunks = bodies.message_unread_frames(batch, count, done and count > sent, frame_bytes_limit)
+            for chunk in chunks:
+                if not conn.fits(chunk) and not await conn.room():
+                    return
+                conn.push(chunk)
         if done:
             break
         after = batch[-1]["seq"]

@@ -10,6 +10,7 @@ back frames for one user; storage and Redis are never replaced.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from typing import Any, Awaitable, Callable
 
@@ -143,7 +144,7 @@ async def store_many(api: Api, sender: User, recipient: User, n: int, content: s
 
 @pytest.fixture
 def slow_queue(config: Config) -> Config:
-    return with_overrides(config, push={"queue_limit": 4, "backlog_limit": 2000})
+    return with_overrides(config, push={"queue_limit": 4, "backlog_limit": 2000, "queue_bytes": 16 << 20, "backlog_frame_bytes": 8 << 20})  # frames, not bytes, bound here
 
 
 async def test_a_read_during_a_backlog_comes_after_synced(tight_client: Any, slow_queue: Config) -> None:
@@ -298,7 +299,7 @@ async def test_a_catch_up_stops_when_the_socket_closes(api: Api) -> None:
 
 @pytest.fixture
 def small_queue(config: Config) -> Config:
-    return with_overrides(config, push={"queue_limit": 40})
+    return with_overrides(config, push={"queue_limit": 40, "queue_bytes": 16 << 20, "backlog_frame_bytes": 8 << 20})
 
 
 async def test_a_stalled_device_replays_5000_messages_in_order_without_being_closed(
@@ -341,7 +342,7 @@ async def test_replay_stops_paging_once_the_device_is_gone(tight_client: Any, sm
 
 @pytest.fixture
 def backlog_queue(config: Config) -> Config:
-    return with_overrides(config, push={"queue_limit": 2, "backlog_limit": 1000})
+    return with_overrides(config, push={"queue_limit": 2, "backlog_limit": 1000, "queue_bytes": 16 << 20, "backlog_frame_bytes": 8 << 20})
 
 
 async def test_the_connect_backlog_waits_for_room(tight_client: Any, backlog_queue: Config) -> None:
@@ -353,5 +354,61 @@ async def test_the_connect_backlog_waits_for_room(tight_client: Any, backlog_que
     got = [shape(f) for f in await frames_until(device, lambda f: f["type"] == "message.synced")]
     assert got == [("connected",), *[("message.unread", tuple(range(s, s + 200))) for s in range(1, 1001, 200)],
                    ("message.synced", 1000, 1000)]
+    await nothing_more(device)
+    await session.close()
+
+
+# Issue 11: memory bounded in bytes as well as frames
+
+@pytest.fixture
+def byte_bound(config: Config) -> Config:
+    return with_overrides(config, push={"queue_limit": 1000, "queue_bytes": 64 * 1024, "backlog_frame_bytes": 64 * 1024})
+
+
+async def test_backlog_frames_are_cut_by_bytes(api: Api, config: Config, make_client: Any) -> None:
+    api = Api(await make_client(with_overrides(config, push={"backlog_frame_bytes": 64 * 1024})))
+    alice, bob = await api.users(2)
+    await store_many(api, alice, bob, 30, "x" * 9000)  # about 9.2 KB each: 6 fit in 64 KiB
+    device = await Device.connect(api, bob)
+    got = [shape(f) for f in await frames_until(device, lambda f: f["type"] == "message.synced")]
+    assert got[0] == ("connected",) and got[-1] == ("message.synced", 30, 30)
+    assert [seq for _, seqs in got[1:-1] for seq in seqs] == list(range(1, 31))  # every one, once, in order
+    unread = [f for f in device.frames if f["type"] == "message.unread"]
+    assert len(unread) >= 4 and not any(f["payload"]["has_more"] for f in unread)
+    for frame in unread:  # each frame at most the limit, or one message past it
+        sizes = [len(json.dumps(m, ensure_ascii=False).encode()) for m in frame["payload"]["messages"]]
+        assert sum(sizes[:-1]) <= 64 * 1024
+
+
+async def test_a_device_that_never_reads_is_closed_by_bytes_long_before_frames(tight_client: Any, byte_bound: Config) -> None:
+    api = await tight_client(byte_bound)
+    alice, bob = await api.users(2)
+    session, device = await stalled_device(api, bob, {})
+    await until(lambda: (c := server_conn(api, bob)) is not None and c.gate is not None)
+    conn = server_conn(api, bob)
+    # 300 live frames of about 9 KB: far under 1000 frames, far over 64 KiB once the
+    # socket buffers on both sides are full
+    await store_many(api, alice, bob, 300, "y" * 9000)
+    await until(lambda: conn.closed)
+    assert conn.high_water < 300
+    assert conn.queued == 0  # dropped, not held: the device resyncs from the database
+    frames = []
+    while True:
+        msg = await device._receive()
+        if msg.type.name != "TEXT":
+            break
+        frames.append(msg)
+    assert device.ws.close_code == 1013 or msg.data == 1013
+    await session.close()
+
+
+async def test_a_replay_of_large_messages_is_paced_by_bytes_not_closed(tight_client: Any, byte_bound: Config) -> None:
+    api = await tight_client(byte_bound)
+    alice, bob = await api.users(2)
+    await store_many(api, alice, bob, 150, "z" * 9000)  # 1.4 MB of history through a 64 KiB queue
+    session, device = await stalled_device(api, bob, {"since": "0"})
+    await until(lambda: (c := server_conn(api, bob)) is not None and c.waiting_for_room and c.gate is not None)
+    got = [shape(f) for f in await frames_until(device, lambda f: f["type"] == "message.synced")]
+    assert got == [("connected",), *[("message.new", s) for s in range(1, 151)], ("message.synced", 150, 150)]
     await nothing_more(device)
     await session.close()

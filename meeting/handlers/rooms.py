@@ -48,7 +48,7 @@ async def room(request: web.Request) -> web.StreamResponse:
                                compress=cfg.compress)
     await ws.prepare(request)
     rooms = request.app[rooms_key]
-    conn = Connection(ws, user_id, cfg.queue_limit)
+    conn = Connection(ws, user_id, cfg.queue_limit, queue_bytes=cfg.queue_bytes)
     conn.session_id = claims.session_id
     rooms.join(meeting_id, conn)
     if request.app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting
