@@ -21,6 +21,7 @@ socket holds depends on the queue limit, not on how much history it is owed.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 import uuid
@@ -28,6 +29,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
+
+from . import frames
 
 if TYPE_CHECKING:
     from .metrics import PushStats
@@ -54,7 +57,7 @@ class Connection:
     # Slots, not a __dict__, and the deque only while frames wait: per idle connection
     # that is a few hundred bytes each, times ten thousand connections.
     __slots__ = ("ws", "user_id", "session_id", "id", "stats", "_queue", "_queue_limit", "_on_dead", "_closing", "_sending",
-                 "_stopped", "_writer", "high_water", "low_water", "_room", "_bytes", "_queue_bytes")
+                 "_stopped", "_writer", "high_water", "low_water", "_room", "_bytes", "_queue_bytes", "_timer")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[["Connection"], None] | None = None, stats: "PushStats | None" = None,
@@ -68,6 +71,7 @@ class Connection:
         self._queue_limit = queue_limit
         self._queue_bytes = queue_bytes
         self._bytes = 0  # UTF-8 bytes of the frames queued
+        self._timer: asyncio.TimerHandle | None = None  # token expiry: the notice, then the close
         self._on_dead = on_dead
         self._closing: asyncio.Task[None] | None = None
         self._sending = False
@@ -201,6 +205,25 @@ class Connection:
         self.close_soon(code, reason)
         assert self._closing is not None
         await asyncio.shield(self._closing)
+
+    def expire_at(self, expires_at: dt.datetime, notice: float, keep: bool = False) -> None:
+        """One timer at a time per connection (ten thousand of them): the notice, which
+        then sets the close. `keep`: leave a timer a refresh already set."""
+        if keep and self._timer is not None:
+            return
+        self.cancel_timers()
+        remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining - notice), self._expiring, expires_at)
+
+    def _expiring(self, expires_at: dt.datetime) -> None:
+        self.push(frames.encode("token.expiring", {"expires_at": expires_at}))
+        remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining), self.close_soon, CLOSE_TOKEN_EXPIRED, "token expired")
+
+    def cancel_timers(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def end_session(self, revoked: set[int]) -> None:
         """Its login was revoked (logout, logout-all, a reused refresh token): 4001, as for an

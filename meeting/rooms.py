@@ -28,15 +28,21 @@ log = logging.getLogger(__name__)
 class RoomManager:
     def __init__(self) -> None:
         self.rooms: dict[int, set[Connection]] = {}
+        self.per_user: dict[int, int] = {}  # room sockets of each user on this instance (the cap)
         self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local)
         self._background: set[asyncio.Task[Any]] = set()
 
     def wants(self, meeting_id: int) -> bool:
         return meeting_id in self.rooms
 
-    def join(self, meeting_id: int, conn: Connection) -> None:
-        """Synchronous: the member is in the room (and will be taken out by `leave`) at once."""
+    def join(self, meeting_id: int, conn: Connection, cap: int) -> bool:
+        """Synchronous: the member is in the room (and will be taken out by `leave`) at once.
+        False, and not joined, when the user already has `cap` room sockets here."""
+        if self.per_user.get(conn.user_id, 0) >= cap:
+            return False
+        self.per_user[conn.user_id] = self.per_user.get(conn.user_id, 0) + 1
         self.rooms.setdefault(meeting_id, set()).add(conn)
+        return True
 
     async def follow(self, meeting_id: int) -> None:
         """Return once this instance receives the room's frames from other instances."""
@@ -44,9 +50,12 @@ class RoomManager:
 
     def leave(self, meeting_id: int, conn: Connection) -> None:
         members = self.rooms.get(meeting_id)
-        if members is None:
+        if members is None or conn not in members:
             return
         members.discard(conn)
+        left = self.per_user.pop(conn.user_id) - 1
+        if left:
+            self.per_user[conn.user_id] = left
         if not members:
             del self.rooms[meeting_id]
             self._spawn(self.broker.want(meeting_id))  # re-evaluated under the broker's lock: unsubscribe

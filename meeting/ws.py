@@ -53,8 +53,7 @@ class UserConnection(Connection):
     seq <= 0 a frame that must follow seq -seq (a `message.read`; 0 follows nothing).
     """
 
-    __slots__ = ("gate", "page", "_live", "_early", "_early_known", "_fetch", "_encode", "_catching_up", "_again",
-                 "_timer")
+    __slots__ = ("gate", "page", "_live", "_early", "_early_known", "_fetch", "_encode", "_catching_up", "_again")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
@@ -71,7 +70,6 @@ class UserConnection(Connection):
         self._encode = encode or (lambda row: frames.encode("message.new", row))  # a stored row as message.new
         self._catching_up: asyncio.Task[None] | None = None
         self._again = False                     # a catch-up was asked for since the last fetch began
-        self._timer: asyncio.TimerHandle | None = None  # token expiry: the notice, then the close
 
     def deliver(self, seq: int, frame: str, committed_at: float | None = None) -> None:
         """A frame from the broker: held until message.synced, then through the gate."""
@@ -170,26 +168,6 @@ class UserConnection(Connection):
         await super().stop()
         if self._catching_up is not None:
             await asyncio.gather(self._catching_up, return_exceptions=True)
-
-    def expire_at(self, expires_at: dt.datetime, notice: float, keep: bool = False) -> None:
-        """One timer at a time per connection (ten thousand of them): the notice, which
-        then sets the close. `keep`: leave a timer a refresh already set."""
-        if keep and self._timer is not None:
-            return
-        self.cancel_timers()
-        remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining - notice), self._expiring, expires_at)
-
-    def _expiring(self, expires_at: dt.datetime) -> None:
-        self.push(frames.encode("token.expiring", {"expires_at": expires_at}))
-        remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining), self.close_soon, CLOSE_TOKEN_EXPIRED, "token expired")
-
-    def cancel_timers(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
 
 class ConnectQuery(Schema):
     class Meta:

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from meeting.frames import validate_frame
-from tests.helpers import Api, User
+from tests.helpers import Api, Device, User
 
 
 async def _meeting(api: Api, organizer: User, participants: list[User], title: str = "Weekly 周会") -> Any:
@@ -163,3 +163,37 @@ async def test_a_meeting_from_a_token_whose_user_is_gone_is_401(api: Api) -> Non
     ghost = User(10**12, "ghost", TokenCodec(TEST_SECRET, 60).issue(10**12, 1))
     body = await api.call("POST", "/meetings", user=ghost, json={"title": "t", "participant_ids": []}, expect=401)
     assert body["error"]["code"] == "token_revoked"
+
+
+async def test_room_sockets_have_the_per_user_cap_4029(make_client: Any, config: Any) -> None:
+    from meeting.config import with_overrides
+
+    api = Api(await make_client(with_overrides(config, push={"max_connections_per_user": 2})))
+    org, bob = await api.users(2)
+    meeting = await _meeting(api, org, [bob])
+    url = f"/ws/meetings/{meeting['id']}"
+    first, second = [Device(await api.client.ws_connect(url, params={"token": org.token})) for _ in range(2)]
+    third = Device(await api.client.ws_connect(url, params={"token": org.token}))
+    assert await third.closed() == 4029
+    bobs = Device(await api.client.ws_connect(url, params={"token": bob.token}))  # another user is not counted
+    assert [await first.next() for _ in range(2)] == first.frames
+    assert [(f["type"], f["payload"]) for f in first.frames] == [("meeting.joined", {"user_id": org.id}),
+                                                                 ("meeting.joined", {"user_id": bob.id})]
+    assert await second.expect("meeting.joined") == {"user_id": bob.id}
+    await first.ws.close()
+    assert await bobs.expect("meeting.left") == {"user_id": org.id}
+    fourth = Device(await api.client.ws_connect(url, params={"token": org.token}))  # a place freed up
+    assert await bobs.expect("meeting.joined") == {"user_id": org.id}
+    assert not fourth.ws.closed
+
+
+async def test_a_room_socket_warns_before_its_token_expires_then_closes_4001(make_client: Any, config: Any) -> None:
+    from meeting.config import with_overrides
+    from tests.test_ws import _short_token
+
+    api = Api(await make_client(with_overrides(config, push={"token_expiry_notice": 1.0})))
+    org = await api.user()
+    meeting = await _meeting(api, org, [])
+    room = Device(await api.client.ws_connect(f"/ws/meetings/{meeting['id']}", params={"token": _short_token(org, 3)}))
+    assert "expires_at" in await room.expect("token.expiring")
+    assert await room.closed() == 4001

@@ -9,7 +9,10 @@ from marshmallow import Schema, ValidationError, fields, validate
 
 from .. import frames
 from ..auth import TokenClaims
-from ..connection import CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED, Connection
+from ..connection import (
+    CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED,
+    Connection,
+)
 from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
 from ..ratelimit import RateLimits
 from ..rooms import RoomManager
@@ -50,9 +53,13 @@ async def room(request: web.Request) -> web.StreamResponse:
     rooms = request.app[rooms_key]
     conn = Connection(ws, user_id, cfg.queue_limit, queue_bytes=cfg.queue_bytes)
     conn.session_id = claims.session_id
-    rooms.join(meeting_id, conn)
+    if not rooms.join(meeting_id, conn, cfg.max_connections_per_user):
+        await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
+        await conn.stop()
+        return ws
     if request.app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting
         conn.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")
+    conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # token.expiring, then 4001, as on /ws/messages
     limits = request.app[limits_key]
     strikes = 0  # frames refused in a row for the chat rate limit
     try:
@@ -78,6 +85,7 @@ async def room(request: web.Request) -> web.StreamResponse:
         # Synchronous clean-up first: with handler cancellation the first await may be the last.
         rooms.leave(meeting_id, conn)
         rooms.broadcast(meeting_id, frames.encode("meeting.left", {"user_id": user_id}))
+        conn.cancel_timers()
         await conn.stop()
     return ws
 
