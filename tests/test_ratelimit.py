@@ -106,7 +106,10 @@ async def test_room_chat_over_the_limit_gets_error_frames_then_1008_and_the_room
 
 
 async def test_limits_hold_across_instances_through_redis(make_client: Any, config: Config, redis_url: str) -> None:
-    shared = limited(with_overrides(config, redis={"url": redis_url, "prefix": f"t{id(config)}"}), sends_per_user="3/minute")
+    # A generous Redis timeout: on a loaded box a slow reply would open the breaker, and the
+    # counts would (rightly) fall back to each process, which is not what this test is about.
+    shared = limited(with_overrides(config, redis={"url": redis_url, "prefix": f"t{id(config)}", "socket_timeout": 3.0}),
+                     sends_per_user="3/minute")
     a, b = Api(await make_client(shared)), Api(await make_client(shared))
     alice, bob = await a.users(2)
     await a.send(alice, [bob])
