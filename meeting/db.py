@@ -122,7 +122,8 @@ message_recipients = Table(
     **MYSQL_TABLE_ARGS,
 )
 
-#: Idempotency-Key ASCII only, compared byte for byte (case matters) on both backends.
+#: Idempotency-Key ASCII only, case-sensitive on both backends. MariaDB's ascii_bin is PAD SPACE
+#: ('k' = 'k '), so the parser refuses keys that start or end with a space (handlers.idempotency).
 IdempotencyKey = String(255).with_variant(mysql.VARCHAR(255, charset="ascii", collation="ascii_bin"), "mysql", "mariadb")
 #: A stored response body: a 1000-recipient message of 10,000 escaped characters can pass TEXT's 64 KiB.
 ResponseBody = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")

@@ -36,7 +36,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .db import utcnow
-from .errors import DomainError, Invalid
+from .errors import Conflict, DomainError, Invalid
 from .storage import idempotency as store
 from .typedefs import config_key, engine_key
 
@@ -71,6 +71,17 @@ class KeyReused(Invalid):
 
 def key_reused() -> KeyReused:
     return KeyReused("This Idempotency-Key was already used with another request (method, route or body).")
+
+
+class KeyInUse(Conflict):
+    """A key row the lookup did not find blocked the insert twice (a race lost twice, or a
+    row the lookup cannot see): nothing was stored, and a retry with the key is safe."""
+
+    code = "idempotency_key_in_use"
+
+
+def key_in_use() -> KeyInUse:
+    return KeyInUse("Another request with this Idempotency-Key got in the way: nothing was stored. Retry with the same key.")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import readers
 from .errors import DomainError, Invalid, NotFound, Unauthorized
-from .idempotency import Keys, Once, Response
+from .idempotency import Keys, Once, Response, key_in_use
 from .messages import MEETING_INVITE, Batch, MessageService, NotApplied
 from .storage import meetings as store
 from .storage import messages as message_store
@@ -73,7 +73,10 @@ class MeetingService:
         try:
             return await self._messages.in_batch(write)
         except (KeyTaken, NotApplied):  # nothing was stored; with KeyTaken a request with this key won a race
-            return await self._messages.in_batch(write)  # and now its row answers
+            try:  # and now its row answers
+                return await self._messages.in_batch(write)
+            except KeyTaken as exc:  # twice: nothing stored, so 409, not 500 (see messages.send_message)
+                raise key_in_use() from exc
 
     async def list_for(self, user_id: int, limit: int, before: int | None) -> dict[str, Any]:
         async with self._reads.connect() as conn:

@@ -31,7 +31,7 @@ from .cache import MessageCache
 from .combine import Combiner, OutcomeUnknown
 from .db import CommitFailed, readers, transaction
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
-from .idempotency import Claims, Keys, Once, Response
+from .idempotency import Claims, Keys, Once, Response, key_in_use
 from .recipients import RecipientLists
 from .storage import meetings as meeting_store
 from .storage import messages as store
@@ -272,7 +272,10 @@ class MessageService:
         try:
             return await self.writer.submit(send)
         except (KeyTaken, NotApplied):  # nothing was stored; with KeyTaken another instance's send
-            return await self.writer.submit(send)  # with this key committed first: now its row answers
+            try:  # with this key committed first: now its row answers
+                return await self.writer.submit(send)
+            except KeyTaken as exc:  # twice: not a race we understand; nothing stored, so 409, not 500
+                raise key_in_use() from exc
 
     async def _write(self, sends: list[Send]) -> list[Message | Response | Exception]:
         drafts, onces = [s.draft for s in sends], [s.once for s in sends]

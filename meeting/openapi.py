@@ -26,8 +26,9 @@ IDEMPOTENCY_KEY = {
     "description": ("Makes a retry safe (IETF httpapi Idempotency-Key draft): the same key from the same user within "
                     "idempotency.ttl (24 h) answers the first request's response again and stores nothing; with another "
                     "body, 422 idempotency_key_reused; a concurrent duplicate waits for the first. A Structured Field "
-                    "string (quotes optional) of 1-255 printable ASCII characters, e.g. a UUID; else 400 "
-                    "invalid_idempotency_key. See docs/api.md."),
+                    "string (quotes optional) of 1-255 printable ASCII characters, not starting or ending with a space, "
+                    "e.g. a UUID; else 400 invalid_idempotency_key. 409 idempotency_key_in_use: nothing stored, retry "
+                    "with the key. See docs/api.md."),
     "schema": {"type": "string", "minLength": 1, "maxLength": 257},
     "example": '"8e03978e-40d5-43e8-bc93-6894a57f9324"',
 }

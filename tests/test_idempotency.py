@@ -111,7 +111,8 @@ async def test_meetings_replay_without_a_second_meeting_or_invitation(api: Api) 
     assert status == 422 and "idempotency_key_reused" in text
 
 
-@pytest.mark.parametrize("key", ["", '""', "é-key", "tab\tkey", '"unterminated', '"bad\\q"', "x" * 256, '"' + "x" * 256 + '"'])
+@pytest.mark.parametrize("key", ["", '""', "é-key", "tab\tkey", '"unterminated', '"bad\\q"', "x" * 256, '"' + "x" * 256 + '"',
+                                 '" k"', '"k "', '" "'])
 async def test_a_malformed_key_is_400_and_stores_nothing(api: Api, key: str) -> None:
     alice, bob = await api.users(2)
     resp = await api.client.post("/messages", json={"recipient_ids": [bob.id], "content": "x"},
@@ -119,6 +120,42 @@ async def test_a_malformed_key_is_400_and_stores_nothing(api: Api, key: str) -> 
     body = await resp.json()
     assert resp.status == 400 and body["error"]["code"] == "invalid_idempotency_key", body
     assert await inbox(api, bob) == []
+
+
+async def test_keys_that_differ_only_by_outer_spaces_are_400_on_both_backends(api: Api, engine: Any) -> None:
+    """MariaDB's ascii_bin compares 'k' = 'k ' (PAD SPACE), SQLite does not: such a key used to
+    be a new key to the lookup but a duplicate to the unique index on MariaDB, hence a 500."""
+    alice, bob = await api.users(2)
+    assert (await post(api, "/messages", alice, {"recipient_ids": [bob.id], "content": "a"}, "k"))[0] == 201
+    for path, body, key in (("/messages", {"recipient_ids": [bob.id], "content": "b"}, '"k "'),
+                            ("/meetings", {"title": "t", "participant_ids": [bob.id]}, '"k  "'),
+                            ("/meetings", {"title": "t", "participant_ids": [bob.id]}, '"  k"')):
+        status, text, _ = await post(api, path, alice, body, key)
+        assert status == 400 and '"code":"invalid_idempotency_key"' in text, (path, key, status, text)
+    assert len(await inbox(api, bob)) == 1 and await key_rows(engine) == 1
+    assert (await api.call("GET", "/meetings", user=alice, expect=200))["meetings"] == []
+
+
+async def test_a_key_row_the_lookup_misses_is_409_not_500(api: Api, engine: Any) -> None:
+    """The safety net: a stored row that blocks the insert but that the lookup does not return
+    (on MariaDB a key with a trailing space, which a server before the space check stored, is
+    'k' to the unique index) fails the send and its retry: 409, nothing stored. SQLite
+    compares 'k ' and 'k' as different keys, so there both run."""
+    alice, bob = await api.users(2)
+    async with engine.begin() as conn:
+        await conn.execute(idempotency_keys.insert(), [
+            {"user_id": alice.id, "idempotency_key": key, "fingerprint": "0" * 64, "status": 201, "response": "{}",
+             "created_at": dt.datetime.now(dt.timezone.utc)} for key in ("k ", "m ")])
+    pads = engine.dialect.name in ("mysql", "mariadb")
+    for path, body, key in (("/messages", {"recipient_ids": [bob.id], "content": "x"}, "k"),
+                            ("/meetings", {"title": "t", "participant_ids": [bob.id]}, "m")):
+        status, text, _ = await post(api, path, alice, body, key)
+        if pads:
+            assert status == 409 and '"code":"idempotency_key_in_use"' in text, (path, status, text)
+        else:
+            assert status == 201, (path, status, text)
+    assert len(await inbox(api, bob)) == (0 if pads else 2)
+    assert len((await api.call("GET", "/meetings", user=alice, expect=200))["meetings"]) == (0 if pads else 1)
 
 
 async def test_two_key_headers_are_400_and_the_limit_is_configurable(make_client: Any, config: Config) -> None:

@@ -27,5 +27,5 @@ async def test_both_creating_posts_document_the_idempotency_key_header(api: Api)
         op = spec["paths"][path]["post"]
         [header] = [p for p in op["parameters"] if p["in"] == "header"]
         assert header["name"] == "Idempotency-Key" and header["required"] is False and header["schema"]["type"] == "string"
-        assert {"400", "422", "503"} <= set(op["responses"])
+        assert {"400", "409", "422", "503"} <= set(op["responses"])  # 409: idempotency_key_in_use
     assert not any(p["in"] == "header" for p in spec["paths"]["/messages/read"]["post"].get("parameters", []))

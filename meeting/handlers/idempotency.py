@@ -2,8 +2,10 @@
 
 The key is a Structured Field string (`"8e03978e-..."`); the bare form without
 quotes is accepted too and means the same key. It is 1 to `idempotency.max_key_length`
-printable ASCII characters; anything else, or the header twice, is 400
-`invalid_idempotency_key`. The fingerprint is a SHA-256 of the method, the route and
+printable ASCII characters, not starting or ending with a space; anything else, or the
+header twice, is 400 `invalid_idempotency_key`. The spaces are refused because MariaDB's
+`ascii_bin` collation ignores trailing ones (PAD SPACE: 'k' = 'k '), SQLite does not:
+refusing them keeps one key one key on both backends. The fingerprint is a SHA-256 of the method, the route and
 the body as canonical JSON (sorted keys, no spaces), so key order or white space in
 a retried body does not matter, but any value does.
 """
@@ -46,6 +48,8 @@ def parse_key(values: list[str], max_length: int) -> str | None:
         key = raw
     if not 1 <= len(key) <= max_length:
         raise _invalid(f"An Idempotency-Key has 1 to {max_length} characters.")
+    if key != key.strip(" "):
+        raise _invalid("An Idempotency-Key does not start or end with a space.")
     return key
 
 
