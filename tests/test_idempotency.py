@@ -10,9 +10,12 @@ from typing import Any, AsyncIterator
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from meeting.config import Config, with_overrides
 from meeting.db import create_engine, idempotency_keys
+from meeting.storage import idempotency as key_store
 from tests.helpers import Api, User
 
 
@@ -207,3 +210,46 @@ async def test_an_expired_key_not_pruned_yet_is_new_again(make_client: Any, conf
     again = await post(api, "/meetings", alice, body, "old-2")
     assert first[0] == again[0] == 201 and again[1] != first[1]
     assert len((await api.call("GET", "/meetings", user=alice, expect=200))["meetings"]) == 2 and await key_rows(engine) == 1
+
+
+async def test_the_pruner_keeps_a_key_row_written_after_it_selected_the_expired_one(api: Api, config: Config, engine: Any) -> None:
+    """prune selects expired rows without a lock, then deletes them. A send that reuses an
+    expired key between the two (deletes the old row, commits a fresh one: another connection,
+    here run just before the prune's DELETE reaches the database) must keep its row, or a retry
+    within the TTL would store the message twice (`api`: a migrated database). On SQLite the prune holds the write lock from
+    BEGIN IMMEDIATE, so that send cannot commit in between: it fails on the lock instead."""
+    now = dt.datetime.now(dt.timezone.utc)
+    row = {"user_id": 7, "idempotency_key": "again", "fingerprint": "0" * 64, "status": 201, "response": "{}"}
+    async with engine.begin() as conn:
+        await key_store.insert(conn, [{**row, "created_at": now - dt.timedelta(hours=2)}])
+    url = make_url(config.database.url)
+    sqlite = url.get_backend_name() == "sqlite"
+    other = sa.create_engine(url.set(drivername="sqlite" if sqlite else "mysql+pymysql"),
+                             connect_args={"timeout": 0.2} if sqlite else {})
+    reuse: list[str] = []
+
+    def reuse_the_key(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if reuse or not statement.lstrip().upper().startswith("DELETE FROM IDEMPOTENCY_KEYS"):
+            return
+        try:
+            with other.begin() as c:
+                c.execute(idempotency_keys.delete().where(idempotency_keys.c.user_id == 7))
+                c.execute(idempotency_keys.insert().values(**row, created_at=now))
+            reuse.append("committed")
+        except OperationalError:
+            reuse.append("locked")
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", reuse_the_key)
+    try:
+        async with engine.begin() as conn:
+            gone = await key_store.prune(conn, now - dt.timedelta(hours=1), 10)
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", reuse_the_key)
+        other.dispose()
+    async with engine.connect() as conn:
+        rows = await key_store.found(conn, [(7, "again")])
+    if sqlite:
+        assert reuse == ["locked"] and gone == 1 and rows == {}
+    else:
+        assert reuse == ["committed"] and (7, "again") in rows, "the pruner deleted the fresh row"
+        assert rows[(7, "again")]["created_at"] >= now - dt.timedelta(seconds=1) and gone == 0, (rows, gone)

@@ -51,10 +51,15 @@ async def insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
 
 
 async def prune(conn: AsyncConnection, before: dt.datetime, limit: int) -> int:
-    """Delete up to `limit` rows created before `before`, oldest first; how many went."""
+    """Delete up to `limit` rows created before `before`, oldest first; how many went.
+
+    The select locks nothing (MariaDB, READ COMMITTED), so a send may meanwhile delete an
+    expired row and commit a fresh one for the same key: the delete asks for the age again,
+    or it would remove that fresh row and let a retry within the TTL store a second copy."""
     oldest = sa.select(ik.c.user_id, ik.c.idempotency_key).where(ik.c.created_at < before).order_by(ik.c.created_at).limit(limit)
     doomed = [tuple(r) for r in await conn.execute(oldest)]
-    if doomed:
-        await conn.execute(ik.delete().where(sa.tuple_(ik.c.user_id, ik.c.idempotency_key).in_(doomed)))
-    return len(doomed)
+    if not doomed:
+        return 0
+    result = await conn.execute(ik.delete().where(sa.tuple_(ik.c.user_id, ik.c.idempotency_key).in_(doomed), ik.c.created_at < before))
+    return int(result.rowcount)
 
