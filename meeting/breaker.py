@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -40,6 +41,7 @@ class RedisBreaker:
     def __init__(self, client: aioredis.Redis | None, log_interval: float, probe_timeout: float):
         self.client = client
         self.errors = 0         # every failure reported, whoever saw it
+        self.failures: Counter[str] = Counter()  # the same, by who saw it (`what`)
         self.trips = 0          # closed -> open transitions
         self.on_recovered: list[Hook] = []
         self._log_interval = log_interval
@@ -63,6 +65,7 @@ class RedisBreaker:
     def failed(self, exc: BaseException, what: str) -> None:
         """Report a failed Redis command: open the breaker (if closed) and probe in the background."""
         self.errors += 1
+        self.failures[what] += 1
         now = time.monotonic()
         if now - self._last_log >= self._log_interval:
             self._last_log = now

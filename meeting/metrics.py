@@ -73,6 +73,10 @@ class AppCollector(Collector):
         breaker = app[redis_breaker_key]
         yield _gauge("meeting_redis_breaker_open", "1 while Redis is not used after a failure (the probe closes it)", int(breaker.open))
         yield _counter("meeting_redis_breaker_trips", "Times the Redis circuit breaker opened", breaker.trips)
+        failures = CounterMetricFamily("meeting_redis_failures", "Failed Redis commands, by who sent them", labels=["source"])
+        for source, count in sorted(breaker.failures.items()):
+            failures.add_metric([source], count)
+        yield failures
         if push_hub_key in app:
             broker = app[push_hub_key].broker
             yield _counter("meeting_broker_publishes", "Frames published to the broker", broker.publishes)
