@@ -95,6 +95,9 @@ class RedisBreaker:
                 await asyncio.wait_for(self.client.ping(), self._probe_timeout)
             except REDIS_FAILURES:
                 continue
+            except Exception:  # anything else (a reply the client cannot parse, a bug) must not end
+                log.exception("redis probe failed unexpectedly; probing again")  # the probe: the breaker
+                continue  # would stay open for good
             break
         self._open = False
         self._closed.set()
