@@ -6,9 +6,10 @@ asks of a client: reconnect with backoff, log in again on 4001, stop on 1003
 and 4029. Run it twice to watch two devices of one user.
 
 `send` posts one message with an Idempotency-Key (a new UUID, or `--key`) and
-retries with the same key on a timeout, a lost connection, a 5xx, 409 or 429, as
-docs/api.md says a client may: the message is stored once however many tries it
-takes. It prints the answer's JSON body.
+retries with the same key on a timeout, a lost connection, 409, 429, 502, 503 or
+504, as docs/api.md says a client may: the message is stored once however many
+tries it takes. A 500 is not retried: it is a server bug, not a passing state,
+and sending the request again would only repeat it. It prints the answer's JSON body.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ async def listen(url: str, username: str, password: str, max_frames: int | None 
             backoff = min(backoff * 2, 30.0)
 
 
-RETRY_STATUSES = {409, 429, 500, 502, 503, 504}
+#: Passing states worth a retry with the same key (409: idempotency_key_in_use). Not 500: a bug.
+RETRY_STATUSES = {409, 429, 502, 503, 504}
 
 
 async def send(url: str, username: str, password: str, to: list[int], content: str, key: str | None = None,

@@ -11,11 +11,16 @@ failed stored nothing, so its retry simply runs again.
 
 A concurrent duplicate waits for the first instead of answering 409: in one
 instance both sit in the same group-commit batch or consecutive ones (a batch
-answers its later duplicate from its earlier one); across instances the second
-transaction's key row waits on the first's uncommitted one (or its check runs after
-the first committed), and the loser of that race is retried alone, which finds
-the stored row and replays it. A meeting creation looks its key up after locking
-the organizer's row, so one with the same key has committed or waits.
+answers its later duplicate from its earlier one). In two transactions (two
+instances) a send's lookup may run before the first commits and find nothing;
+the second then waits on the sender's users row, which the first holds FOR
+UPDATE until it commits, inserts its message, fails on the duplicate key
+(KeyTaken: the transaction is rolled back, nothing stored) and runs once more
+alone, when its lookup finds the first's row and replays it. If that retry fails
+on the key again (a row the lookup cannot see), the answer is 409
+`idempotency_key_in_use`, never a second copy. A meeting creation looks its key
+up after locking the organizer's row, so one with the same key has committed
+(and is replayed) or waits.
 
 Keys are looked up (a plain read, no lock) inside the writing transaction before
 anything is written, and inserted as its last statements, after every users lock

@@ -12,11 +12,17 @@ With Redis, shared by every instance:
 The same sorted set enforces `push.max_connections_per_user` across instances:
 `admit` counts the live entries and adds the new connection in one Lua call,
 so two instances admitting at once cannot both take the last place. The count
-is approximate in two directions, both documented: a connection admitted while
-Redis was out has no entry until the next heartbeat refreshes it (a user may
-then briefly hold more than the cap), and the entries of a crashed instance
-count until they expire (its devices may be refused 4029 for up to two
-heartbeats when their user was at the cap).
+is approximate in these ways, all documented in docs/websocket.md:
+- while Redis is out (the breaker open) each instance checks only its own
+  connections, so a user may hold up to the cap on every instance;
+- a connection admitted while Redis was out gets its entry with the first
+  heartbeat after Redis answers again, added without a cap check: the user
+  stays above the cap for as long as those connections stay open (new ones
+  are refused meanwhile), not briefly;
+- a connection closed while Redis was out is not removed from the set (the
+  removal is skipped, not queued): its entry counts until it expires, up to
+  two heartbeats after its last refresh; so do the entries of a crashed
+  instance. A user at the cap may be refused 4029 meanwhile.
 
 Without Redis, or while the breaker is open, each process counts and answers
 from its own connections.

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import io
 import sys
+from typing import Any
 
+from aiohttp import web
+
+from meeting.client import send
 from tests.helpers import Api
 
 
@@ -53,3 +58,28 @@ async def test_send_with_a_key_stores_once_however_often_it_is_run(api: Api) -> 
     assert first[1] == again[1] and json.loads(first[1])["content"] == "just once 📨"
     assert json.loads(fresh[1])["id"] != json.loads(first[1])["id"]  # no --key: a new UUID, a new message
     assert len((await api.call("GET", "/messages", user=bob, expect=200))["messages"]) == 2
+
+
+async def test_send_retries_a_503_with_the_same_key_but_not_a_500(aiohttp_server: Any) -> None:
+    """A 500 is a server bug: retrying it only repeats it. A server on a real socket that
+    answers 503 and then 500 (our server answers 500 only by mistake, so it cannot be made
+    to here) sees exactly two POSTs, both with the same key."""
+    keys: list[str] = []
+    answers = [(503, "commit_failed"), (500, "internal_error"), (201, "too late")]
+
+    async def login(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "t"})
+
+    async def post(request: web.Request) -> web.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        status, code = answers[len(keys) - 1]
+        return web.json_response({"error": {"code": code, "message": code}}, status=status, headers={"Retry-After": "0"})
+
+    app = web.Application()
+    app.router.add_post("/auth/login", login)
+    app.router.add_post("/messages", post)
+    server = await aiohttp_server(app)
+    out = io.StringIO()
+    assert await send(str(server.make_url("")).rstrip("/"), "u", "p", [2], "x", attempts=5, out=out) == 1
+    assert len(keys) == 2 and keys[0] == keys[1]
+    assert json.loads(out.getvalue())["error"]["code"] == "internal_error"
