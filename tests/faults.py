@@ -1,6 +1,7 @@
-"""A TCP proxy in front of MariaDB that cuts a connection at its COMMIT: a real fault.
+"""TCP proxies that cause real faults: CommitCutter in front of MariaDB cuts a connection
+at its COMMIT; PubSubCutter in front of Redis cuts one kind of pub/sub reader.
 
-The client (the app's aiomysql connections) talks to the proxy, the proxy to the
+CommitCutter: the client (the app's aiomysql connections) talks to the proxy, the proxy to the
 server. Armed, it watches the client's MySQL packets; at the first `COMMIT` of a
 transaction that inserted into the watched table it either
 
@@ -118,3 +119,75 @@ class CommitCutter:
                 client_w.write(data)
                 await client_w.drain()
         client_w.transport.abort()
+
+
+class PubSubCutter:
+    """A TCP proxy in front of Redis that cuts one kind of pub/sub reader and holds its return.
+
+    It forwards everything, and tags each connection on which the client sent a
+    SUBSCRIBE naming a channel that contains `mark` (b":room:": the room broker's
+    reader). `cut()` aborts the tagged connections and holds every connection made
+    from then on (accepted, never forwarded: the client's handshake waits for its
+    timeout); connections made before it keep working. `release()` ends the hold.
+    """
+
+    def __init__(self, host: str, port: int, mark: bytes):
+        self.upstream = (host, port)
+        self.mark = mark
+        self.port = 0
+        self.holding = False
+        self.tagged: set[asyncio.StreamWriter] = set()
+        self._held: set[asyncio.StreamWriter] = set()
+        self._open: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def cut(self) -> None:
+        self.holding = True
+        for writer in list(self.tagged):
+            writer.transport.abort()
+
+    def release(self) -> None:
+        self.holding = False
+        for writer in list(self._held):
+            writer.transport.abort()
+        self._held.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in (*self._held, *self._open):
+            writer.transport.abort()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.holding:
+            self._held.add(client_w)  # never read, never answered
+            return
+        try:
+            server_r, server_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self._open.update((client_w, server_w))
+
+        async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watch: bool) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while chunk := await reader.read(65536):
+                    if watch and b"SUBSCRIBE" in chunk.upper() and self.mark in chunk:
+                        self.tagged.add(client_w)
+                    writer.write(chunk)
+                    await writer.drain()
+            writer.transport.abort()
+
+        try:
+            await asyncio.gather(pump(client_r, server_w, True), pump(server_r, client_w, False))
+        finally:
+            self.tagged.discard(client_w)
+            self._open.difference_update((client_w, server_w))
+            client_w.transport.abort()
+            server_w.transport.abort()

@@ -15,7 +15,8 @@ import uuid
 from typing import Any
 
 from meeting.config import Config, with_overrides
-from meeting.typedefs import cache_key, push_hub_key, redis_breaker_key
+from meeting.typedefs import cache_key, push_hub_key, redis_breaker_key, rooms_key
+from tests.faults import PubSubCutter
 from tests.helpers import Api, Device
 from tests.test_broker_restart import PrivateRedis, private_redis  # noqa: F401  (fixture)
 from tests.test_ws import until
@@ -125,3 +126,35 @@ async def test_a_frozen_redis_is_noticed_by_the_pubsub_reader(
     await until(lambda: broker.connected.is_set() and broker.reconnects == 1, timeout=15)
     await until(lambda: api.client.app[redis_breaker_key].available, timeout=5)
     assert (await api.call("GET", "/healthz", expect=200))["status"] == "ok"
+
+
+async def test_healthz_is_degraded_while_the_room_broker_is_disconnected(
+        make_client: Any, config: Config, private_redis: PrivateRedis) -> None:  # noqa: F811
+    """Only the room broker's reader is cut (its reconnection held for its 2 s timeout):
+    the breaker is still closed and the push broker connected, yet rooms no longer span
+    instances, so /healthz must say degraded; and ok again once the room reader is back."""
+    cutter = PubSubCutter("127.0.0.1", private_redis.port, b":room:")
+    port = await cutter.start()
+    try:
+        cfg = with_overrides(config, redis={"url": f"redis://127.0.0.1:{port}/0",
+                                            "prefix": f"t{uuid.uuid4().hex[:10]}", "socket_timeout": 0.2})
+        api = Api(await make_client(cfg))
+        app = api.client.app
+        breaker, rooms = app[redis_breaker_key], app[rooms_key].broker
+        org, bob = await api.users(2)
+        meeting = await api.call("POST", "/meetings", user=org, json={"title": "t", "participant_ids": [bob.id]}, expect=201)
+        ws = await api.client.ws_connect(f"/ws/meetings/{meeting['id']}", params={"token": org.token})
+        await until(lambda: bool(cutter.tagged), timeout=5)  # the room reader follows the meeting's channel
+        ok = {"status": "ok", "database": "ok", "redis": "ok"}
+        assert await api.call("GET", "/healthz", expect=200) == ok
+        cutter.cut()
+        await until(lambda: not rooms.healthy, timeout=5)
+        health = await api.call("GET", "/healthz", expect=200)
+        assert not breaker.open and app[push_hub_key].broker.healthy  # only the room broker is out
+        assert health == {"status": "degraded", "database": "ok", "redis": "unavailable"}
+        cutter.release()
+        await until(lambda: rooms.healthy and rooms.connected.is_set() and breaker.available, timeout=15)
+        assert await api.call("GET", "/healthz", expect=200) == ok
+        await ws.close()
+    finally:
+        await cutter.close()

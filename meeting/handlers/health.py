@@ -6,7 +6,7 @@ from aiohttp import web
 
 from .. import db, redis_client
 from ..schemas import HealthSchema
-from ..typedefs import config_key, engine_key, push_hub_key, redis_breaker_key, redis_key
+from ..typedefs import config_key, engine_key, push_hub_key, redis_breaker_key, redis_key, rooms_key
 from .common import doc, public, respond
 
 # Built once: schemas are stateless, and constructing one costs more than using it.
@@ -36,13 +36,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def _redis_ok(app: web.Application) -> bool:
     """Redis is usable by this instance: the breaker is closed (no ping while it is open:
-    the answer must come at once), the push broker's reader is subscribed, and a PING answers."""
+    the answer must come at once), the push and room brokers' readers are subscribed (without
+    the room broker's, rooms stop spanning instances), and a PING answers."""
     if app[redis_breaker_key].open:
         return False
-    hub = app.get(push_hub_key)
-    if hub is not None and not getattr(hub.broker, "healthy", True):
-        log.warning("health: the push broker is not connected to redis")
-        return False
+    for name, holder in (("push", app.get(push_hub_key)), ("room", app.get(rooms_key))):
+        if holder is not None and not getattr(holder.broker, "healthy", True):
+            log.warning("health: the %s broker is not connected to redis", name)
+            return False
     try:
         await redis_client.ping(app[redis_key], app[config_key].redis.socket_timeout * 2)  # type: ignore[arg-type]
     except Exception as exc:
