@@ -125,6 +125,8 @@ async def test_a_frozen_redis_is_noticed_by_the_pubsub_reader(
         private_redis.proc.send_signal(signal.SIGCONT)
     await until(lambda: broker.connected.is_set() and broker.reconnects == 1, timeout=15)
     await until(lambda: api.client.app[redis_breaker_key].available, timeout=5)
+    rooms = api.client.app[rooms_key].broker  # its reader may have noticed the freeze too: /healthz waits for it
+    await until(lambda: rooms.healthy and rooms.connected.is_set(), timeout=15)
     assert (await api.call("GET", "/healthz", expect=200))["status"] == "ok"
 
 
