@@ -225,6 +225,8 @@ def build_config(data: Mapping[str, Any] | None = None, environ: Mapping[str, st
             raise ConfigError(f"{name}.{key}: {' '.join(map(str, msgs))}") from None
         built[name] = cls(**loaded)
     config = Config(**built)
+    if config.push.backlog_frame_bytes > config.push.queue_bytes // 2:
+        raise ConfigError("push.backlog_frame_bytes: at most half of push.queue_bytes, or one backlog frame fills a socket's queue")
     if config.redis.url and not config.auth.secret and not config.auth.secret_file:
         raise ConfigError(
             "auth.secret: must be set when redis.url is (every instance must sign and check tokens with the same "

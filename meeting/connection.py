@@ -101,17 +101,23 @@ class Connection:
 
     def fits(self, frame: str) -> bool:
         """Whether a bulk sender (replay, catch-up, backlog) may queue `frame` now, leaving a
-        quarter of the byte limit for live frames; else it awaits `room()` first."""
-        return self._bytes + frame_bytes(frame) <= self._queue_bytes - self._queue_bytes // 4
+        quarter of the queue (frames and bytes) for live frames (or into an empty queue,
+        whatever its size); else it awaits `room(frame)` first."""
+        if not self._queue:
+            return True
+        return (len(self._queue) < self._queue_limit - self._queue_limit // 4
+                and self._bytes + frame_bytes(frame) <= self._queue_bytes - self._queue_bytes // 4)
 
     @property
     def _has_room(self) -> bool:
         return self.queued <= self.low_water and self._bytes <= self._queue_bytes // 4
 
-    async def room(self) -> bool:
+    async def room(self, frame: str | None = None) -> bool:
         """Wait until at most `low_water` frames (and a quarter of the byte limit) are
-        queued; False once the connection is closing (then there is nobody to send more to)."""
-        while not self.ended and not self._has_room:
+        queued, and `frame` fits (see `fits`: a frame near the byte limit waits for an empty
+        queue); False once the connection is closing (then there is nobody to send more to).
+        The writer wakes waiters after every frame it sends while there is room."""
+        while not self.ended and not (self._has_room and (frame is None or self.fits(frame))):
             if self._room is None:
                 self._room = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._room)  # shared by every waiter: one cancelled must not wake the others
@@ -129,7 +135,7 @@ class Connection:
         size = frame_bytes(frame)
         if self._queue is None:
             self._queue = deque()
-        elif len(self._queue) >= self._queue_limit or self._bytes + size > self._queue_bytes:
+        elif len(self._queue) >= self._queue_limit or (self._queue and self._bytes + size > self._queue_bytes):
             log.info("closing connection %s of user %s: %d frames (%d bytes) behind", self.id, self.user_id,
                      len(self._queue), self._bytes)
             if self.stats is not None:

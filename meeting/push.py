@@ -109,7 +109,9 @@ class PushHub:
 
     async def flush(self, timeout: float) -> None:
         """Shutdown: publish everything committed (the broker's outbox), so that devices on
-        other instances get it live; local devices have it queued once this returns."""
+        other instances get it live. Local devices were handed each frame at publish time
+        (frames a connection still holds, before message.synced or behind a gap, are not
+        flushed: those devices resume with `since`)."""
         await self.broker.flush(timeout)
 
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server going away", drain: float = 0.0) -> None:

@@ -122,7 +122,7 @@ class UserConnection(Connection):
     def request_catch_up(self) -> None:
         """Fetch what the gate misses. Never lost: a request during a catch-up makes it
         fetch once more; one before message.synced runs at go_live."""
-        if self.closed:
+        if self.ended:
             return
         self._again = True
         if self._live and (self._catching_up is None or self._catching_up.done()):
@@ -143,7 +143,7 @@ class UserConnection(Connection):
                 return
             for row in rows:
                 frame = self._encode(row)
-                if not self.fits(frame) and not await self.room():  # bytes, not only frames, bound a page
+                if not self.fits(frame) and not await self.room(frame):  # bytes, not only frames, bound a page
                     return
                 self._offer(row["seq"], (frame, None))
             if len(rows) == self.page or self._again:
@@ -168,6 +168,7 @@ class UserConnection(Connection):
         await super().stop()
         if self._catching_up is not None:
             await asyncio.gather(self._catching_up, return_exceptions=True)
+
 
 class ConnectQuery(Schema):
     class Meta:
@@ -297,7 +298,7 @@ async def _send_backlog(app: web.Application, conn: UserConnection, upto_seq: in
         if batch or not sent:
             chunks = bodies.message_unread_frames(batch, count, done and count > sent, frame_bytes_limit)
             for chunk in chunks:
-                if not conn.fits(chunk) and not await conn.room():
+                if not conn.fits(chunk) and not await conn.room(chunk):
                     return
                 conn.push(chunk)
         if done:

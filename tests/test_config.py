@@ -37,6 +37,7 @@ def test_environment_overrides_file_with_typed_values() -> None:
         ({}, {"MEETING_LOGGING_LEVEL": "LOUD"}, "logging.level"),
         ({"auth": {"secret": ""}}, {}, "auth.secret"),
         ({"auth": {"secret": "short"}}, {}, "auth.secret"),
+        ({"push": {"queue_bytes": 65536, "backlog_frame_bytes": 65536}}, {}, "push.backlog_frame_bytes"),
     ],
 )
 def test_bad_settings_fail_loudly_naming_the_key(data: dict, environ: dict, named: str) -> None:
