@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import unavailable
 from tests.helpers import Device
 from tests.test_main import _free_port
-from tests.test_processes import Instance, _send, _user, instances  # noqa: F401  (the fixture)
+from tests.test_processes import Instance, _send, _user, heartbeat, instances  # noqa: F401  (the fixtures)
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
 

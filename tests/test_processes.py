@@ -55,19 +55,24 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-def instance_env(mariadb_url: str, redis_url: str) -> dict[str, str]:
+def instance_env(mariadb_url: str, redis_url: str, heartbeat: float = HEARTBEAT) -> dict[str, str]:
     """What must match across instances: database, Redis and its prefix, JWT secret."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEETING_")}
     env.update(MEETING_DATABASE_URL=mariadb_url, MEETING_REDIS_URL=redis_url, MEETING_REDIS_PREFIX=f"t{uuid.uuid4().hex[:10]}",
                MEETING_AUTH_SECRET=TEST_SECRET, MEETING_AUTH_HASH_TIME_COST="1", MEETING_AUTH_HASH_MEMORY_KIB="1024",
-               MEETING_PUSH_HEARTBEAT=str(HEARTBEAT), MEETING_LIMITS_ENABLED="false", PYTHONUNBUFFERED="1")
+               MEETING_PUSH_HEARTBEAT=str(heartbeat), MEETING_LIMITS_ENABLED="false", PYTHONUNBUFFERED="1")
     return env
 
 
 @pytest.fixture
-async def instances(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncIterator[list[Instance]]:
+def heartbeat() -> float:
+    return HEARTBEAT
+
+
+@pytest.fixture
+async def instances(tmp_path: Path, mariadb_url: str, redis_url: str, heartbeat: float) -> AsyncIterator[list[Instance]]:
     _clean_mariadb(mariadb_url)
-    env = instance_env(mariadb_url, redis_url)
+    env = instance_env(mariadb_url, redis_url, heartbeat)
     started = list(await asyncio.gather(_start(tmp_path, env), _start(tmp_path, env)))  # both migrate at once
     yield started
     for instance in started:
@@ -129,6 +134,7 @@ async def test_sigkill_one_instance_and_resume_on_the_other(instances: list[Inst
             assert (await device.expect("message.new"))["seq"] == 6
 
 
+@pytest.mark.parametrize("heartbeat", [10.0])  # a burst keeps the test's loop busy: no pong missed for it
 async def test_sigterm_mid_burst_publishes_every_committed_send_before_closing(instances: list[Instance]) -> None:
     """Instance A takes a burst of POSTs and gets SIGTERM in the middle of it. Every send A
     committed (each 201 and any whose answer the shutdown cut off) reaches bob's device on
