@@ -18,7 +18,7 @@ from .handlers.common import doc, dumps, public
 from .schemas import ErrorSchema
 
 ERROR_TEXT = {400: "Malformed request", 401: "Missing or bad token", 403: "Forbidden", 404: "Not found",
-              409: "Conflict", 413: "Body too large", 422: "Validation error",
+              409: "Conflict", 413: "Body too large", 422: "Validation error", 429: "Rate limited (see Retry-After)",
               503: "Temporarily unavailable: retry after Retry-After seconds"}
 
 IDEMPOTENCY_KEY = {
@@ -72,8 +72,14 @@ def _operation(handler: Any, info: dict[str, Any], path: str) -> dict[str, Any]:
     codes = set(info["errors"]) | ({422, 400} if info["body"] or info["query"] else set()) | (set() if getattr(handler, "public", False) else {401})
     if info["idempotent"]:
         codes |= {503}  # commit_unknown
+    if info["body"] is not None:
+        codes.add(413)  # server.max_body_size
+    if "{id}" in path:
+        codes.add(404)  # an id that is not 1-19 ASCII digits matches no route
     for code in sorted(codes):
         op["responses"][str(code)] = {"description": ERROR_TEXT.get(code, "Error"), "content": {"application/json": {"schema": "Error"}}}
+    for code, body, description in info["also"]:
+        op["responses"][str(code)] = {"description": description, "content": {"application/json": {"schema": body}}}
     return op
 
 

@@ -77,7 +77,26 @@ def _plain_text(value: str) -> None:
         raise ValidationError("Must not contain control or bidirectional-override characters.")
 
 
-USERNAME = validate.Regexp(r"[A-Za-z0-9_.-]{3,32}\Z", error="3-32 characters of letters, digits, '_', '.', '-'.")
+class Pattern(validate.Regexp):
+    """A regular expression as the OpenAPI document means it: ECMA-262 syntax (no `\\Z`),
+    searched, not matched at the start (`^...$` for a whole string). Python's `$` also
+    matches before a final newline, so the check reads an ending `$` as `\\Z`: "alice\\n"
+    is not the name "alice". The document shows the pattern as written."""
+
+    def __init__(self, pattern: str, error: str):
+        super().__init__(pattern, error=error)
+        self._check = re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
+
+    def __call__(self, value: str) -> str:
+        if self._check.search(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
+#: Not blank: at least one character that is not white space, anywhere.
+NOT_BLANK = Pattern(r"\S", error="Must not be blank.")
+
+USERNAME = Pattern(r"^[A-Za-z0-9_.-]{3,32}$", error="3-32 characters of letters, digits, '_', '.', '-'.")
 
 
 class IdList(fields.List):
@@ -246,7 +265,7 @@ class MarkReadResultSchema(Schema):
 
 
 class CreateMeetingSchema(Schema):
-    title = fields.String(required=True, validate=[validate.Length(1, 200), validate.Regexp(r"\S", error="Must not be blank.")])
+    title = fields.String(required=True, validate=[validate.Length(1, 200), NOT_BLANK])
     participant_ids = fields.List(Id(), required=True, validate=validate.Length(max=1000))
     starts_at = UTCDateTime(load_default=None, allow_none=True)
 
@@ -272,7 +291,7 @@ class PresenceSchema(Schema):
 
 
 class PresenceQuery(Schema):
-    ids = fields.String(required=True, validate=validate.Regexp(r"[0-9]{1,19}(,[0-9]{1,19}){0,99}\Z", error="1 to 100 comma-separated user ids."))
+    ids = fields.String(required=True, validate=Pattern(r"^[0-9]{1,19}(,[0-9]{1,19}){0,99}$", error="1 to 100 comma-separated user ids."))
 
 
 class PresenceManySchema(Schema):

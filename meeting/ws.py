@@ -193,7 +193,8 @@ class RefreshIn(Schema):
 CONNECT_QUERY, CLIENT_FRAME, READ_IN, REFRESH_IN = ConnectQuery(), ClientFrame(), ReadIn(), RefreshIn()
 
 
-@doc("Real-time push WebSocket (upgrade); see docs/websocket.md", response=(101, None), errors=(401, 403, 429), tag="push")
+@doc("Real-time push WebSocket (upgrade); see docs/websocket.md", query=ConnectQuery, response=(101, None),
+     errors=(400, 401, 403, 429), tag="push")  # 400: not an upgrade request
 @public  # authenticates itself: browsers cannot set headers on a WebSocket
 async def messages_ws(request: web.Request) -> web.StreamResponse:
     app = request.app

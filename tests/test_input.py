@@ -113,3 +113,19 @@ async def test_a_bad_room_frame_answers_its_sender_and_closes_nobody(api: Api) -
     await rooms[1].ws.send_json({"type": "meeting.chat", "payload": {"text": "still here"}})
     for room in rooms:
         assert await room.expect("meeting.chat") == {"user_id": bob.id, "text": "still here"}
+
+
+async def test_patterns_mean_what_the_openapi_document_says(api: Api) -> None:
+    """A JSON Schema pattern is ECMA-262 and searched anywhere in the string: the server
+    checks it the same way, so a title that starts with a space is not blank, and a
+    client (or a fuzzer) that trusts the document is never refused valid input."""
+    spec = await api.call("GET", "/openapi.json", expect=200)
+    patterns = {name: schema["properties"][field]["pattern"] for name, field in
+                (("CreateMeeting", "title"), ("Register", "username"))
+                for schema in [spec["components"]["schemas"][name]]}
+    assert patterns == {"CreateMeeting": r"\S", "Register": "^[A-Za-z0-9_.-]{3,32}$"}
+    org = await api.user()
+    meeting = await api.call("POST", "/meetings", user=org, json={"title": "  standup", "participant_ids": []}, expect=201)
+    assert meeting["title"] == "  standup"
+    error = (await api.call("POST", "/meetings", user=org, json={"title": " \t ", "participant_ids": []}, expect=422))["error"]
+    assert list(error["details"]) == ["title"]

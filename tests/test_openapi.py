@@ -29,3 +29,16 @@ async def test_both_creating_posts_document_the_idempotency_key_header(api: Api)
         assert header["name"] == "Idempotency-Key" and header["required"] is False and header["schema"]["type"] == "string"
         assert {"400", "409", "422", "503"} <= set(op["responses"])  # 409: idempotency_key_in_use
     assert not any(p["in"] == "header" for p in spec["paths"]["/messages/read"]["post"].get("parameters", []))
+
+
+async def test_the_document_declares_every_status_a_route_can_answer(api: Api) -> None:
+    """What schemathesis (tests/test_fuzz_api.py) found undeclared: a GET without the upgrade
+    on a WebSocket route (400), an id that is not 1-19 ASCII digits (404), a body past
+    server.max_body_size (413), a busy database or hashing pool (503) and healthz's 503."""
+    paths = (await api.call("GET", "/openapi.json", expect=200))["paths"]
+    for ws in ("/ws/messages", "/ws/meetings/{id}"):
+        assert "400" in paths[ws]["get"]["responses"]
+    assert "404" in paths["/ws/meetings/{id}"]["get"]["responses"]
+    for path, method in (("/auth/register", "post"), ("/auth/login", "post"), ("/messages", "post"), ("/meetings", "post")):
+        assert {"413", "503"} <= set(paths[path][method]["responses"]), path
+    assert paths["/healthz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Health")

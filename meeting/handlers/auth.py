@@ -16,7 +16,7 @@ LOGOUT_ALL_SCHEMA = LogoutAllSchema()
 USER_SCHEMA = UserSchema()
 
 
-@doc("Create an account", body=RegisterSchema, response=(201, UserSchema), errors=(409, 429), tag="auth")
+@doc("Create an account", body=RegisterSchema, response=(201, UserSchema), errors=(409, 429, 503), tag="auth")
 @public
 async def register(request: web.Request) -> web.Response:
     await limit(request, "registrations_per_address", client_address(request))
@@ -25,7 +25,7 @@ async def register(request: web.Request) -> web.Response:
     return respond(USER_SCHEMA, user, status=201)
 
 
-@doc("Log in and get a bearer token", body=LoginSchema, response=(200, LoginResponseSchema), errors=(401, 429), tag="auth")
+@doc("Log in and get a bearer token", body=LoginSchema, response=(200, LoginResponseSchema), errors=(401, 429, 503), tag="auth")
 @public
 async def login(request: web.Request) -> web.Response:
     await limit(request, "logins_per_address", client_address(request))

@@ -15,7 +15,8 @@ HEALTH_SCHEMA = HealthSchema()
 log = logging.getLogger(__name__)
 
 
-@doc("Liveness and dependencies; 503 when the database is unreachable", response=(200, HealthSchema), tag="meta")
+@doc("Liveness and dependencies; 503 when the database is unreachable", response=(200, HealthSchema),
+     also=((503, HealthSchema, "The database is unreachable"),), tag="meta")
 @public
 async def healthz(request: web.Request) -> web.Response:
     app = request.app

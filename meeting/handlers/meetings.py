@@ -15,7 +15,7 @@ PAGE_QUERY = PageQuery()
 
 
 @doc("Create a meeting; every other participant gets a meeting.invite message", body=CreateMeetingSchema, response=(201, MeetingSchema),
-     errors=(409, 429), tag="meetings", idempotent=True)
+     errors=(409, 429, 503), tag="meetings", idempotent=True)
 async def create(request: web.Request) -> web.Response:
     await limit(request, "sends_per_user", request[user_id_key])  # it sends the invitations
     body, once = await keyed_body(request, CREATE_MEETING_SCHEMA, MEETING_SCHEMA, 201)

@@ -26,7 +26,7 @@ UNREAD_QUERY = UnreadQuery()
 UNREAD_SCHEMA = UnreadSchema()
 
 
-@doc("Send a message to 1-1000 users", body=SendMessageSchema, response=(201, MessageSchema), errors=(403, 409, 429), tag="messages",
+@doc("Send a message to 1-1000 users", body=SendMessageSchema, response=(201, MessageSchema), errors=(403, 409, 429, 503), tag="messages",
      idempotent=True)
 async def send(request: web.Request) -> web.Response:
     await limit(request, "sends_per_user", request[user_id_key])

@@ -16,6 +16,7 @@ from ..connection import (
 from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
 from ..ratelimit import RateLimits
 from ..rooms import RoomManager
+from ..schemas import NOT_BLANK
 from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key, sessions_key
 from .common import admit_websocket, authenticate, decode_json, doc, path_id, public, websocket_token
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class ChatIn(Schema):
-    text = fields.String(required=True, validate=[validate.Length(1, 2000), validate.Regexp(r"\S", error="Must not be blank.")])
+    text = fields.String(required=True, validate=[validate.Length(1, 2000), NOT_BLANK])
 
 
 CHAT_IN = ChatIn()
@@ -37,7 +38,8 @@ async def _claims(request: web.Request) -> TokenClaims:
     return await authenticate(request.app, token)
 
 
-@doc("Meeting-room WebSocket (upgrade); token in `token` query, Authorization header or `bearer` subprotocol", response=(101, None), errors=(401, 403, 429), tag="meetings")
+@doc("Meeting-room WebSocket (upgrade); token in `token` query, Authorization header or `bearer` subprotocol", response=(101, None),
+     errors=(400, 401, 403, 429), tag="meetings")  # 400: not an upgrade request
 @public  # authenticates itself: browsers cannot set headers on a WebSocket
 async def room(request: web.Request) -> web.StreamResponse:
     claims = await _claims(request)
