@@ -345,7 +345,7 @@ class MessageService:
             rows = await self._cache.get("inbox", user_id, fetch, _encode_rows, _decode_rows)
         else:
             rows = await fetch()
-        return _page(rows, limit)
+        return _page(rows, limit) | {"next_after_seq": None}  # both cursors, always: one is null
 
     async def sent(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
         async with self._reads.connect() as conn:

@@ -110,6 +110,16 @@ class IdList(fields.List):
         return None if value is None else list(value)
 
 
+def output(cls: type[Schema]) -> type[Schema]:
+    """A response body: each of its fields is always there (null where it may be), so the
+    OpenAPI document lists them all as required and clients need not test for them; the
+    fuzz test (tests/test_fuzz_api.py) then holds every response to it. Dumping ignores
+    `required`: it only shapes the document."""
+    for field in cls._declared_fields.values():
+        field.required = True
+    return cls
+
+
 class RegisterSchema(Schema):
     username = fields.String(required=True, validate=USERNAME)
     password = fields.String(required=True, validate=validate.Length(8, 128))
@@ -123,6 +133,7 @@ class LoginSchema(Schema):
     password = fields.String(required=True, validate=validate.Length(1, 256))
 
 
+@output
 class UserSchema(Schema):
     id = fields.Integer()
     username = fields.String()
@@ -130,6 +141,7 @@ class UserSchema(Schema):
     created_at = fields.AwareDateTime()
 
 
+@output
 class TokensSchema(Schema):
     access_token = fields.String()
     token_type = fields.String()
@@ -139,6 +151,7 @@ class TokensSchema(Schema):
     refresh_expires_in = fields.Integer()
 
 
+@output
 class LoginResponseSchema(TokensSchema):
     user = fields.Nested(UserSchema)
 
@@ -147,6 +160,7 @@ class RefreshSchema(Schema):
     refresh_token = fields.String(required=True, validate=validate.Length(1, 200))
 
 
+@output
 class LogoutAllSchema(Schema):
     sessions = fields.Integer()
 
@@ -157,11 +171,13 @@ class UserSearchQuery(Schema):
     after = fields.String(load_default=None, validate=validate.Length(1, 32))
 
 
+@output
 class UserListSchema(Schema):
     users = fields.List(fields.Nested(UserSchema))
     next_after = fields.String(allow_none=True)
 
 
+@output
 class HealthSchema(Schema):
     status = fields.String()
     database = fields.String()
@@ -193,6 +209,7 @@ class SendMessageSchema(Schema):
     meeting_id = Id(load_default=None, allow_none=True)
 
 
+@output
 class MessageSchema(Schema):
     id = fields.Integer()
     sender_id = fields.Integer()
@@ -203,12 +220,14 @@ class MessageSchema(Schema):
     created_at = fields.AwareDateTime()
 
 
+@output
 class ReceivedMessageSchema(MessageSchema):
     read_at = fields.AwareDateTime(allow_none=True)
     #: The recipient's own sequence number (1, 2, 3... in commit order): the resume cursor.
     seq = fields.Integer(allow_none=True)
 
 
+@output
 class ReceivedPageSchema(Schema):
     messages = fields.List(fields.Nested(ReceivedMessageSchema))
     next_before = fields.Integer(allow_none=True)
@@ -224,6 +243,7 @@ class ReceivedQuery(PageQuery):
             raise ValidationError("Use either before (newest first) or after_seq (oldest first).", "_schema")
 
 
+@output
 class SentPageSchema(Schema):
     messages = fields.List(fields.Nested(MessageSchema))
     next_before = fields.Integer(allow_none=True)
@@ -234,16 +254,19 @@ class UnreadQuery(LimitQuery):
     after_seq = fields.Integer(load_default=None, validate=validate.Range(0, MAX_ID))
 
 
+@output
 class UnreadSchema(Schema):
     messages = fields.List(fields.Nested(ReceivedMessageSchema))
     count = fields.Integer()
     next_after_seq = fields.Integer(allow_none=True)
 
 
+@output
 class CountSchema(Schema):
     count = fields.Integer()
 
 
+@output
 class ReadOneSchema(Schema):
     id = fields.Integer()
     read_at = fields.AwareDateTime()
@@ -259,6 +282,7 @@ class MarkReadSchema(Schema):
             raise ValidationError('Give either "ids" or "all": true.', "_schema")
 
 
+@output
 class MarkReadResultSchema(Schema):
     updated = fields.Integer()
     count = fields.Integer()
@@ -270,6 +294,7 @@ class CreateMeetingSchema(Schema):
     starts_at = UTCDateTime(load_default=None, allow_none=True)
 
 
+@output
 class MeetingSchema(Schema):
     id = fields.Integer()
     title = fields.String()
@@ -279,11 +304,13 @@ class MeetingSchema(Schema):
     created_at = fields.AwareDateTime()
 
 
+@output
 class MeetingPageSchema(Schema):
     meetings = fields.List(fields.Nested(MeetingSchema))
     next_before = fields.Integer(allow_none=True)
 
 
+@output
 class PresenceSchema(Schema):
     online = fields.Boolean()
     last_seen = fields.AwareDateTime(allow_none=True)
@@ -294,5 +321,6 @@ class PresenceQuery(Schema):
     ids = fields.String(required=True, validate=Pattern(r"^[0-9]{1,19}(,[0-9]{1,19}){0,99}$", error="1 to 100 comma-separated user ids."))
 
 
+@output
 class PresenceManySchema(Schema):
     users = fields.Dict(keys=fields.String(), values=fields.Nested(PresenceSchema))
