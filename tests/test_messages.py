@@ -204,3 +204,14 @@ async def test_concurrent_sends_share_transactions_and_each_gets_its_own_answer(
         assert sorted(m["id"] for m in caught_up) == sorted(m["id"] for m in stored)
         assert [m["id"] for m in caught_up] == sorted(m["id"] for m in caught_up)  # seq order is commit (id) order
         assert await api.unread_count(user) == len(stored)
+
+
+async def test_a_received_page_always_has_both_cursors(api: Api) -> None:
+    """The document lists every field of a response as required (tests/test_fuzz_api.py
+    holds responses to it): the cursor a page does not use is null, not missing."""
+    alice, bob = await api.users(2)
+    await api.send(alice, [bob])
+    newest = await api.call("GET", "/messages", user=bob, expect=200)
+    oldest = await api.call("GET", "/messages", user=bob, params={"after_seq": "0"}, expect=200)
+    for page in (newest, oldest):
+        assert (page["next_before"], page["next_after_seq"], len(page["messages"])) == (None, None, 1)
