@@ -33,7 +33,9 @@ from meeting.frames import validate_frame
 from tests.conftest import base_config
 from tests.helpers import Api, User
 
-MAX_FRAME = 16384  # above any text frame drawn (2,100 escaped characters), below every oversize one
+#: push.max_frame_size here: above any text frame drawn (at most 2,100 characters escaped to
+#: 12 bytes each, or 2 x MAX_FRAME // 4 brackets), below every oversize one.
+MAX_FRAME = 32768
 PROGRAMS = 60
 TIMEOUT = 10.0
 
@@ -47,7 +49,7 @@ _scalars = (st.none() | st.booleans() | st.integers() | st.floats() | _texts
 json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_texts, inner, max_size=4),
                            max_leaves=12)
 _no_surrogates = st.text(st.characters(exclude_categories=["Cs"]), max_size=60)  # raw text, mostly not JSON
-_nested = st.integers(1, MAX_FRAME // 2).map(lambda depth: "[" * depth + "]" * depth)  # deeper than 32: json_too_deep
+_nested = st.integers(1, MAX_FRAME // 4).map(lambda depth: "[" * depth + "]" * depth)  # past 32 deep: json_too_deep
 
 
 def _frame(type_: Any, payload: Any) -> dict[str, Any]:
