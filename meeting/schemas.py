@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import unicodedata
-from typing import Any
+from typing import Any, TypeVar
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
@@ -110,7 +110,10 @@ class IdList(fields.List):
         return None if value is None else list(value)
 
 
-def output(cls: type[Schema]) -> type[Schema]:
+_S = TypeVar("_S", bound=type[Schema])
+
+
+def output(cls: _S) -> _S:
     """A response body: each of its fields is always there (null where it may be), so the
     OpenAPI document lists them all as required and clients need not test for them; the
     fuzz test (tests/test_fuzz_api.py) then holds every response to it. Dumping ignores
