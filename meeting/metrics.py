@@ -109,7 +109,7 @@ def _allowed(remote: str | None, allow: str) -> bool:
     return any(address in ipaddress.ip_network(net.strip(), strict=False) for net in allow.split(",") if net.strip())
 
 
-@doc("Prometheus metrics (text format); restricted by metrics.allow", tag="meta")
+@doc("Prometheus metrics (text format); restricted by metrics.allow", errors=(403,), tag="meta", database=False)
 @public
 async def metrics(request: web.Request) -> web.Response:
     if not _allowed(request.remote, request.app[config_key].metrics.allow):

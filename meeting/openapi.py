@@ -74,6 +74,8 @@ def _operation(handler: Any, info: dict[str, Any], path: str) -> dict[str, Any]:
         codes |= {503}  # commit_unknown
     if info["body"] is not None:
         codes.add(413)  # server.max_body_size
+    if info["database"]:
+        codes.add(503)  # database_unavailable (web.error_middleware)
     if "{id}" in path:
         codes.add(404)  # an id that is not 1-19 ASCII digits matches no route
     for code in sorted(codes):
@@ -83,7 +85,7 @@ def _operation(handler: Any, info: dict[str, Any], path: str) -> dict[str, Any]:
     return op
 
 
-@doc("This OpenAPI document", tag="meta")
+@doc("This OpenAPI document", tag="meta", database=False)
 @public
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(build_spec(request.app), dumps=dumps)

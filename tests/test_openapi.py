@@ -42,3 +42,7 @@ async def test_the_document_declares_every_status_a_route_can_answer(api: Api) -
     for path, method in (("/auth/register", "post"), ("/auth/login", "post"), ("/messages", "post"), ("/meetings", "post")):
         assert {"413", "503"} <= set(paths[path][method]["responses"]), path
     assert paths["/healthz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Health")
+    # any route that reads the database answers 503 database_unavailable while it is down
+    assert {path for path, ops in paths.items() if "503" not in ops.get("get", ops.get("post", {}))["responses"]} == \
+        {"/openapi.json", "/metrics"}
+    assert "403" in paths["/metrics"]["get"]["responses"]  # metrics.allow
