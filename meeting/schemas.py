@@ -254,7 +254,7 @@ class SentPageSchema(Schema):
 
 class UnreadQuery(LimitQuery):
     #: The previous page's `next_after_seq` (or the seq of the last backlog message on the WebSocket).
-    after_seq = fields.Integer(load_default=None, validate=validate.Range(0, MAX_ID))
+    after_seq = QueryInt(load_default=None, validate=validate.Range(0, MAX_ID))
 
 
 @output

@@ -52,8 +52,9 @@ async def test_path_ids_are_1_to_19_ascii_digits_else_404(api: Api, path: str) -
 @pytest.mark.parametrize("value", ["5_0", "+5", " 5", "٥", "5.0", "0x10", "1" * 20])
 async def test_query_integers_are_ascii_digits_only(api: Api, value: str) -> None:
     user = await api.user()
-    for params in ({"limit": value}, {"before": value}, {"after_seq": value}):
-        body = await api.call("GET", "/messages", user=user, params=params, expect=422)
+    for path, params in (("/messages", {"limit": value}), ("/messages", {"before": value}), ("/messages", {"after_seq": value}),
+                         ("/messages/unread", {"after_seq": value})):
+        body = await api.call("GET", path, user=user, params=params, expect=422)
         assert body["error"]["code"] == "validation_error" and set(body["error"]["details"]) == set(params)
 
 
