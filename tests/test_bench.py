@@ -1,4 +1,5 @@
-"""Smoke runs of the bench scenarios (tiny sizes): zero loss and a complete JSON result."""
+"""Smoke runs of the bench scenarios (tiny sizes): zero loss and a complete JSON result; and the
+side-by-side suite against the yardstick, every scenario at 1 % of its size."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ RECONNECT = {"scenario", "users", "backlog", "group", "messages", "copies", "los
 
 
 async def _bench(*args: str) -> dict:
+    """One scenario run, as JSON."""
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting.bench", *args, "--spawn", "--json",
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 240)
@@ -88,3 +90,27 @@ async def test_a_device_that_cannot_connect_is_counted_not_waited_for(api: Any) 
         pipe.send((0, 0.0))
         kind, frames, _ = await wait_pipe(pipe, 60)
     assert kind == "frames" and frames == []
+
+
+async def test_side_by_side_suite_smoke_against_the_yardstick() -> None:
+    """Every scenario of issue 12 at 1 % of its size, once on each side: both figures, the ratio
+    and a clean ledger on every row. Needs ../shared/yardstick (or MEETING_BENCH_TOY)."""
+    from meeting.bench.servers import ToyMissing, find_toy
+    from meeting.bench.suite import ENTRY_NAMES
+
+    try:
+        toy = find_toy()
+    except ToyMissing as exc:
+        pytest.skip(str(exc))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting.bench", "suite", "--spawn", "--scale", "0.01",
+                                                "--runs", "1", "--toy", str(toy),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    rows = [line.split(" | ") for line in out.decode().splitlines() if line.startswith("| ") and not line.startswith("| scenario")]
+    assert len(rows) == len(ENTRY_NAMES) + 1, out.decode()  # + memory per connection
+    for label, toy_cell, ours, ratio, target, met, ledger, _ in rows:
+        assert toy_cell.startswith("**") and ours.startswith("**") and ratio.endswith("x"), label
+        assert ledger == "0 / 0; 0 / 0" and met in ("yes", "**no**"), label
+    assert [line for line in err.decode().splitlines() if line.startswith("# ")][:2] == [
+        line for line in err.decode().splitlines() if line.startswith("# latency200 ")]

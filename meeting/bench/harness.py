@@ -1,72 +1,20 @@
-"""What every scenario needs: a server (spawned or given), users, and receiving devices
-in a separate process so that the load generator is not the bottleneck it measures."""
+"""What every scenario needs: users, and receiving devices in a separate process so that the
+load generator is not the bottleneck it measures. The same client code drives `meeting` and the
+yardstick; DIALECTS holds the two things they differ in."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import multiprocessing
-import os
-import secrets
-import socket
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Iterator
 
 import aiohttp
-
-
-@dataclass
-class Server:
-    url: str
-    pid: int | None  # known when spawned: its RSS can be measured
-    proc: asyncio.subprocess.Process | None = None
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await asyncio.wait_for(self.proc.wait(), 20)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def spawn_server(env: dict[str, str]) -> Server:
-    """`python -m meeting` on a free port; SQLite in a temp dir unless env says otherwise.
-    Password hashing is cheapened: the bench measures messaging, not argon2. A fresh JWT
-    secret each run, since one is required once `--env MEETING_REDIS_URL=...` is given; no rate
-    limits (a bench user sends far faster than a person may)."""
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="meeting-bench-")
-    full = {**os.environ, "MEETING_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
-            "MEETING_AUTH_HASH_TIME_COST": "1", "MEETING_AUTH_HASH_MEMORY_KIB": "1024",
-            "MEETING_LOGGING_LEVEL": "WARNING", "MEETING_PUSH_MAX_CONNECTIONS_PER_USER": "100",
-            "MEETING_AUTH_SECRET": secrets.token_urlsafe(48), "MEETING_LIMITS_ENABLED": "false",
-            "PYTHONUNBUFFERED": "1", **env}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting", "--port", str(port), cwd=workdir, env=full,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    while line := (await asyncio.wait_for(proc.stdout.readline(), 60)).decode():
-        lines.append(line)
-        if f"127.0.0.1:{port}" in line:
-            asyncio.get_running_loop().create_task(_drain(proc))
-            return Server(f"http://127.0.0.1:{port}", proc.pid, proc)
-    raise RuntimeError("the server did not start:\n" + "".join(lines))
-
-
-async def _drain(proc: asyncio.subprocess.Process) -> None:
-    assert proc.stdout is not None
-    while await proc.stdout.readline():
-        pass
 
 
 async def make_users(url: str, count: int, concurrency: int = 16) -> list[dict[str, Any]]:
@@ -88,10 +36,17 @@ async def make_users(url: str, count: int, concurrency: int = 16) -> list[dict[s
         return list(await asyncio.gather(*(one(http, i) for i in range(count))))
 
 
+# How a device authenticates, and which frame ends its sync (everything before it is the backlog,
+# everything after it live). `meeting` takes the token as a subprotocol, as browsers should, and
+# ends with message.synced; the toy takes ?token= only and has no seq, since or message.synced:
+# its single message.unread frame is all it sends before live frames.
+DIALECTS: dict[str, tuple[str, str]] = {"meeting": ("subprotocol", "message.synced"), "toy": ("query", "message.unread")}
+
+
 # -- receiving devices, in their own process ---------------------------------------------
 
 @contextmanager
-def receivers(url: str, tokens: list[str]) -> Iterator[Connection]:
+def receivers(url: str, tokens: list[str], dialect: str = "meeting") -> Iterator[Connection]:
     """Device i connects with tokens[i], in a separate process, which is reaped on exit.
     Yields our end of its pipe: it sends ("ready", {...}) once every device is synced (or has
     failed: counted in "failed", so its copies show as lost instead of hanging the run); after
@@ -100,7 +55,7 @@ def receivers(url: str, tokens: list[str]) -> Iterator[Connection]:
     Sending ("ping",) first makes every device ping and answers ("pinged", pongs)."""
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_main, args=(url, tokens, theirs), daemon=True)
+    proc = ctx.Process(target=_receiver_main, args=(url, tokens, theirs, dialect), daemon=True)
     proc.start()
     try:
         yield ours
@@ -110,12 +65,14 @@ def receivers(url: str, tokens: list[str]) -> Iterator[Connection]:
             proc.kill()
 
 
-def _receiver_main(url: str, tokens: list[str], pipe: Connection) -> None:
-    asyncio.run(_receive(url, tokens, pipe))
+def _receiver_main(url: str, tokens: list[str], pipe: Connection, dialect: str) -> None:
+    asyncio.run(_receive(url, tokens, pipe, dialect))
 
 
-async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
+async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) -> None:
     from .stats import ClientHealth
+
+    auth, last_sync_frame = DIALECTS[dialect]
 
     frames: list[tuple[int, int, float]] = []
     health = ClientHealth()
@@ -151,27 +108,31 @@ async def _receive(url: str, tokens: list[str], pipe: Connection) -> None:
         async def _device(i: int, token: str) -> None:
             async with gate:
                 began = time.monotonic()
-                ws = await http.ws_connect("/ws/messages", protocols=("bearer", token), heartbeat=None, max_msg_size=0)
+                if auth == "subprotocol":
+                    ws = await http.ws_connect("/ws/messages", protocols=("bearer", token), heartbeat=None, max_msg_size=0)
+                else:
+                    ws = await http.ws_connect("/ws/messages", params={"token": token}, heartbeat=None, max_msg_size=0)
                 handshakes.append(time.monotonic() - began)
             sockets.append(ws)
             async for msg in ws:
                 now = time.time()
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
-                head = msg.data[:40]
-                if head.startswith('{"type":"message.new"'):
+                # `type` is the first key of both servers' frames: '{"type":"x"' or '{"type": "x"'.
+                kind = msg.data[:48].split('"', 4)[3]
+                if kind == "message.new":
                     payload = json.loads(msg.data)["payload"]
                     frames.append((payload["id"], i, now))
                     if len(frames) >= expected[0]:
                         enough.set()
-                elif head.startswith('{"type":"message.unread"'):  # the backlog counts as delivered too
+                elif kind == "message.unread":  # the backlog counts as delivered too
                     frames.extend((m["id"], i, now) for m in json.loads(msg.data)["payload"]["messages"])
-                elif head.startswith('{"type":"message.synced"') and not synced[i].done():
-                    synced[i].set_result(None)
-                elif head.startswith('{"type":"pong"'):
+                elif kind == "pong":
                     pongs[0] += 1
                     if pongs[0] == len(tokens):
                         all_ponged.set()
+                if kind == last_sync_frame and not synced[i].done():
+                    synced[i].set_result(None)
 
         tasks = [loop.create_task(device(i, t)) for i, t in enumerate(tokens)]
         await asyncio.gather(*synced)

@@ -22,12 +22,12 @@ class LostOrDoubled(AssertionError):
 
 async def _deliver_run(url: str, users: int, messages: int, schedule: Callable[[int], float] | None, concurrency: int,
                        progress: Progress, settle: float = 30.0, devices: int = 1, recipients: int = 1,
-                       keys: bool = True) -> dict[str, Any]:
+                       keys: bool = True, dialect: str = "meeting") -> dict[str, Any]:
     """Users with `devices` devices each (in the receiver process); `messages` sends to
     `recipients` users each, open-loop at `schedule(i)` seconds or closed-loop with `concurrency`;
     each with an Idempotency-Key (a new UUID), as a client should, unless not `keys`."""
     people = await make_users(url, users)
-    with receivers(url, [p["token"] for p in people for _ in range(devices)]) as pipe:
+    with receivers(url, [p["token"] for p in people for _ in range(devices)], dialect) as pipe:
         kind, ready = await wait_pipe(pipe, 300)
         assert kind == "ready", kind
         rng = random.Random(7)
@@ -103,30 +103,33 @@ def _headers(token: str, keys: bool) -> dict[str, str]:
 
 
 async def latency(url: str, users: int = 1000, rate: float = 500.0, duration: float = 10.0,
-                  progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
+                  progress: Progress = lambda n: None, keys: bool = True, dialect: str = "meeting") -> dict[str, Any]:
     messages = int(rate * duration)
-    result = await _deliver_run(url, users, messages, schedule=lambda i: i / rate, concurrency=0, progress=progress, keys=keys)
+    result = await _deliver_run(url, users, messages, schedule=lambda i: i / rate, concurrency=0, progress=progress, keys=keys,
+                                dialect=dialect)
     return {"scenario": "latency", "rate": rate, "keys": keys, **result}
 
 
 async def throughput(url: str, users: int = 200, messages: int = 10_000, concurrency: int = 32,
-                     progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
-    result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress, keys=keys)
+                     progress: Progress = lambda n: None, keys: bool = True, dialect: str = "meeting") -> dict[str, Any]:
+    result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress, keys=keys,
+                                dialect=dialect)
     return {"scenario": "throughput", "concurrency": concurrency, "keys": keys, **result}
 
 
 async def fanout(url: str, users: int = 1000, devices: int = 2, recipients: int = 100, messages: int = 200,
-                 concurrency: int = 8, progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
+                 concurrency: int = 8, progress: Progress = lambda n: None, keys: bool = True,
+                 dialect: str = "meeting") -> dict[str, Any]:
     result = await _deliver_run(url, users, messages, schedule=None, concurrency=concurrency, progress=progress,
-                                devices=devices, recipients=recipients, keys=keys)
+                                devices=devices, recipients=recipients, keys=keys, dialect=dialect)
     return {"scenario": "fanout", "recipients": recipients, "concurrency": concurrency, "keys": keys, **result}
 
 
 async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int = 10, concurrency: int = 32,
-                    progress: Progress = lambda n: None, keys: bool = True) -> dict[str, Any]:
+                    progress: Progress = lambda n: None, keys: bool = True, dialect: str = "meeting") -> dict[str, Any]:
     """Every user has `backlog` unread messages, each sent to a group of `group` users; all
     devices connect at once. The time until the last one has its whole backlog
-    (message.synced comes right after it) is the result."""
+    (message.synced comes right after it; the toy sends it in one message.unread) is the result."""
     people = await make_users(url, users + 1)
     sender, people = people[0], people[1:]
     ledger = Ledger()
@@ -140,7 +143,7 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int =
             progress(len(members))
 
         await asyncio.gather(*(send(members, i) for members, i in sends))
-    with receivers(url, [p["token"] for p in people]) as pipe:
+    with receivers(url, [p["token"] for p in people], dialect) as pipe:
         kind, ready = await wait_pipe(pipe, 300)
         pipe.send((0, 0.0))
         kind, frames, receiver_health = await wait_pipe(pipe, 60)
@@ -153,11 +156,11 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int =
 
 
 async def conns(url: str, connections: int = 10_000, users: int = 2000, server_pid: int | None = None,
-                progress: Progress = lambda n: None) -> dict[str, Any]:
+                progress: Progress = lambda n: None, dialect: str = "meeting") -> dict[str, Any]:
     """Hold `connections` idle sockets across `users`; memory per connection and a ping round."""
     people = await make_users(url, users)
     rss_before = rss_kib(server_pid) if server_pid else None
-    with receivers(url, [people[i % users]["token"] for i in range(connections)]) as pipe:
+    with receivers(url, [people[i % users]["token"] for i in range(connections)], dialect) as pipe:
         kind, ready = await wait_pipe(pipe, 600)
         progress(connections)
         rss_after = rss_kib(server_pid) if server_pid else None
