@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -122,11 +123,12 @@ async def run_entries(chosen: list[Entry], sides: tuple[str, ...], runs: int,
     for entry in chosen:
         for i in range(runs):
             for side in sides:
+                began = time.monotonic()
                 result = await run_one(side, entry.scenario, entry.kwargs)
                 result.pop("_delivery_seconds", None)
                 figures = ", ".join(f"{h.key} {result.get(h.key)}" for h in entry.headlines)
                 print(f"# {entry.name} run {i + 1}/{runs} {side}: {figures}, lost {result['lost']}, "
-                      f"doubled {result['duplicated']}", file=sys.stderr, flush=True)
+                      f"doubled {result['duplicated']} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
                 results.setdefault((entry.name, side), []).append(result)
     return results
 
