@@ -20,7 +20,7 @@ from typing import Any
 
 from .scenarios import LostOrDoubled, check, conns, fanout, latency, reconnect, throughput
 from .servers import Server, ToyMissing, find_toy, spawn_server, spawn_toy
-from .suite import ENTRY_NAMES, NOTES, Entry, RunOne, entries, headlines, report, run_entries
+from .suite import ENTRY_NAMES, NOTES, Entry, RunOne, current_commit, entries, headlines, report, run_entries
 
 SIZES = {"conns": ("connections", "users"), "latency": ("users", "rate", "duration"),
          "throughput": ("users", "messages", "concurrency"), "fanout": ("users", "devices", "recipients", "messages", "concurrency"),
@@ -109,6 +109,7 @@ def side_by_side(args: argparse.Namespace, chosen: list[Entry], runs: int) -> in
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sides = ("toy", "meeting") if toy else ("meeting",)
+    args.commit = current_commit()
     results = asyncio.run(run_entries(chosen, sides, runs, runner(args, toy)))
     text, problems = report(chosen, results, args)
     print(text)

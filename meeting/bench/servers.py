@@ -102,22 +102,21 @@ async def spawn_server(env: dict[str, str]) -> Server:
             "MEETING_LOGGING_LEVEL": "WARNING", "MEETING_PUSH_MAX_CONNECTIONS_PER_USER": "100",
             "MEETING_AUTH_SECRET": secrets.token_urlsafe(48), "MEETING_LIMITS_ENABLED": "false",
             "PYTHONUNBUFFERED": "1", **env}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting", "--port", str(port), cwd=workdir, env=full,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc.pid, proc, cleanups=cleanups)
+    assert proc.stdout is not None
+    lines: list[str] = []
     try:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting", "--port", str(port), cwd=workdir, env=full,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        assert proc.stdout is not None
-        lines: list[str] = []
         while line := (await asyncio.wait_for(proc.stdout.readline(), 60)).decode():
             lines.append(line)
             if f"127.0.0.1:{port}" in line:
                 asyncio.get_running_loop().create_task(_drain(proc))
-                return Server(f"http://127.0.0.1:{port}", proc.pid, proc, cleanups=cleanups)
+                return server
     except BaseException:
-        for cleanup in cleanups:
-            cleanup()
+        await server.stop()
         raise
-    for cleanup in cleanups:
-        cleanup()
+    await server.stop()
     raise RuntimeError("the server did not start:\n" + "".join(lines))
 
 

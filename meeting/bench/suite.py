@@ -199,7 +199,8 @@ def _heading(args: argparse.Namespace, has_toy: bool) -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     scale = f", sizes x{args.scale:g}" if getattr(args, "scale", 1.0) != 1.0 else ""
     sides = "toy and meeting alternating, each run on a fresh server" if has_toy else "meeting only (no yardstick)"
-    return (f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_commit()}, meeting on {backend}, {os.cpu_count()} cores, "
+    commit = getattr(args, "commit", None) or current_commit()
+    return (f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, meeting on {backend}, {os.cpu_count()} cores, "
             f"load average {load} at the end, {keys}, median of {args.runs} run(s) [range]{scale}, {sides}")
 
 
@@ -209,7 +210,8 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".") if abs(value) >= 1 else f"{value:.2g}"
 
 
-def _commit() -> str:
+def current_commit() -> str:
+    """The code under test; taken when a run starts (a commit made while it runs is not what ran)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(__file__)).stdout.strip()
