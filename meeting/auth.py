@@ -169,6 +169,7 @@ class AuthService:
         async with self._engine.begin() as conn:
             session_id = await session_store.create(conn, user["id"])
             refresh_token = await self._new_refresh_token(conn, session_id)
+        self._sessions.remember(session_id, user["id"])  # committed just now: its first request need not ask
         return {**self._tokens_of(user["id"], session_id, refresh_token), "user": user}
 
     def _tokens_of(self, user_id: int, session_id: int, refresh_token: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Access tokens are JWTs checked without the database, so revoking one needs state
 that every instance shares: the `auth_sessions` table. Each token names its session
 (`sid`); a request is let in when that session is live, which is asked of the
-database once per session and then remembered. Every instance polls the table for
+database once per session (once for all the requests that ask together) and then
+remembered; a session this instance just created is remembered without asking. Every instance polls the table for
 sessions revoked since it last looked (`auth.revocation_poll`, 0.5 s by default), so
 a logout, a logout-all or a reused refresh token makes the session's access tokens
 401 everywhere, and the instance holding its WebSockets closes them with 4001,
@@ -44,6 +45,7 @@ class Sessions:
         self._engine = engine
         self._token_ttl = dt.timedelta(seconds=token_ttl)
         self._live: OrderedDict[int, int] = OrderedDict()  # session id -> user id, known live
+        self._asking: dict[tuple[int, int], asyncio.Future[bool]] = {}  # (session, user) -> the question in flight
         self._revoked: dict[int, dt.datetime] = {}          # session id -> when (kept while its tokens may live)
         self._cache_size = cache_size
         self._watermark = utcnow() - self._token_ttl
@@ -60,15 +62,35 @@ class Sessions:
         if self._live.get(session_id) == user_id:
             self._live.move_to_end(session_id)
             return
-        async with self._reads.connect() as conn:
-            live = await store.is_live(conn, session_id, user_id)
-        if not live:
+        # A reconnect storm brings every device of a session at once: one question each.
+        key = (session_id, user_id)
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = self._asking[key] = asyncio.ensure_future(self._is_live(session_id, user_id))
+            asking.add_done_callback(lambda done: self._asked(key, done))
+        if not await asyncio.shield(asking):
             raise Unauthorized("This token's session or user does not exist; log in again.", code="token_revoked")
         if session_id in self._revoked:  # revoked while we asked
             raise revoked_error()
+        self.remember(session_id, user_id)
+
+    def remember(self, session_id: int, user_id: int) -> None:
+        """This session is live: just created or checked (a revocation, ours or polled, forgets it)."""
+        if session_id in self._revoked:
+            return
         self._live[session_id] = user_id
+        self._live.move_to_end(session_id)
         if len(self._live) > self._cache_size:
             self._live.popitem(last=False)
+
+    async def _is_live(self, session_id: int, user_id: int) -> bool:
+        async with self._reads.connect() as conn:
+            return await store.is_live(conn, session_id, user_id)
+
+    def _asked(self, key: tuple[int, int], done: "asyncio.Future[bool]") -> None:
+        self._asking.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: the askers (if any are left) raise it themselves
 
     def revoked(self, pairs: Iterable[tuple[int, int]], when: dt.datetime | None = None) -> int:
         """Record revocations (ours, or seen by the poll) and tell the listeners once each;

@@ -139,6 +139,35 @@ async def test_a_logout_on_one_instance_closes_sockets_on_another_within_a_poll(
     await _refused_everywhere(b, alice)
 
 
+def _liveness_questions(api: Api) -> list[str]:
+    """Every "is this session live" query the app's engine runs from now on (real statements)."""
+    from meeting.typedefs import engine_key
+
+    asked: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM auth_sessions" in statement and "JOIN users" in statement:
+            asked.append(statement)
+
+    sa.event.listen(api.client.server.app[engine_key].sync_engine, "before_cursor_execute", seen)
+    return asked
+
+
+async def test_a_session_is_asked_about_once_however_many_requests_bring_it(make_client: Any, config: Config) -> None:
+    """The instance that logged a user in knows the session is live; another instance asks
+    the database once for all the requests (a reconnect storm's devices) that bring it together."""
+    a, b = Api(await make_client(config)), Api(await make_client(config))
+    on_a, on_b = _liveness_questions(a), _liveness_questions(b)
+    alice = await a.user()
+    await a.call("GET", "/users/me", user=alice, expect=200)
+    assert on_a == []
+    answers = await asyncio.gather(*(b.call("GET", "/users/me", user=alice, expect=200) for _ in range(20)))
+    assert {body["id"] for body in answers} == {alice.id}
+    assert len(on_b) == 1
+    await _logout(a, alice)
+    await _refused_everywhere(a, alice)
+
+
 async def test_two_racing_refreshes_of_one_token_revoke_the_session(api: Api) -> None:
     """Rotation allows one use: a second, even concurrent, means a copy exists."""
     alice = await api.user()

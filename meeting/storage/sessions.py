@@ -47,11 +47,15 @@ async def revoke_all(conn: AsyncConnection, user_id: int) -> list[int]:
     return ids
 
 
+# Built once: every first request of a session asks this, and building a select
+# costs about as much as running it.
+_IS_LIVE = (sa.select(s.c.id).join(users, users.c.id == s.c.user_id)
+            .where(s.c.id == sa.bindparam("session_id"), s.c.user_id == sa.bindparam("user_id"), s.c.revoked_at.is_(None)))
+
+
 async def is_live(conn: AsyncConnection, session_id: int, user_id: int) -> bool:
     """The session exists, belongs to that user (who exists), and is not revoked."""
-    query = (sa.select(s.c.id).join(users, users.c.id == s.c.user_id)
-             .where(s.c.id == session_id, s.c.user_id == user_id, s.c.revoked_at.is_(None)))
-    return (await conn.execute(query)).first() is not None
+    return (await conn.execute(_IS_LIVE, {"session_id": session_id, "user_id": user_id})).first() is not None
 
 
 async def revoked_since(conn: AsyncConnection, since: dt.datetime) -> list[tuple[int, int, dt.datetime]]:
