@@ -367,11 +367,10 @@ class MessageService:
 
     async def sync_point(self, user_id: int, page: int) -> tuple[int, int, list[Message]]:
         """Where a new device starts: the user's last seq, the unread count as of it, and
-        the first `page` unread messages up to it; one connection for the three, since
-        a reconnect storm runs this once per device."""
+        the first `page` unread messages up to it; one connection, and one statement
+        when nothing is unread, since a reconnect storm runs this once per device."""
         async with self._reads.connect() as conn:
-            last = await store.last_seq(conn, user_id)
-            count = await store.count_unread(conn, user_id, upto_seq=last)
+            last, count = await store.sync_point(conn, user_id)
             rows = await store.unread(conn, user_id, page, upto_seq=last) if count and page else []
             return last, count, await self._attach(conn, rows)
 
