@@ -248,7 +248,12 @@ class CommitFailed(Exception):
         self.result = result
 
 
-async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], attempts: int) -> T:
+#: Where a transaction gets its connection: `engine.connect` unless told otherwise (meeting.writer).
+Connect = Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]]
+
+
+async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], attempts: int,
+                      connect: Connect | None = None) -> T:
     """Run `work` in one transaction, and run it again, whole, when the database picked it
     as a deadlock victim or it timed out waiting for a lock: nothing of it was committed,
     so a retry is safe (and `work` must do nothing outside the transaction). Writers lock
@@ -257,7 +262,7 @@ async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awa
     here (see meeting.messages for how it is settled)."""
     for attempt in range(1, attempts + 1):
         try:
-            return await _once(engine, work)
+            return await _once(connect or engine.connect, work)
         except DBAPIError as exc:
             if not lock_conflict(exc):
                 raise
@@ -267,9 +272,9 @@ async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awa
     raise Unavailable("The database is busy; nothing was stored. Try again.", code="database_busy")
 
 
-async def _once(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+async def _once(connect: Connect, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     """`engine.begin()` around `work`, except that a failure of the COMMIT raises CommitFailed."""
-    async with engine.connect() as conn:
+    async with connect() as conn:
         tx = await conn.begin()
         try:
             result = await work(conn)

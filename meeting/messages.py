@@ -37,6 +37,7 @@ from .storage import meetings as meeting_store
 from .storage import messages as store
 from .storage import outcomes
 from .storage.idempotency import KeyTaken
+from .writer import WriterConnection
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ class MessageService:
         self.on_stored: list[StoredListener] = []
         self.on_read: list[ReadListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
+        self._writer_conn = WriterConnection(engine)  # the group commit's kept connection
         self.recipients = RecipientLists()
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
@@ -239,6 +241,7 @@ class MessageService:
 
     async def close(self) -> None:
         await self.writer.close()
+        await self._writer_conn.close()
 
     @_write_op
     async def in_batch(self, work: Callable[[Batch], Awaitable[T]]) -> T:
@@ -280,7 +283,7 @@ class MessageService:
     async def _write(self, sends: list[Send]) -> list[Message | Response | Exception]:
         drafts, onces = [s.draft for s in sends], [s.once for s in sends]
         try:
-            results = await transaction(self._engine, lambda conn: store_drafts(conn, drafts, self.keys, onces), self._attempts)
+            results = await self._writer_conn.transaction(lambda conn: store_drafts(conn, drafts, self.keys, onces), self._attempts)
         except Unavailable as exc:  # a busy database: trying each draft alone would only take longer
             return [exc] * len(drafts)
         except CommitFailed as exc:
