@@ -47,6 +47,7 @@ class DatabaseConfig:
     auto_migrate: bool = True
     lock_wait_timeout: int = _opt(5, validate.Range(1, 3600))
     transaction_attempts: int = _opt(4, validate.Range(1, 100))
+    ping_idle: float = _opt(1.0, validate.Range(min=0.0))
 
 
 @dataclass(frozen=True)

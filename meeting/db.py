@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from .config import DatabaseConfig
 from .errors import Unavailable
+from .pool import ping_when_idle
 from .typedefs import config_key, engine_key
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
     url = make_url(cfg.url)
     backend = url.get_backend_name()
     # hide_parameters: a logged database error must not carry the values (a password hash, a message).
-    kwargs: dict[str, Any] = {"echo": cfg.echo, "pool_pre_ping": True, "hide_parameters": True}
+    # No pool_pre_ping: meeting.pool pings only connections that sat idle (ping_idle).
+    kwargs: dict[str, Any] = {"echo": cfg.echo, "hide_parameters": True}
     if backend in ("mysql", "mariadb"):
         if "charset" not in url.query:
             url = url.update_query_dict({"charset": "utf8mb4"})
@@ -188,6 +190,7 @@ def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
         if url.database and url.database != ":memory:":
             kwargs.update(pool_size=cfg.pool_size, max_overflow=0)
     engine = create_async_engine(url, **kwargs)
+    ping_when_idle(engine, cfg.ping_idle)
     if backend == "sqlite":
         _tune_sqlite(engine)
     return engine
