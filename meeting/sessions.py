@@ -4,11 +4,12 @@ Access tokens are JWTs checked without the database, so revoking one needs state
 that every instance shares: the `auth_sessions` table. Each token names its session
 (`sid`); a request is let in when that session is live, which is asked of the
 database once per session (once for all the requests that ask together) and then
-remembered; a session this instance just created is remembered without asking. Every instance polls the table for
-sessions revoked since it last looked (`auth.revocation_poll`, 0.5 s by default), so
-a logout, a logout-all or a reused refresh token makes the session's access tokens
-401 everywhere, and the instance holding its WebSockets closes them with 4001,
-within a poll interval; on the instance that revoked it, at once. The database is
+remembered; a session this instance just created is remembered without asking.
+Every instance polls the table for sessions revoked since it last looked
+(`auth.revocation_poll`, 0.5 s by default), so a logout, a logout-all or a reused
+refresh token makes the session's access tokens 401 everywhere, and the instance
+holding its WebSockets closes them with 4001, within a poll interval; on the
+instance that revoked it, at once. The database is
 the channel on purpose: it is there in every deployment, Redis or not, and
 revocations are few.
 """
@@ -62,7 +63,7 @@ class Sessions:
         if self._live.get(session_id) == user_id:
             self._live.move_to_end(session_id)
             return
-        # A reconnect storm brings every device of a session at once: one question each.
+        # A reconnect storm brings every device of a session at once: one question for all.
         key = (session_id, user_id)
         asking = self._asking.get(key)
         if asking is None:
