@@ -188,7 +188,8 @@ def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
     elif backend == "sqlite":
         kwargs.update(connect_args={"timeout": max(cfg.connect_timeout, 5.0)})
         if url.database and url.database != ":memory:":
-            kwargs.update(pool_size=cfg.pool_size, max_overflow=0)
+            # One more than pool_size: the group commit keeps one connection (meeting.writer).
+            kwargs.update(pool_size=cfg.pool_size, max_overflow=1)
     engine = create_async_engine(url, **kwargs)
     ping_when_idle(engine, cfg.ping_idle)
     if backend == "sqlite":

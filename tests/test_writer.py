@@ -4,6 +4,7 @@ pool checkout each."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import event
@@ -49,3 +50,12 @@ async def test_a_kept_connection_the_server_killed_costs_no_send(make_client: An
     body = await api.call("GET", "/messages", user=bob, expect=200)
     assert [m["content"] for m in body["messages"]] == ["and again", "after the kill", "before"]
     assert second["id"] > first["id"]
+
+
+async def test_the_kept_connection_leaves_room_for_reads_with_a_pool_of_one(make_client: Any, tmp_path: Any) -> None:
+    """SQLite's pool has no overflow: with `pool_size: 1` the kept connection must not be the only one."""
+    api = Api(await make_client(base_config(database={"url": f"sqlite+aiosqlite:///{tmp_path / 'one.db'}", "pool_size": 1})))
+    alice, bob = await api.users(2)
+    await api.send(alice, [bob], "hi")
+    body = await asyncio.wait_for(api.call("GET", "/messages", user=bob, expect=200), 10)
+    assert [m["content"] for m in body["messages"]] == ["hi"]
