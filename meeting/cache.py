@@ -1,5 +1,9 @@
 """Read-through Redis cache for unread counts and inbox first pages.
 
+Only those: the sender's reads (the sent box, receipts) are not cached, since
+every recipient's read changes them; they are always read from the database,
+so they cannot be stale.
+
 The database is the source of truth; a client must never see a stale value
 after its send or read returned. Two mechanisms make that hold:
 
@@ -46,7 +50,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[4]
 return 1
 """
 
-# KEYS: (gen, unread, inbox) per user. One command however many users: a
+# KEYS: (gen, unread, inbox2) per user. One command however many users: a
 # pipeline of two commands per recipient cost the sender more CPU than its SQL.
 _INVALIDATE = """
 for i = 1, #KEYS, 3 do
@@ -131,7 +135,7 @@ class MessageCache:
         if not self._breaker.available:
             self._dirty = True
             return
-        keys = [self._key(kind, user_id) for user_id in user_ids for kind in ("gen", "unread", "inbox")]
+        keys = [self._key(kind, user_id) for user_id in user_ids for kind in ("gen", "unread", "inbox2")]
         if not keys:
             return
         try:  # one fresh token for all: it only has to differ from each user's previous one

@@ -105,6 +105,10 @@ messages = Table(
     Column("content", Text(), nullable=False),
     Column("meeting_id", Id, ForeignKey("meetings.id"), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+    # Counters for the sender's view (sent box, receipts): read_count goes up in the
+    # transaction that marks a recipient row read, so nobody counts rows to show it.
+    Column("recipient_count", Integer, nullable=False, server_default="0"),
+    Column("read_count", Integer, nullable=False, server_default="0"),
     Index("ix_messages_sender", "sender_id", "id"),
     **MYSQL_TABLE_ARGS,
 )

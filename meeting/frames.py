@@ -13,7 +13,7 @@ from typing import Any, Callable
 from marshmallow import Schema, fields
 
 from .lru import SizedLRU
-from .schemas import MessageSchema, ReceivedMessageSchema
+from .schemas import MessageBaseSchema, ReceiptSchema, ReceivedMessageSchema, SentMessageSchema
 
 
 class UserIdPayload(Schema):
@@ -47,6 +47,15 @@ class ReadPayload(Schema):
     count = fields.Integer(required=True)
 
 
+class ReceiptPayload(Schema):
+    """Who read one of the sender's messages since the previous frame for it (coalesced
+    over push.receipt_window), and the counts as committed when the frame was sent."""
+    message_id = fields.Integer(required=True)
+    read_count = fields.Integer(required=True)
+    recipient_count = fields.Integer(required=True)
+    readers = fields.List(fields.Nested(ReceiptSchema), required=True)
+
+
 class EmptyPayload(Schema):
     pass
 
@@ -66,6 +75,8 @@ SERVER_FRAMES: dict[str, type[Schema]] = {
     "message.unread": UnreadPayload,
     "message.new": ReceivedMessageSchema,
     "message.read": ReadPayload,
+    "message.sent": SentMessageSchema,
+    "message.receipt": ReceiptPayload,
     "message.synced": SyncedPayload,
     "pong": EmptyPayload,
     "token.expiring": ExpiringPayload,
@@ -76,7 +87,7 @@ SERVER_FRAMES: dict[str, type[Schema]] = {
     "error": ErrorPayload,
 }
 _SCHEMAS = {name: cls() for name, cls in SERVER_FRAMES.items()}
-_MESSAGE = MessageSchema()
+_MESSAGE = MessageBaseSchema()  # a recipient's view without the reader's own fields
 _READ_AT = _SCHEMAS["message.new"].fields["read_at"]
 
 
@@ -93,9 +104,10 @@ def encode(type_: str, payload: dict[str, Any]) -> str:
 
 class MessageBodies:
     """Each message's JSON, dumped through its schema once and kept (LRU, bounded in
-    characters): a message's content and recipients never change, only the reader's
-    `seq` and `read_at`, which are spliced in. A backlog of group messages is then
-    encoded once per message, not once per message per member."""
+    characters): a recipient's view of a message never changes (its content, its
+    `recipient_count`), only the reader's `seq` and `read_at`, which are spliced in.
+    A backlog of group messages is then encoded once per message, not once per
+    message per member, and its size no longer grows with the group's (no ids)."""
 
     def __init__(self, max_chars: int = 16 * 1024 * 1024):
         self._bodies: SizedLRU[int, str] = SizedLRU(max_chars)

@@ -36,6 +36,7 @@ from .recipients import RecipientLists
 from .storage import meetings as meeting_store
 from .storage import messages as store
 from .storage import outcomes
+from .storage import receipts as receipt_store
 from .storage.idempotency import KeyTaken
 from .writer import WriterConnection
 
@@ -46,11 +47,16 @@ MEETING_INVITE = "meeting.invite"
 MAX_RECIPIENTS = 1000
 MAX_CONTENT = 10_000
 PAGE_SIZE = 50
+#: The cache kind of inbox first pages; renamed when the shape of a cached row changed
+#: (recipient_ids -> recipient_count), so no instance decodes another version's rows.
+INBOX = "inbox2"
 
 Message = dict[str, Any]
 T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
 ReadListener = Callable[[int, list[int], int, int], Awaitable[None]]  # user, ids, unread count, highest seq read
+#: reader, when they read, and per message read: {id, sender_id, read_count, recipient_count} as of that commit
+ReceiptListener = Callable[[int, dt.datetime, list[Message]], Awaitable[None]]
 #: Whether a transaction whose COMMIT failed was applied (None: cannot tell).
 Proof = Callable[[AsyncConnection], Awaitable[bool]]
 
@@ -222,6 +228,7 @@ class MessageService:
         self.keys = keys or Keys(ttl=86400)
         self.on_stored: list[StoredListener] = []
         self.on_read: list[ReadListener] = []
+        self.on_receipts: list[ReceiptListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         self._writer_conn = WriterConnection(engine)  # the group commit's kept connection
         self.recipients = RecipientLists()
@@ -342,17 +349,37 @@ class MessageService:
 
         async def fetch() -> list[Message]:
             async with self._reads.connect() as conn:
-                return await self._attach(conn, await store.received(conn, user_id, limit + 1, before))
+                return await store.received(conn, user_id, limit + 1, before)
 
         if before is None and limit == PAGE_SIZE:
-            rows = await self._cache.get("inbox", user_id, fetch, _encode_rows, _decode_rows)
+            rows = await self._cache.get(INBOX, user_id, fetch, _encode_rows, _decode_rows)
         else:
             rows = await fetch()
         return _page(rows, limit) | {"next_after_seq": None}  # both cursors, always: one is null
 
     async def sent(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
+        """The sender's view, newest first, with read counts. Not cached: read_count changes
+        with every recipient's read, and a cache entry per sender invalidated by each of
+        them would cost more than the one indexed range scan it saves."""
         async with self._reads.connect() as conn:
             return _page(await self._attach(conn, await store.sent(conn, user_id, limit + 1, before)), limit)
+
+    async def receipts(self, user_id: int, message_id: int, limit: int = 100, after: int | None = None,
+                       unread: bool = False) -> dict[str, Any]:
+        """Who read a message the user sent, in user id order. Anyone but its sender gets
+        the 404 of a missing message: a recipient must not learn the audience this way."""
+        async with self._reads.connect() as conn:
+            message = await receipt_store.sent_one(conn, user_id, message_id)
+            if message is None:
+                raise NotFound("No such message.")
+            rows = await receipt_store.receipts(conn, message_id, after, limit + 1, unread)
+        page = rows[:limit]
+        return {"message_id": message_id, "recipient_count": message["recipient_count"], "read_count": message["read_count"],
+                "recipients": page, "next_after": page[-1]["user_id"] if len(rows) > limit else None}
+
+    async def read_counts(self, message_ids: list[int]) -> dict[int, int]:
+        async with self._reads.connect() as conn:
+            return await receipt_store.read_counts(conn, message_ids)
 
     async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None) -> dict[str, Any]:
         """A page of unread messages oldest first, keyset on seq: the next page starts
@@ -366,7 +393,7 @@ class MessageService:
                           upto_seq: int | None = None) -> list[Message]:
         """Unread messages in seq order, without the total (callers paging count once)."""
         async with self._reads.connect() as conn:
-            return await self._attach(conn, await store.unread(conn, user_id, limit, after_seq, upto_seq))
+            return await store.unread(conn, user_id, limit, after_seq, upto_seq)
 
     async def sync_point(self, user_id: int, page: int) -> tuple[int, int, list[Message]]:
         """Where a new device starts: the user's last seq, the unread count as of it, and
@@ -375,7 +402,7 @@ class MessageService:
         async with self._reads.connect() as conn:
             last, count = await store.sync_point(conn, user_id)
             rows = await store.unread(conn, user_id, page, upto_seq=last) if count and page else []
-            return last, count, await self._attach(conn, rows)
+            return last, count, rows
 
     async def last_seq(self, user_id: int) -> int:
         """Where a resuming device's replay ends (it goes on if more arrives meanwhile)."""
@@ -389,7 +416,7 @@ class MessageService:
 
     async def received_after_seq(self, user_id: int, after: int, limit: int) -> list[Message]:
         async with self._reads.connect() as conn:
-            return await self._attach(conn, await store.received_after_seq(conn, user_id, after, limit))
+            return await store.received_after_seq(conn, user_id, after, limit)
 
     async def after_seq(self, user_id: int, after: int, limit: int = PAGE_SIZE) -> dict[str, Any]:
         """Catch-up by seq: what the user received after `after`, oldest first."""
@@ -405,48 +432,75 @@ class MessageService:
         return await self._cache.get("unread", user_id, fetch, str, int)
 
     async def get(self, user_id: int, message_id: int) -> Message:
+        """Its sender gets the sender's view (`recipient_ids`, `read_count`), a recipient only
+        their own: whose view it is, `sender_id == user_id` tells."""
         async with self._reads.connect() as conn:
             message = await store.visible(conn, user_id, message_id)
             if message is None:
                 raise NotFound("No such message.")
+            if message["sender_id"] != user_id:
+                return message
             return (await self._attach(conn, [message]))[0]
 
     async def _attach(self, conn: AsyncConnection, rows: list[Message]) -> list[Message]:
+        """The sender's view only: a recipient is never shown the other recipients."""
         return await self.recipients.attach(rows, lambda ids: store.recipient_lists(conn, ids))
 
     @_write_op
     async def mark_one_read(self, user_id: int, message_id: int) -> dict[str, Any]:
         """Idempotent: a second call keeps the first read_at."""
-        async with self._engine.begin() as conn:
+        async def work(conn: AsyncConnection) -> tuple[dt.datetime, _Read | None]:
             is_recipient, read_at = await store.read_at(conn, user_id, message_id)
             if not is_recipient:
                 raise NotFound("No such message.")
-            changed: list[int] = []
-            upto_seq = 0
-            if read_at is None:
-                changed, read_at, upto_seq = await store.mark_read(conn, user_id, [message_id])
-        if changed:
-            await self._after_read(user_id, changed, upto_seq)
+            if read_at is not None:
+                return read_at, None
+            read = await _mark(conn, user_id, [message_id])
+            return read.at if read.changed else read_at, read
+
+        read_at, read = await transaction(self._engine, work, self._attempts)
+        if read is not None and read.changed:
+            await self._after_read(user_id, read)
         return {"id": message_id, "read_at": read_at}
 
     @_write_op
     async def mark_read(self, user_id: int, ids: list[int] | None, *, strict: bool = False) -> dict[str, Any]:
         """Mark `ids` (or, for None, everything) read. Ids the user did not receive
         are ignored, or with `strict` refused all-or-nothing (NotFound naming them)."""
-        async with self._engine.begin() as conn:
+        async def work(conn: AsyncConnection) -> _Read:
             if strict and ids:
                 foreign = sorted(set(ids) - await store.received_among(conn, user_id, ids))
                 if foreign:
                     raise NotFound("Some of these messages are not yours.", {"ids": foreign})
-            changed, _, upto_seq = await store.mark_read(conn, user_id, ids)
-        count = await self._after_read(user_id, changed, upto_seq) if changed else await self.unread_count(user_id)
-        return {"updated": len(changed), "count": count}
+            return await _mark(conn, user_id, ids)
 
-    async def _after_read(self, user_id: int, changed: list[int], upto_seq: int) -> int:
+        read = await transaction(self._engine, work, self._attempts)
+        count = await self._after_read(user_id, read) if read.changed else await self.unread_count(user_id)
+        return {"updated": len(read.changed), "count": count}
+
+    async def _after_read(self, user_id: int, read: "_Read") -> int:
         await self._cache.invalidate([user_id])
         count = await self.unread_count(user_id)
-        await self._notify(self.on_read, user_id, changed, count, upto_seq)
+        await self._notify(self.on_read, user_id, read.changed, count, read.upto_seq)
+        await self._notify(self.on_receipts, user_id, read.at, read.counted)
         return count
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What one transaction marked read: the ids, when, the reader's highest seq among
+    them, and each message's counts after it (for its sender's receipts)."""
+    changed: list[int]
+    at: dt.datetime
+    upto_seq: int
+    counted: list[Message]
+
+
+async def _mark(conn: AsyncConnection, user_id: int, ids: list[int] | None) -> _Read:
+    """Mark read and count the readers in one transaction: read_count is never off by one."""
+    changed, at, upto_seq = await store.mark_read(conn, user_id, ids)
+    counted = await receipt_store.count_reads(conn, changed) if changed else []
+    return _Read(changed, at, upto_seq, counted)
 
 
 def _page(rows: list[Message], limit: int) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The map is `app[ws_users]`: user id -> that user's live connections on this
 process. The hub is the MessageService's listener: after each commit it
 encodes the frame once per message (each recipient's seq spliced in) and hands
 it to the broker, which delivers it to the recipients' connections here or on
-other instances. It never awaits a socket, so `POST /messages` returns as soon
+other instances, with `message.sent` (the sender's view) for the sender's own
+devices. Reads become `message.read` for the reader's devices and, coalesced
+(meeting.receipts), `message.receipt` for the sender's. It never awaits a socket, so `POST /messages` returns as soon
 as the message is stored and handed over.
 """
 
@@ -21,6 +23,7 @@ from . import frames
 from .broker import InProcessBroker, RedisBroker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence
+from .receipts import ReceiptCoalescer
 from .typedefs import config_key, message_service_key, presence_key, push_hub_key, redis_breaker_key, sessions_key, ws_users
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ class PushHub:
         self.max_per_user = max_per_user
         self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local)
         self.bodies = frames.MessageBodies()
+        self.receipts: ReceiptCoalescer | None = None  # set by push_ctx
         self._background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -92,7 +96,10 @@ class PushHub:
     async def on_stored(self, message: dict[str, Any]) -> None:
         committed_at = time.time()
         frame_for = self.bodies.message_new_for(message)
-        await self.broker.publish(((user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items()), committed_at)
+        items = [(user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items()]
+        # The sender's devices: seq 0, it is in nobody's inbox of theirs (follows nothing, never replayed).
+        items.append((message["sender_id"], 0, frames.encode("message.sent", message)))
+        await self.broker.publish(items, committed_at)
 
     async def on_read(self, user_id: int, ids: list[int], count: int, upto_seq: int) -> None:
         """Published as seq -upto_seq: the frame follows the message of that seq (meeting.sequencing)."""
@@ -111,7 +118,10 @@ class PushHub:
         """Shutdown: publish everything committed (the broker's outbox), so that devices on
         other instances get it live. Local devices were handed each frame at publish time
         (frames a connection still holds, before message.synced or behind a gap, are not
-        flushed: those devices resume with `since`)."""
+        flushed: those devices resume with `since`). Read receipts waiting for their window
+        go first."""
+        if self.receipts is not None:
+            await self.receipts.close()
         await self.broker.flush(timeout)
 
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server going away", drain: float = 0.0) -> None:
@@ -144,8 +154,10 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.broker.start()
     app[push_hub_key] = hub
     service = app[message_service_key]
+    hub.receipts = ReceiptCoalescer(cfg.receipt_window, service.read_counts, hub.broker.publish)
     service.on_stored.append(hub.on_stored)
     service.on_read.append(hub.on_read)
+    service.on_receipts.append(hub.receipts.on_receipts)
     app[sessions_key].on_revoked.append(hub.sessions_revoked)
 
     async def sweep() -> None:
@@ -165,6 +177,8 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     # on_shutdown already delivered and closed (see web.drain_then_close); a write that
     # committed since then is still published before the broker goes.
     await service.close()
+    service.on_receipts.remove(hub.receipts.on_receipts)
+    await hub.receipts.close()
     await hub.close_all()
     await hub.drain_background()
     await hub.broker.close(flush=app[config_key].server.shutdown_timeout)

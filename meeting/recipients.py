@@ -1,9 +1,8 @@
 """Who received each message: remembered in-process, since it never changes.
 
-Every read of messages (inbox, unread backlog, catch-up) shows each message's
-`recipient_ids`. Read from the database, that is one row per recipient per
-message per reader: when 2,000 devices reconnect to a backlog of group messages,
-the same lists are read again for every member of every group. The list of a
+Only the sender's view shows a message's `recipient_ids` (the sent box, GET
+/messages/{id} by its sender; recipients see `recipient_count`, a column). Read
+from the database, a list is one row per recipient per message. The list of a
 message is fixed when it is stored, so it can be kept without invalidation: the
 writer puts it here at commit, readers take it from here, and only what was
 evicted (or stored by another instance) is read from the database.

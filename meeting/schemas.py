@@ -212,11 +212,12 @@ class SendMessageSchema(Schema):
     meeting_id = Id(load_default=None, allow_none=True)
 
 
-@output
-class MessageSchema(Schema):
+class MessageBaseSchema(Schema):
+    """What every view of a message shows. Who else received it is not part of it: a
+    recipient sees how many (`recipient_count`), only the sender sees who (docs/api.md)."""
     id = fields.Integer()
     sender_id = fields.Integer()
-    recipient_ids = IdList()
+    recipient_count = fields.Integer()
     content = fields.String()
     type = fields.String()
     meeting_id = fields.Integer(allow_none=True)
@@ -224,7 +225,16 @@ class MessageSchema(Schema):
 
 
 @output
-class ReceivedMessageSchema(MessageSchema):
+class SentMessageSchema(MessageBaseSchema):
+    """The sender's view: the POST /messages answer, the sent box, `message.sent`."""
+    recipient_ids = IdList()
+    #: Recipients who marked it read (a counter, see storage.receipts).
+    read_count = fields.Integer()
+
+
+@output
+class ReceivedMessageSchema(MessageBaseSchema):
+    """A recipient's view: the message and the reader's own state, not the other recipients."""
     read_at = fields.AwareDateTime(allow_none=True)
     #: The recipient's own sequence number (1, 2, 3... in commit order): the resume cursor.
     seq = fields.Integer(allow_none=True)
@@ -238,18 +248,55 @@ class ReceivedPageSchema(Schema):
 
 
 class ReceivedQuery(PageQuery):
+    #: `inbox` (received, the recipient's view) or `sent` (the sender's view, with read counts).
+    box = fields.String(load_default="inbox", validate=validate.OneOf(["inbox", "sent"]))
     after_seq = QueryInt(load_default=None, validate=validate.Range(0, MAX_ID))
 
     @validates_schema
     def _one_cursor(self, data: dict[str, Any], **kwargs: Any) -> None:
         if data.get("after_seq") is not None and data.get("before") is not None:
             raise ValidationError("Use either before (newest first) or after_seq (oldest first).", "_schema")
+        if data.get("after_seq") is not None and data.get("box") == "sent":
+            raise ValidationError("after_seq pages the inbox; the sent box pages with before.", "after_seq")
 
 
 @output
 class SentPageSchema(Schema):
-    messages = fields.List(fields.Nested(MessageSchema))
+    messages = fields.List(fields.Nested(SentMessageSchema))
     next_before = fields.Integer(allow_none=True)
+
+
+class QueryBool(fields.Boolean):
+    """`true` or `false` in a query string, nothing else."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if value not in ("true", "false"):
+            raise ValidationError("Must be true or false.")
+        return value == "true"
+
+
+class ReceiptsQuery(LimitQuery):
+    limit = Limit(100)
+    #: The previous page's `next_after` (a user id).
+    after = QueryId(load_default=None)
+    #: Only those who have not read it (whom to remind).
+    unread = QueryBool(load_default=False)
+
+
+@output
+class ReceiptSchema(Schema):
+    user_id = fields.Integer()
+    #: null: not read yet.
+    read_at = fields.AwareDateTime(allow_none=True)
+
+
+@output
+class ReceiptsSchema(Schema):
+    message_id = fields.Integer()
+    recipient_count = fields.Integer()
+    read_count = fields.Integer()
+    recipients = fields.List(fields.Nested(ReceiptSchema))
+    next_after = fields.Integer(allow_none=True)
 
 
 class UnreadQuery(LimitQuery):

@@ -73,6 +73,7 @@ def setup_routes(app: web.Application) -> None:
         web.post("/messages/read", messages.read_many),
         web.get(f"/messages/{ID}", messages.get_one),
         web.post(f"/messages/{ID}/read", messages.read_one),
+        web.get(f"/messages/{ID}/receipts", messages.receipts),
         web.post("/meetings", meetings.create),
         web.get("/meetings", meetings.list_mine),
         web.get(f"/meetings/{ID}", meetings.get_one),

@@ -6,11 +6,11 @@ import datetime as dt
 import json
 
 from meeting import frames
-from meeting.schemas import ReceivedMessageSchema
+from meeting.schemas import ReceivedMessageSchema, SentMessageSchema
 
 
 def _row(message_id: int, seq: int, read_at: dt.datetime | None = None, content: str = "会议 at 10 🚀") -> dict:
-    return {"id": message_id, "sender_id": 1, "recipient_ids": (2, 3), "content": content, "type": "text",
+    return {"id": message_id, "sender_id": 1, "recipient_ids": (2, 3), "recipient_count": 2, "content": content, "type": "text",
             "meeting_id": None, "created_at": dt.datetime(2026, 11, 28, 9, 30, tzinfo=dt.timezone.utc),
             "read_at": read_at, "seq": seq}
 
@@ -44,6 +44,19 @@ def test_a_live_frame_is_the_schema_dump_and_its_body_is_kept_for_backlogs() -> 
         assert live["type"] == "message.new"
         assert live["payload"] == ReceivedMessageSchema().dump({**message, "read_at": None, "seq": seq})
     assert 5 in bodies._bodies  # a reconnecting reader's backlog reuses it
+    assert "recipient_ids" not in live["payload"] and live["payload"]["recipient_count"] == 2  # the recipient's view
+
+
+def test_the_senders_frames_validate_against_their_schemas() -> None:
+    message = {k: v for k, v in _row(5, 0).items() if k not in ("read_at", "seq")} | {"read_count": 0}
+    sent = frames.validate_frame(frames.encode("message.sent", message))
+    assert sent["payload"] == SentMessageSchema().dump(message)
+    assert sent["payload"]["recipient_ids"] == [2, 3] and "seq" not in sent["payload"] and "read_at" not in sent["payload"]
+    read_at = dt.datetime(2026, 11, 28, 10, 0, tzinfo=dt.timezone.utc)
+    receipt = frames.validate_frame(frames.encode("message.receipt", {
+        "message_id": 5, "read_count": 1, "recipient_count": 2, "readers": [{"user_id": 3, "read_at": read_at}]}))
+    assert receipt["payload"] == {"message_id": 5, "read_count": 1, "recipient_count": 2,
+                                  "readers": [{"user_id": 3, "read_at": "2026-11-28T10:00:00+00:00"}]}
 
 
 def test_bodies_are_bounded_least_recently_used_out() -> None:

@@ -21,13 +21,21 @@ def config(config: Config, redis_mode: dict[str, Any]) -> Config:
 async def test_multi_recipient_send_and_each_recipients_view(api: Api) -> None:
     alice, bob, carol, dave = await api.users(4)
     sent = await api.send(alice, [bob, carol, bob], "多人消息 🚀")
-    assert set(sent) == {"id", "sender_id", "recipient_ids", "content", "type", "meeting_id", "created_at"}
+    # the sender's view: who received it, how many read it
+    assert set(sent) == {"id", "sender_id", "recipient_ids", "recipient_count", "read_count", "content", "type",
+                         "meeting_id", "created_at"}
     assert sent["sender_id"] == alice.id and sent["type"] == "text" and sent["meeting_id"] is None
-    assert sent["recipient_ids"] == sorted([bob.id, carol.id])
+    assert sent["recipient_ids"] == sorted([bob.id, carol.id]) and sent["recipient_count"] == 2 and sent["read_count"] == 0
     assert dt.datetime.fromisoformat(sent["created_at"]).utcoffset() == dt.timedelta(0)
     for user in (bob, carol):
         inbox = await api.call("GET", "/messages", user=user, expect=200)
         assert [m["id"] for m in inbox["messages"]] == [sent["id"]]
+        # a recipient's view: how many, not who
+        assert set(inbox["messages"][0]) == {"id", "sender_id", "recipient_count", "content", "type", "meeting_id",
+                                             "created_at", "read_at", "seq"}
+        assert inbox["messages"][0]["recipient_count"] == 2
+        one = await api.call("GET", f"/messages/{sent['id']}", user=user, expect=200)
+        assert "recipient_ids" not in one and one["recipient_count"] == 2 and one["seq"] == 1
         assert inbox["messages"][0]["content"] == "多人消息 🚀" and inbox["messages"][0]["read_at"] is None
         assert inbox["next_before"] is None
         assert await api.unread_count(user) == 1

@@ -65,7 +65,7 @@ def _check_text(value: str, path: str) -> None:
 
 
 def doc(summary: str, *, body: type[Schema] | None = None, query: type[Schema] | None = None,
-        response: tuple[int, type[Schema] | None] = (200, None), errors: tuple[int, ...] = (),
+        response: tuple[int, type[Schema] | dict[str, Any] | None] = (200, None), errors: tuple[int, ...] = (),
         also: tuple[tuple[int, type[Schema], str], ...] = (), tag: str = "", idempotent: bool = False,
         database: bool = True) -> Callable[[H], H]:
     """Describe a handler for the OpenAPI document (see meeting.openapi). `errors` are

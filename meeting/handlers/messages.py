@@ -1,10 +1,16 @@
-"""The messages REST API: send, inbox, sent, unread, read marks."""
+"""The messages REST API: send, inbox, sent box, receipts, unread, read marks.
+
+Two views of a message: its sender's (SentMessageSchema: who received it, how many
+read it) and a recipient's (ReceivedMessageSchema: how many received it, and the
+reader's own read_at and seq). See docs/api.md.
+"""
 
 from aiohttp import web
 
 from ..schemas import (
-    CountSchema, MarkReadResultSchema, MarkReadSchema, MessageSchema, PageQuery, ReadOneSchema, ReceivedMessageSchema,
-    ReceivedPageSchema, ReceivedQuery, SendMessageSchema, SentPageSchema, UnreadQuery, UnreadSchema,
+    CountSchema, MarkReadResultSchema, MarkReadSchema, PageQuery, ReadOneSchema, ReceiptsQuery, ReceiptsSchema,
+    ReceivedMessageSchema, ReceivedPageSchema, ReceivedQuery, SendMessageSchema, SentMessageSchema, SentPageSchema,
+    UnreadQuery, UnreadSchema,
 )
 from ..typedefs import message_service_key, user_id_key
 from .common import doc, limit, parse_body, parse_query, path_id, respond
@@ -14,8 +20,10 @@ from .idempotency import keyed_body, respond_keyed
 COUNT_SCHEMA = CountSchema()
 MARK_READ_RESULT_SCHEMA = MarkReadResultSchema()
 MARK_READ_SCHEMA = MarkReadSchema()
-MESSAGE_SCHEMA = MessageSchema()
+MESSAGE_SCHEMA = SentMessageSchema()
 PAGE_QUERY = PageQuery()
+RECEIPTS_QUERY = ReceiptsQuery()
+RECEIPTS_SCHEMA = ReceiptsSchema()
 READ_ONE_SCHEMA = ReadOneSchema()
 RECEIVED_MESSAGE_SCHEMA = ReceivedMessageSchema()
 RECEIVED_PAGE_SCHEMA = ReceivedPageSchema()
@@ -26,7 +34,7 @@ UNREAD_QUERY = UnreadQuery()
 UNREAD_SCHEMA = UnreadSchema()
 
 
-@doc("Send a message to 1-1000 users", body=SendMessageSchema, response=(201, MessageSchema), errors=(403, 409, 429, 503), tag="messages",
+@doc("Send a message to 1-1000 users", body=SendMessageSchema, response=(201, SentMessageSchema), errors=(403, 409, 429, 503), tag="messages",
      idempotent=True)
 async def send(request: web.Request) -> web.Response:
     await limit(request, "sends_per_user", request[user_id_key])
@@ -35,14 +43,20 @@ async def send(request: web.Request) -> web.Response:
     return respond_keyed(MESSAGE_SCHEMA, result, 201)
 
 
-@doc("Messages received: newest first, or with after_seq oldest first by seq", query=ReceivedQuery,
-     response=(200, ReceivedPageSchema), tag="messages")
+@doc("Messages received (box=inbox, the recipient's view): newest first, or with after_seq oldest first by seq; "
+     "or sent (box=sent, the sender's view, with read counts), newest first", query=ReceivedQuery,
+     response=(200, {"anyOf": [ReceivedPageSchema, SentPageSchema]}), tag="messages")
 async def received(request: web.Request) -> web.Response:
     query = parse_query(request, RECEIVED_QUERY)
-    return respond(RECEIVED_PAGE_SCHEMA, await request.app[message_service_key].received(request[user_id_key], **query))
+    service = request.app[message_service_key]
+    if query.pop("box") == "sent":
+        del query["after_seq"]
+        return respond(SENT_PAGE_SCHEMA, await service.sent(request[user_id_key], **query))
+    return respond(RECEIVED_PAGE_SCHEMA, await service.received(request[user_id_key], **query))
 
 
-@doc("Messages sent, newest first", query=PageQuery, response=(200, SentPageSchema), tag="messages")
+@doc("Messages sent, newest first (the same as GET /messages?box=sent)", query=PageQuery, response=(200, SentPageSchema),
+     tag="messages")
 async def sent(request: web.Request) -> web.Response:
     query = parse_query(request, PAGE_QUERY)
     return respond(SENT_PAGE_SCHEMA, await request.app[message_service_key].sent(request[user_id_key], **query))
@@ -61,10 +75,21 @@ async def unread_count(request: web.Request) -> web.Response:
     return respond(COUNT_SCHEMA, {"count": count})
 
 
-@doc("One message the caller sent or received", response=(200, ReceivedMessageSchema), errors=(404,), tag="messages")
+@doc("One message the caller sent (the sender's view) or received (the recipient's view)",
+     response=(200, {"anyOf": [SentMessageSchema, ReceivedMessageSchema]}), errors=(404,), tag="messages")
 async def get_one(request: web.Request) -> web.Response:
-    message = await request.app[message_service_key].get(request[user_id_key], path_id(request))
-    return respond(RECEIVED_MESSAGE_SCHEMA, message)
+    user_id = request[user_id_key]
+    message = await request.app[message_service_key].get(user_id, path_id(request))
+    return respond(MESSAGE_SCHEMA if message["sender_id"] == user_id else RECEIVED_MESSAGE_SCHEMA, message)
+
+
+@doc("Who received a message the caller sent and when each read it (read_at null: not yet), in user id order; "
+     "unread=true lists only those who have not read it. Anyone but the sender: 404", query=ReceiptsQuery,
+     response=(200, ReceiptsSchema), errors=(404,), tag="messages")
+async def receipts(request: web.Request) -> web.Response:
+    query = parse_query(request, RECEIPTS_QUERY)
+    result = await request.app[message_service_key].receipts(request[user_id_key], path_id(request), **query)
+    return respond(RECEIPTS_SCHEMA, result)
 
 
 @doc("Mark one received message read (idempotent)", response=(200, ReadOneSchema), errors=(404,), tag="messages")

@@ -2,7 +2,8 @@
 
 Pages are keyset-paginated on message id (never OFFSET), and every "of user X"
 query is a range scan of one of message_recipients' (recipient_id, ...) indexes.
-Rows come without their recipient ids: the MessageService attaches those from
+Rows come without their recipient ids: a recipient sees only `recipient_count`
+(a column), and for the sender's view the MessageService attaches the ids from
 its in-process lists (meeting.recipients), reading here only what it lacks.
 """
 
@@ -21,8 +22,9 @@ from ..db import messages as m
 from ..db import users, utcnow
 from . import attach_ids
 
-MESSAGE_COLUMNS = (m.c.id, m.c.sender_id, m.c.type, m.c.content, m.c.meeting_id, m.c.created_at)
+MESSAGE_COLUMNS = (m.c.id, m.c.sender_id, m.c.type, m.c.content, m.c.meeting_id, m.c.created_at, m.c.recipient_count)
 RECEIVED_COLUMNS = (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
+SENT_COLUMNS = (*MESSAGE_COLUMNS, m.c.read_count)
 
 # The send path's statements, built once: building a statement costs about as
 # much as executing it (SQLAlchemy still caches the compiled form either way).
@@ -70,12 +72,13 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
             bumped[r] += 1
             seqs[r] = last_seq[r]
         answers.append({"sender_id": draft.sender_id, "type": draft.type, "content": draft.content,
-                        "meeting_id": draft.meeting_id, "created_at": now, "recipient_ids": list(draft.recipient_ids), "seqs": seqs})
+                        "meeting_id": draft.meeting_id, "created_at": now, "recipient_ids": list(draft.recipient_ids),
+                        "recipient_count": len(draft.recipient_ids), "read_count": 0, "seqs": seqs})
     stored = [a for a in answers if isinstance(a, dict)]
     if not stored:
         return answers
     await _bump_seqs(conn, bumped)
-    rows = [{k: a[k] for k in ("sender_id", "type", "content", "meeting_id", "created_at")} for a in stored]
+    rows = [{k: a[k] for k in ("sender_id", "type", "content", "meeting_id", "created_at", "recipient_count")} for a in stored]
     for message, message_id in zip(stored, await _insert_messages(conn, rows)):
         message["id"] = message_id
     await conn.execute(_INSERT_RECIPIENTS, [{"message_id": a["id"], "recipient_id": r, "seq": s} for a in stored for r, s in a["seqs"].items()])
@@ -171,7 +174,7 @@ _RECEIVED_BY = sa.select(*RECEIVED_COLUMNS).join(mr, mr.c.message_id == m.c.id).
 _LAST_SEQ = sa.select(users.c.last_seq).where(users.c.id == _USER)
 _RECEIVED_AFTER_SEQ = _RECEIVED_BY.where(mr.c.seq > sa.bindparam("after")).order_by(mr.c.seq).limit(_LIMIT)
 _RECEIVED = _RECEIVED_BY.where(mr.c.message_id < sa.bindparam("before")).order_by(mr.c.message_id.desc()).limit(_LIMIT)
-_SENT = (sa.select(*MESSAGE_COLUMNS).where(m.c.sender_id == _USER, m.c.id < sa.bindparam("before"))
+_SENT = (sa.select(*SENT_COLUMNS).where(m.c.sender_id == _USER, m.c.id < sa.bindparam("before"))
          .order_by(m.c.id.desc()).limit(_LIMIT))
 _UNREAD = (_RECEIVED_BY.where(mr.c.read_at.is_(None), mr.c.seq > sa.bindparam("after"), mr.c.seq <= sa.bindparam("upto"))
            .order_by(mr.c.seq).limit(_LIMIT))
@@ -188,7 +191,7 @@ async def visible(conn: AsyncConnection, user_id: int, message_id: int) -> dict[
     mine = sa.and_(mr.c.message_id == m.c.id, mr.c.recipient_id == user_id)
     own_read_at = sa.select(mr.c.read_at).where(mine).scalar_subquery()
     own_seq = sa.select(mr.c.seq).where(mine).scalar_subquery()
-    query = sa.select(*MESSAGE_COLUMNS, own_read_at.label("read_at"), own_seq.label("seq")).where(
+    query = sa.select(*SENT_COLUMNS, own_read_at.label("read_at"), own_seq.label("seq")).where(
         m.c.id == message_id,
         sa.or_(m.c.sender_id == user_id, sa.exists().where(mr.c.message_id == m.c.id, mr.c.recipient_id == user_id)),
     )
@@ -210,7 +213,12 @@ async def mark_read(conn: AsyncConnection, user_id: int, ids: Iterable[int] | No
         if not ids:
             return [], now, 0
         where.append(mr.c.message_id.in_(ids))
-    rows = (await conn.execute(sa.select(mr.c.message_id, mr.c.seq).where(*where).order_by(mr.c.message_id))).all()
+    # FOR UPDATE: two marks of the same row (two devices, REST and WebSocket) must not
+    # both see it unread, or both would count it in messages.read_count (`count_reads`).
+    # The second waits, then reads the committed row (InnoDB's locking reads see the
+    # latest version): read. SQLite has no FOR UPDATE; its writers are serialised anyway.
+    select = sa.select(mr.c.message_id, mr.c.seq).where(*where).order_by(mr.c.message_id).with_for_update()
+    rows = (await conn.execute(select)).all()
     changed = [row.message_id for row in rows]
     if changed:
         await conn.execute(mr.update().where(mr.c.recipient_id == user_id, mr.c.read_at.is_(None),
@@ -228,3 +236,4 @@ async def received_among(conn: AsyncConnection, user_id: int, ids: Iterable[int]
     """Which of `ids` the user received."""
     query = sa.select(mr.c.message_id).where(mr.c.recipient_id == user_id, mr.c.message_id.in_(list(ids)))
     return set((await conn.execute(query)).scalars())
+

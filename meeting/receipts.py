@@ -1,0 +1,99 @@
+"""Live read receipts: `message.receipt` frames to a sender's devices, coalesced.
+
+When recipients mark messages read, the MessageService tells `on_receipts` who read
+which message and the counts its transaction committed. A notice read by 1,000
+people within a minute must not send 1,000 frames to its sender, so reads are
+collected for `push.receipt_window` seconds from the first one, then each message
+read meanwhile gets one frame: the readers of that window and its read_count
+as committed at the moment the frame is sent (read again, one query for all; the
+count is monotonic, so a later frame never shows fewer). Each instance coalesces
+the reads it served, so with N instances a sender gets at most N frames per
+message per window.
+
+The frames are live only (seq 0 on the broker: they follow nothing and are not
+replayed by `since`); a device that was away asks GET /messages/{id}/receipts or
+the sent box, which read the same counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable
+
+from . import frames
+
+log = logging.getLogger(__name__)
+
+Counts = Callable[[list[int]], Awaitable[dict[int, int]]]  # message ids -> committed read_count
+Publish = Callable[[Iterable[tuple[int, int, str]], float], Awaitable[None]]  # (user, seq, frame) items
+
+
+@dataclass
+class _Pending:
+    sender_id: int
+    recipient_count: int
+    read_count: int
+    readers: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ReceiptCoalescer:
+    def __init__(self, window: float, counts: Counts, publish: Publish):
+        self._window = window
+        self._counts = counts
+        self._publish = publish
+        self._pending: dict[int, _Pending] = {}
+        self._flushing: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # set: flush without waiting for the window
+        self.frames = 0
+
+    async def on_receipts(self, reader_id: int, read_at: dt.datetime, counted: list[dict[str, Any]]) -> None:
+        """The MessageService's listener: after the commit that marked these read."""
+        for row in counted:
+            pending = self._pending.get(row["id"])
+            if pending is None:
+                pending = self._pending[row["id"]] = _Pending(row["sender_id"], row["recipient_count"], row["read_count"])
+            pending.read_count = max(pending.read_count, row["read_count"])
+            pending.readers.append({"user_id": reader_id, "read_at": read_at})
+        if not self._pending:
+            return
+        if self._window <= 0:
+            await self.flush(refresh=False)  # no window: the counts just committed are the latest we know
+        elif self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush_later(), name="receipts-flush")
+
+    async def _flush_later(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), self._window)
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("publishing read receipts failed")
+
+    async def flush(self, refresh: bool = True) -> None:
+        """Send a frame for every message read since the last flush."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        if refresh:
+            try:
+                for message_id, count in (await self._counts(list(pending))).items():
+                    pending[message_id].read_count = max(pending[message_id].read_count, count)
+            except Exception as exc:  # the counts of the reads' own transactions are still true, if older
+                log.warning("read receipts: re-reading the counts failed (%s); sending those of the reads", type(exc).__name__)
+        items = [(p.sender_id, 0, frames.encode("message.receipt", {
+            "message_id": message_id, "read_count": p.read_count, "recipient_count": p.recipient_count, "readers": p.readers,
+        })) for message_id, p in sorted(pending.items())]
+        self.frames += len(items)
+        await self._publish(items, time.time())
+
+    async def close(self) -> None:
+        """Shutdown: what waits for its window is sent now, not lost."""
+        self._closing.set()
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        await self.flush()
