@@ -1,4 +1,5 @@
-"""Watch a user's message stream, or send a message: `python -m meeting.client listen|send --url ... --username ... --password ...`.
+"""Watch a user's message stream, send a message, or see what you sent and who read it:
+`python -m meeting.client listen|send|sent|receipts --url ... --username ... --password ...`.
 
 `listen` logs in, connects to /ws/messages (token in the `bearer` subprotocol, never in
 the URL) and prints every frame as one JSON line. It behaves as docs/websocket.md
@@ -10,6 +11,12 @@ retries with the same key on a timeout, a lost connection, 409, 429, 502, 503 or
 504, as docs/api.md says a client may: the message is stored once however many
 tries it takes. A 500 is not retried: it is a server bug, not a passing state,
 and sending the request again would only repeat it. It prints the answer's JSON body.
+
+`sent` prints a page of the sent box (GET /messages?box=sent: recipients and read
+counts), `receipts MESSAGE_ID` who read one of your messages and when
+(GET /messages/{id}/receipts; `--unread` only those who have not), each as the
+server's JSON body; the exit status is 1 on an error answer (e.g. 404 for a
+message you did not send).
 """
 
 from __future__ import annotations
@@ -95,6 +102,22 @@ async def send(url: str, username: str, password: str, to: list[int], content: s
     return 1
 
 
+async def fetch(url: str, username: str, password: str, path: str, params: dict[str, str], out: Any = sys.stdout) -> int:
+    """GET one page as the user and print its body."""
+    async with aiohttp.ClientSession(url) as http:
+        token = await login(http, username, password)
+        async with http.get(path, params=params, headers={"Authorization": f"Bearer {token}"}) as resp:
+            print(await resp.text(), file=out, flush=True)
+            return 0 if resp.status == 200 else 1
+
+
+def _paging(args: argparse.Namespace, cursor: str) -> dict[str, str]:
+    params = {"limit": str(args.limit)}
+    if getattr(args, cursor) is not None:
+        params[cursor] = str(getattr(args, cursor))
+    return params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meeting.client", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,10 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--to", type=int, action="append", required=True, help="a recipient's user id (repeat for several)")
     cmd.add_argument("--content", required=True)
     cmd.add_argument("--key", help="the Idempotency-Key (default: a new UUID); reuse it to retry a send by hand")
+    cmd = sub.add_parser("sent", help="print a page of the messages you sent, with read counts")
+    cmd.add_argument("--limit", type=int, default=50)
+    cmd.add_argument("--before", type=int, help="the previous page's next_before")
+    cmd = sub.add_parser("receipts", help="print who read a message you sent, and when")
+    cmd.add_argument("message_id", type=int)
+    cmd.add_argument("--unread", action="store_true", help="only those who have not read it")
+    cmd.add_argument("--limit", type=int, default=100)
+    cmd.add_argument("--after", type=int, help="the previous page's next_after")
+    for name in ("sent", "receipts"):
+        cmd = sub.choices[name]
+        cmd.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
+        cmd.add_argument("--username", required=True)
+        cmd.add_argument("--password", required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "send":
             return asyncio.run(send(args.url, args.username, args.password, args.to, args.content, args.key))
+        if args.command == "sent":
+            params = {"box": "sent", **_paging(args, "before")}
+            return asyncio.run(fetch(args.url, args.username, args.password, "/messages", params))
+        if args.command == "receipts":
+            params = _paging(args, "after") | ({"unread": "true"} if args.unread else {})
+            return asyncio.run(fetch(args.url, args.username, args.password, f"/messages/{args.message_id}/receipts", params))
         return asyncio.run(listen(args.url, args.username, args.password, args.max_frames))
     except KeyboardInterrupt:
         return 0

@@ -83,3 +83,25 @@ async def test_send_retries_a_503_with_the_same_key_but_not_a_500(aiohttp_server
     assert await send(str(server.make_url("")).rstrip("/"), "u", "p", [2], "x", attempts=5, out=out) == 1
     assert len(keys) == 2 and keys[0] == keys[1]
     assert json.loads(out.getvalue())["error"]["code"] == "internal_error"
+
+
+async def test_sent_and_receipts_print_the_senders_view(api: Api) -> None:
+    alice, bob, carol = await api.users(3)
+    sent = await api.send(alice, [bob, carol], "who read it? 👀")
+    await api.call("POST", f"/messages/{sent['id']}/read", user=carol, expect=200)
+
+    async def run(*args: str, user: str = alice.username) -> tuple[int, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meeting.client", *args, "--url", str(api.client.make_url("")).rstrip("/"),
+            "--username", user, "--password", "correct horse", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode or 0, json.loads(out.decode())
+
+    (code, box), (code2, receipts), (code3, unread), (code4, refused) = await asyncio.gather(
+        run("sent"), run("receipts", str(sent["id"])), run("receipts", str(sent["id"]), "--unread"),
+        run("receipts", str(sent["id"]), user=bob.username))
+    assert (code, code2, code3, code4) == (0, 0, 0, 1)
+    assert [(m["id"], m["recipient_ids"], m["read_count"]) for m in box["messages"]] == [(sent["id"], sent["recipient_ids"], 1)]
+    assert [(r["user_id"], r["read_at"] is not None) for r in receipts["recipients"]] == sorted([(bob.id, False), (carol.id, True)])
+    assert [r["user_id"] for r in unread["recipients"]] == [bob.id] and unread["read_count"] == 1
+    assert refused["error"]["code"] == "not_found"  # bob received it; only its sender sees receipts

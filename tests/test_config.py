@@ -24,6 +24,8 @@ def test_environment_overrides_file_with_typed_values() -> None:
     assert cfg.database.url == "mysql+aiomysql://u@h/db"
     assert cfg.database.pool_size == 3 and cfg.database.echo is True
     assert cfg.redis.url == "redis://x:1/0"
+    assert build_config({}, environ={"MEETING_PUSH_RECEIPT_WINDOW": "0.25"}).push.receipt_window == 0.25
+    assert build_config({}, environ={}).push.receipt_window == 1.0  # the default the issue asked for
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,8 @@ def test_environment_overrides_file_with_typed_values() -> None:
         ({"auth": {"secret": ""}}, {}, "auth.secret"),
         ({"auth": {"secret": "short"}}, {}, "auth.secret"),
         ({"push": {"queue_bytes": 65536, "backlog_frame_bytes": 65536}}, {}, "push.backlog_frame_bytes"),
+        ({"push": {"receipt_window": -1}}, {}, "push.receipt_window"),
+        ({}, {"MEETING_PUSH_RECEIPT_WINDOW": "61"}, "push.receipt_window"),
     ],
 )
 def test_bad_settings_fail_loudly_naming_the_key(data: dict, environ: dict, named: str) -> None:

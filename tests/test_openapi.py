@@ -46,3 +46,23 @@ async def test_the_document_declares_every_status_a_route_can_answer(api: Api) -
     assert {path for path, ops in paths.items() if "503" not in ops.get("get", ops.get("post", {}))["responses"]} == \
         {"/openapi.json", "/metrics"}
     assert "403" in paths["/metrics"]["get"]["responses"]  # metrics.allow
+
+
+async def test_both_views_of_a_message_are_separate_schemas(api: Api) -> None:
+    spec = await api.call("GET", "/openapi.json", expect=200)
+    schemas = spec["components"]["schemas"]
+    sent, received = schemas["SentMessage"], schemas["ReceivedMessage"]
+    assert {"recipient_ids", "recipient_count", "read_count"} <= set(sent["required"])
+    assert "recipient_ids" not in received["properties"] and {"recipient_count", "read_at", "seq"} <= set(received["required"])
+    assert schemas["SentPage"]["properties"]["messages"]["items"]["$ref"].endswith("/SentMessage")
+    for page in ("ReceivedPage", "Unread"):
+        assert schemas[page]["properties"]["messages"]["items"]["$ref"].endswith("/ReceivedMessage")
+    post = spec["paths"]["/messages"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
+    assert post["$ref"].endswith("/SentMessage")
+    inbox = spec["paths"]["/messages"]["get"]
+    assert {p["name"]: p for p in inbox["parameters"]}["box"]["schema"]["enum"] == ["inbox", "sent"]
+    assert [s["$ref"].rsplit("/", 1)[1] for s in inbox["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]] \
+        == ["ReceivedPage", "SentPage"]
+    receipts = spec["paths"]["/messages/{id}/receipts"]["get"]
+    assert {p["name"] for p in receipts["parameters"]} == {"id", "limit", "after", "unread"} and "404" in receipts["responses"]
+    assert set(schemas["Receipts"]["required"]) == {"message_id", "recipient_count", "read_count", "recipients", "next_after"}

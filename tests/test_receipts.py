@@ -1,0 +1,286 @@
+"""The sender's view: the sent box, receipts, message.sent and live message.receipt frames.
+
+Over real HTTP and WebSockets, on SQLite and MariaDB, with and without Redis; the
+cross-instance cases (two apps sharing MariaDB and Redis) are at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy.engine import make_url
+
+from meeting.config import Config, with_overrides
+from meeting.db import create_engine, message_recipients, messages, migrate
+from meeting.typedefs import engine_key
+from tests.conftest import _clean_mariadb, _mysql_connect, base_config
+from tests.helpers import Api, Device, User
+
+SENT_VIEW = {"id", "sender_id", "recipient_ids", "recipient_count", "read_count", "content", "type", "meeting_id", "created_at"}
+RECEIVED_VIEW = {"id", "sender_id", "recipient_count", "content", "type", "meeting_id", "created_at", "read_at", "seq"}
+
+
+@pytest.fixture
+def config(config: Config, redis_mode: dict[str, Any]) -> Config:
+    return with_overrides(config, redis=redis_mode, push={"receipt_window": 0.0})
+
+
+async def read(api: Api, user: User, message_id: int) -> None:
+    await api.call("POST", f"/messages/{message_id}/read", user=user, expect=200)
+
+
+async def test_the_sent_box_pages_like_the_inbox_and_its_counts_are_never_stale(api: Api) -> None:
+    alice, bob, carol = await api.users(3)
+    ids = [(await api.send(alice, [bob, carol], f"notice {i}"))["id"] for i in range(5)]
+    await api.send(bob, [alice], "not in alice's sent box")
+    first = await api.call("GET", "/messages?box=sent", user=alice, expect=200)
+    assert [m["id"] for m in first["messages"]] == ids[::-1] and first["next_before"] is None
+    assert all(set(m) == SENT_VIEW and m["read_count"] == 0 and m["recipient_count"] == 2 for m in first["messages"])
+    assert all(m["recipient_ids"] == sorted([bob.id, carol.id]) for m in first["messages"])
+
+    await read(api, bob, ids[4])
+    await read(api, carol, ids[4])
+    await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)
+    pages: list[list[dict[str, Any]]] = []
+    before = None
+    while True:
+        params = {"box": "sent", "limit": "2"} | ({"before": str(before)} if before else {})
+        page = await api.call("GET", "/messages", user=alice, params=params, expect=200)
+        pages.append(page["messages"])
+        before = page["next_before"]
+        if before is None:
+            break
+    assert [[m["id"] for m in p] for p in pages] == [[ids[4], ids[3]], [ids[2], ids[1]], [ids[0]]]
+    assert [m["read_count"] for p in pages for m in p] == [2, 1, 1, 1, 1]  # right after the reads: never stale
+    assert (await api.call("GET", "/messages/sent", user=alice, expect=200))["messages"] == [m for p in pages for m in p]
+    # the inbox (cached first page) is the recipient's view and keeps its own read state
+    inbox = (await api.call("GET", "/messages", user=carol, expect=200))["messages"]
+    assert all(set(m) == RECEIVED_VIEW and m["recipient_count"] == 2 for m in inbox)
+    assert [m["read_at"] is not None for m in inbox] == [True, False, False, False, False]
+    refused = await api.call("GET", "/messages?box=sent&after_seq=1", user=alice, expect=422)
+    assert "after_seq" in refused["error"]["details"]
+    await api.call("GET", "/messages?box=outbox", user=alice, expect=422)
+
+
+async def test_receipts_are_the_senders_alone_paged_and_filtered(api: Api) -> None:
+    alice, *people = await api.users(6)
+    stranger = await api.user()
+    sent = await api.send(alice, people, "who has read this?")
+    for user in people[1:4:2]:  # people[1] and people[3]
+        await read(api, user, sent["id"])
+    path = f"/messages/{sent['id']}/receipts"
+    whole = await api.call("GET", path, user=alice, expect=200)
+    assert set(whole) == {"message_id", "recipient_count", "read_count", "recipients", "next_after"}
+    assert whole["message_id"] == sent["id"] and whole["recipient_count"] == 5 and whole["read_count"] == 2
+    assert [r["user_id"] for r in whole["recipients"]] == sorted(u.id for u in people) and whole["next_after"] is None
+    assert [r["read_at"] is not None for r in whole["recipients"]] == [False, True, False, True, False]
+
+    pages, after = [], None
+    while True:
+        page = await api.call("GET", path, user=alice, params={"limit": "2"} | ({"after": str(after)} if after else {}), expect=200)
+        pages.append([r["user_id"] for r in page["recipients"]])
+        assert page["read_count"] == 2 and page["recipient_count"] == 5
+        if (after := page["next_after"]) is None:
+            break
+    assert pages == [[people[0].id, people[1].id], [people[2].id, people[3].id], [people[4].id]]
+    unread = await api.call("GET", path, user=alice, params={"unread": "true"}, expect=200)
+    assert [r["user_id"] for r in unread["recipients"]] == [people[0].id, people[2].id, people[4].id]
+    assert all(r["read_at"] is None for r in unread["recipients"])
+    await api.call("GET", path, user=alice, params={"unread": "yes"}, expect=422)
+
+    missing = await api.call("GET", f"/messages/{sent['id'] + 1000}/receipts", user=alice, expect=404)
+    for other in (people[1], stranger):  # a recipient, and someone else: the 404 of a missing message
+        assert await api.call("GET", path, user=other, expect=404) == missing
+
+
+async def test_get_one_shows_the_sender_its_view_and_a_recipient_theirs(api: Api) -> None:
+    alice, bob, carol = await api.users(3)
+    sent = await api.send(alice, [bob, carol])
+    await read(api, bob, sent["id"])
+    mine = await api.call("GET", f"/messages/{sent['id']}", user=alice, expect=200)
+    assert set(mine) == SENT_VIEW and mine["read_count"] == 1 and mine["recipient_ids"] == sorted([bob.id, carol.id])
+    theirs = await api.call("GET", f"/messages/{sent['id']}", user=carol, expect=200)
+    assert set(theirs) == RECEIVED_VIEW and theirs["recipient_count"] == 2 and theirs["read_at"] is None
+
+
+async def test_message_sent_reaches_every_device_of_the_sender_and_is_never_unread(api: Api) -> None:
+    alice, bob = await api.users(2)
+    phone, laptop, bobs = await Device.connect(api, alice), await Device.connect(api, alice), await Device.connect(api, bob)
+    for device in (phone, laptop, bobs):
+        await device.handshake()
+    sent = await api.send(alice, [bob], "from the laptop's page")
+    to_self = await api.send(alice, [alice, bob], "a note to self too")
+    for device in (phone, laptop):  # the REST send has no device: the sending page gets it too, and dedupes by id
+        frames = [await device.next() for _ in range(3)]
+        assert [(f["type"], f["payload"].get("seq")) for f in frames] == \
+            [("message.sent", None), ("message.new", 1), ("message.sent", None)]
+        assert frames[0]["payload"] == sent and frames[2]["payload"] == to_self
+        assert frames[1]["payload"]["id"] == to_self["id"] and "recipient_ids" not in frames[1]["payload"]
+        await device.ws.send_json({"type": "ping"})
+        assert (await device.next())["type"] == "pong"  # nothing more
+    bob_frames = [await bobs.next() for _ in range(2)]
+    assert [(f["type"], f["payload"]["seq"]) for f in bob_frames] == [("message.new", 1), ("message.new", 2)]
+    assert await api.unread_count(alice) == 1  # only the copy she received
+    # not replayed by `since`: only what she received comes back
+    resumed = await Device.connect(api, alice, params={"token": alice.token, "since": "0"})
+    replay = await resumed.resume()
+    assert [m["id"] for m in replay["messages"]] == [to_self["id"]] and replay["synced"] == {"seq": 1, "count": 1}
+
+
+async def test_every_read_becomes_a_receipt_frame_for_the_senders_devices(api: Api) -> None:
+    """With no coalescing window (receipt_window 0): one frame per read, REST, WebSocket and mark-all alike."""
+    alice, bob, carol, dave = await api.users(4)
+    sender = await Device.connect(api, alice)
+    await sender.handshake()
+    carols = await Device.connect(api, carol)
+    await carols.handshake()
+    sent = await api.send(alice, [bob, carol, dave], "3 recipients")
+    assert (await sender.expect("message.sent"))["id"] == sent["id"]
+    await carols.expect("message.new")
+
+    await read(api, bob, sent["id"])
+    await carols.ws.send_json({"type": "read", "payload": {"ids": [sent["id"]]}})
+    await carols.expect("message.read")
+    await api.call("POST", "/messages/read", user=dave, json={"all": True}, expect=200)
+    await read(api, bob, sent["id"])  # again: nothing changed, no frame
+    receipts = [await sender.expect("message.receipt") for _ in range(3)]
+    assert [(r["message_id"], r["read_count"], r["recipient_count"]) for r in receipts] == [(sent["id"], n, 3) for n in (1, 2, 3)]
+    assert [[reader["user_id"] for reader in r["readers"]] for r in receipts] == [[bob.id], [carol.id], [dave.id]]
+    await sender.ws.send_json({"type": "ping"})
+    assert (await sender.next())["type"] == "pong"
+    assert [f["type"] for f in sender.frames] == ["connected", "message.unread", "message.synced", "message.sent",
+                                                 *["message.receipt"] * 3, "pong"]
+    receipts_now = await api.call("GET", f"/messages/{sent['id']}/receipts", user=alice, expect=200)
+    assert {r["user_id"]: r["read_at"] for r in receipts_now["recipients"]} == \
+        {r["readers"][0]["user_id"]: r["readers"][0]["read_at"] for r in receipts}
+
+
+async def test_reads_within_the_window_share_one_frame(make_client: Any, db_url: str) -> None:
+    window = 2.0  # both reads below take a few milliseconds: well inside it
+    api = Api(await make_client(base_config(database={"url": db_url}, push={"receipt_window": window})))
+    alice, bob, carol, dave = await api.users(4)
+    sender = await Device.connect(api, alice)
+    await sender.handshake()
+    first = await api.send(alice, [bob, carol, dave], "first")
+    second = await api.send(alice, [bob], "second")
+    await read(api, bob, first["id"])
+    await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)  # first again (no-op) and second
+    await read(api, carol, first["id"])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    frames = [await sender.next(timeout=window + 10) for _ in range(4)]
+    assert loop.time() - started >= window / 2  # it waited for its window
+    assert [(f["type"], f["payload"].get("message_id", f["payload"]["id"] if f["type"] == "message.sent" else None))
+            for f in frames] == [("message.sent", first["id"]), ("message.sent", second["id"]),
+                                 ("message.receipt", first["id"]), ("message.receipt", second["id"])]
+    one, two = frames[2]["payload"], frames[3]["payload"]
+    assert [r["user_id"] for r in one["readers"]] == [bob.id, carol.id] and one["read_count"] == 2 and one["recipient_count"] == 3
+    assert [r["user_id"] for r in two["readers"]] == [bob.id] and two["read_count"] == 1 and two["recipient_count"] == 1
+    await read(api, dave, first["id"])  # a later read: its own window, its own frame
+    late = await sender.expect("message.receipt", timeout=window + 10)
+    assert late["readers"][0]["user_id"] == dave.id and late["read_count"] == 3
+
+
+async def test_concurrent_reads_count_each_reader_once(make_client: Any, db_url: str) -> None:
+    """Every recipient marks the notice read three ways at once (one message, the list, all):
+    the counter ends at exactly the number of readers, as the rows say."""
+    api = Api(await make_client(base_config(database={"url": db_url}, push={"receipt_window": 0.0})))
+    alice, *people = await api.users(13)
+    notice = await api.send(alice, people, "everyone: read me")
+    other = await api.send(alice, people[:6], "and me")
+
+    async def read_three_ways(user: User) -> None:
+        await asyncio.gather(read(api, user, notice["id"]),
+                             api.call("POST", "/messages/read", user=user, json={"ids": [notice["id"], other["id"]]}, expect=200),
+                             api.call("POST", "/messages/read", user=user, json={"all": True}, expect=200))
+
+    await asyncio.gather(*(read_three_ways(user) for user in people))
+    box = {m["id"]: m for m in (await api.call("GET", "/messages?box=sent", user=alice, expect=200))["messages"]}
+    assert (box[notice["id"]]["read_count"], box[other["id"]]["read_count"]) == (12, 6)
+    async with api.client.app[engine_key].connect() as conn:
+        counted = dict((await conn.execute(sa.select(messages.c.id, messages.c.read_count))).all())
+        rows = dict((await conn.execute(sa.select(message_recipients.c.message_id, sa.func.count())
+                                        .where(message_recipients.c.read_at.is_not(None))
+                                        .group_by(message_recipients.c.message_id))).all())
+    assert counted == rows == {notice["id"]: 12, other["id"]: 6}
+
+
+# Two instances sharing MariaDB and Redis: the sender's devices on one, the readers on the other.
+
+@pytest.fixture
+def shared(mariadb_url: str, redis_url: str) -> Config:
+    _clean_mariadb(mariadb_url)
+    return base_config(database={"url": mariadb_url}, redis={"url": redis_url, "prefix": f"t{uuid.uuid4().hex[:10]}"},
+                       push={"receipt_window": 0.0})
+
+
+async def test_message_sent_and_receipts_cross_instances(make_client: Any, shared: Config) -> None:
+    a, b = Api(await make_client(shared)), Api(await make_client(shared))
+    alice, bob, carol = await a.users(3)
+    on_a, on_b = await Device.connect(a, alice), await Device.connect(b, alice)
+    carols = await Device.connect(b, carol)
+    for device in (on_a, on_b, carols):
+        await device.handshake()
+    sent = await a.send(alice, [bob, carol], "sent through a")
+    for device in (on_a, on_b):  # (a receipt published on b could overtake a's message.sent on b: read after)
+        assert await device.expect("message.sent", timeout=10) == sent
+    await read(b, bob, sent["id"])  # REST on b
+    await carols.expect("message.new")
+    await carols.ws.send_json({"type": "read", "payload": {"ids": [sent["id"]]}})  # WebSocket on b
+    for device in (on_a, on_b):
+        frames = [await device.next(timeout=10) for _ in range(2)]
+        assert [f["type"] for f in frames] == ["message.receipt", "message.receipt"]
+        assert [(f["payload"]["read_count"], f["payload"]["readers"][0]["user_id"]) for f in frames] == \
+            [(1, bob.id), (2, carol.id)]
+        await device.ws.send_json({"type": "ping"})
+        assert (await device.next())["type"] == "pong"  # once each: no echo from the other instance
+    assert (await a.call("GET", f"/messages/{sent['id']}/receipts", user=alice, expect=200))["read_count"] == 2
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    """A database with no schema at all, to migrate step by step."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    server = make_url(request.getfixturevalue("mariadb_url"))
+    name = f"meeting_test_{uuid.uuid4().hex[:12]}"
+    conn = _mysql_connect(server)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+async def test_the_migration_counts_existing_messages(empty_db_url: str) -> None:
+    engine = create_engine(base_config(database={"url": empty_db_url}).database)
+    try:
+        await migrate(engine, "0004")
+        now = "2026-11-28 09:00:00"
+        async with engine.begin() as conn:
+            for user_id in (1, 2, 3, 4):
+                await conn.execute(sa.text("INSERT INTO users (id, username, display_name, password_hash, created_at) "
+                                           f"VALUES ({user_id}, 'u{user_id}', 'u', 'x', '{now}')"))
+            for message_id in (1, 2):
+                await conn.execute(sa.text("INSERT INTO messages (id, sender_id, type, content, created_at) "
+                                           f"VALUES ({message_id}, 1, 'text', 'old', '{now}')"))
+            reads = [(1, 2, now), (1, 3, None), (1, 4, now), (2, 3, None)]
+            for seq, (message_id, recipient_id, read_at) in enumerate(reads, 1):
+                await conn.execute(sa.text("INSERT INTO message_recipients (message_id, recipient_id, read_at, seq) "
+                                           "VALUES (:m, :r, :at, :s)"), {"m": message_id, "r": recipient_id, "at": read_at, "s": seq})
+        await migrate(engine)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.select(messages.c.id, messages.c.recipient_count, messages.c.read_count)
+                                       .order_by(messages.c.id))).all()
+        assert [tuple(r) for r in rows] == [(1, 3, 2), (2, 1, 0)]
+    finally:
+        await engine.dispose()
