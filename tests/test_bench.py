@@ -23,7 +23,8 @@ COMMON = {"scenario", "users", "messages", "post_errors", "lost", "duplicated", 
 CONNS = {"scenario", "users", "connections", "answered_ping", "lost", "failed_devices", "connect_seconds", "connects_per_second",
          "handshake_p50_ms", "handshake_p99_ms", "server_rss_before_kib", "server_rss_after_kib", "kib_per_connection",
          "receiver_cpu_percent", "receiver_loop_lag_p99_ms"}
-RECONNECT = {"scenario", "users", "backlog", "group", "messages", "copies", "lost", "failed_devices", "duplicated", "all_backlogs_seconds", "receiver_cpu_percent"}
+RECONNECT = {"scenario", "users", "backlog", "group", "messages", "copies", "lost", "failed_devices", "duplicated", "all_backlogs_seconds", "backlog_bytes",
+             "receiver_cpu_percent"}
 
 
 async def _bench(*args: str) -> dict:
@@ -58,6 +59,7 @@ async def test_reconnect_smoke_run() -> None:
     assert RECONNECT <= set(result)
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["copies"] == 60
     assert result["messages"] == 4 * 4  # 15 users in groups of 4, 3 and 4 messages each
+    assert result["backlog_bytes"] > 60 * len('"content":"backlog 0"')  # every copy's body was counted
 
 
 async def test_conns_smoke_run() -> None:

@@ -85,6 +85,7 @@ async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) 
     expected = [float("inf")]
     handshakes: list[float] = []
     pongs = [0]
+    received = [0]  # bytes of text frames (UTF-8), all devices together
     all_ponged = asyncio.Event()
     sockets: list[aiohttp.ClientWebSocketResponse] = []
     connector = aiohttp.TCPConnector(limit=0)
@@ -118,6 +119,7 @@ async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) 
                 now = time.time()
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
+                received[0] += len(msg.data) if msg.data.isascii() else len(msg.data.encode())
                 # `type` is the first key of both servers' frames: '{"type":"x"' or '{"type": "x"'.
                 kind = msg.data[:48].split('"', 4)[3]
                 if kind == "message.new":
@@ -139,7 +141,7 @@ async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) 
         if failures:
             print(f"{len(failures)} device(s) failed, e.g. {failures[:3]}", file=sys.stderr)
         pipe.send(("ready", {"devices": len(tokens), "connect_seconds": time.monotonic() - started, "handshakes": handshakes,
-                             "failed": len(failures)}))
+                             "failed": len(failures), "bytes": received[0]}))
         if (command := await order) == ("ping",):  # does every socket still answer?
             await asyncio.gather(*(ws.send_str('{"type":"ping"}') for ws in sockets), return_exceptions=True)
             try:

@@ -152,6 +152,7 @@ async def reconnect(url: str, users: int = 2000, backlog: int = 20, group: int =
     return {"scenario": "reconnect", "users": users, "backlog": backlog, "group": group, "keys": keys, "messages": len(sends),
             "copies": users * backlog, "post_errors": 0, "failed_devices": ready["failed"],
             "lost": ledger.lost, "duplicated": ledger.duplicated, "all_backlogs_seconds": round(ready["connect_seconds"], 2),
+            "backlog_bytes": ready["bytes"],  # received by all devices until every backlog was in
             **{f"receiver_{k}": round(v, 2) for k, v in receiver_health.items()}}
 
 
