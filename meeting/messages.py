@@ -456,7 +456,10 @@ class MessageService:
             if read_at is not None:
                 return read_at, None
             read = await _mark(conn, user_id, [message_id])
-            return read.at if read.changed else read_at, read
+            if not read.changed:  # another mark won the row lock meanwhile: answer its read_at
+                _, read_at = await store.read_at(conn, user_id, message_id)
+                return read_at, None
+            return read.at, read
 
         read_at, read = await transaction(self._engine, work, self._attempts)
         if read is not None and read.changed:

@@ -6,8 +6,9 @@ encodes the frame once per message (each recipient's seq spliced in) and hands
 it to the broker, which delivers it to the recipients' connections here or on
 other instances, with `message.sent` (the sender's view) for the sender's own
 devices. Reads become `message.read` for the reader's devices and, coalesced
-(meeting.receipts), `message.receipt` for the sender's. It never awaits a socket, so `POST /messages` returns as soon
-as the message is stored and handed over.
+(meeting.receipts), `message.receipt` for the sender's. It never awaits a
+socket, so `POST /messages` returns as soon as the message is stored and
+handed over.
 """
 
 from __future__ import annotations
