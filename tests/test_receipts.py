@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
+from aiohttp.test_utils import TestServer
 from sqlalchemy.engine import make_url
 
 from meeting.config import Config, with_overrides
 from meeting.db import create_engine, message_recipients, messages, migrate
 from meeting.typedefs import engine_key
+from meeting.web import create_app
 from tests.conftest import _clean_mariadb, _mysql_connect, base_config
 from tests.helpers import Api, Device, User
 
@@ -286,3 +287,18 @@ async def test_the_migration_counts_existing_messages(empty_db_url: str) -> None
         assert [tuple(r) for r in rows] == [(1, 3, 2), (2, 1, 0)]
     finally:
         await engine.dispose()
+
+
+async def test_receipts_waiting_for_their_window_go_out_before_shutdown(aiohttp_client: Any, db_url: str) -> None:
+    server = TestServer(create_app(base_config(database={"url": db_url}, push={"receipt_window": 60.0})))
+    api = Api(await aiohttp_client(server))
+    alice, bob = await api.users(2)
+    sender = await Device.connect(api, alice)
+    await sender.handshake()
+    sent = await api.send(alice, [bob])
+    await sender.expect("message.sent")
+    await read(api, bob, sent["id"])  # its frame would wait a minute
+    await server.close()
+    receipt = await sender.expect("message.receipt")
+    assert (receipt["message_id"], receipt["read_count"], [r["user_id"] for r in receipt["readers"]]) == (sent["id"], 1, [bob.id])
+    assert await sender.closed() == 1001
