@@ -159,6 +159,9 @@ async def test_every_read_becomes_a_receipt_frame_for_the_senders_devices(api: A
     receipts_now = await api.call("GET", f"/messages/{sent['id']}/receipts", user=alice, expect=200)
     assert {r["user_id"]: r["read_at"] for r in receipts_now["recipients"]} == \
         {r["readers"][0]["user_id"]: r["readers"][0]["read_at"] for r in receipts}
+    # live only: a device resuming with `since` gets neither message.sent nor message.receipt again
+    resumed = await Device.connect(api, alice, params={"token": alice.token, "since": "0"})
+    assert await resumed.resume() == {"messages": [], "synced": {"seq": 0, "count": 0}}
 
 
 async def test_reads_within_the_window_share_one_frame(make_client: Any, db_url: str) -> None:
