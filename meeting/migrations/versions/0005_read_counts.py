@@ -4,8 +4,9 @@ A sender's sent box shows, per message, how many received it and how many read
 it. Counting message_recipients rows for each message on each read of the box
 costs O(recipients); the counters are kept in the rows instead: recipient_count
 is fixed at the send, read_count goes up in the transaction that marks a
-recipient row read (meeting.storage.messages.mark_read). Existing messages are
-counted once here.
+recipient row read (meeting.storage.receipts.count_reads, called by
+meeting.messages._mark right after storage.messages.mark_read). Existing
+messages are counted once here.
 
 Revision ID: 0005
 Revises: 0004
