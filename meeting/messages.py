@@ -32,11 +32,11 @@ from .combine import Combiner, OutcomeUnknown
 from .db import CommitFailed, readers, transaction
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
 from .idempotency import Claims, Keys, Once, Response, key_in_use
+from .reads import ReadListener, Reads, ReceiptListener, page as _page
 from .recipients import RecipientLists
 from .storage import meetings as meeting_store
 from .storage import messages as store
 from .storage import outcomes
-from .storage import receipts as receipt_store
 from .storage.idempotency import KeyTaken
 from .writer import WriterConnection
 
@@ -54,9 +54,6 @@ INBOX = "inbox2"
 Message = dict[str, Any]
 T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
-ReadListener = Callable[[int, list[int], int, int], Awaitable[None]]  # user, ids, unread count, highest seq read
-#: reader, when they read, and per message read: {id, sender_id, read_count, recipient_count} as of that commit
-ReceiptListener = Callable[[int, dt.datetime, list[Message]], Awaitable[None]]
 #: Whether a transaction whose COMMIT failed was applied (None: cannot tell).
 Proof = Callable[[AsyncConnection], Awaitable[bool]]
 
@@ -231,10 +228,21 @@ class MessageService:
         self.on_receipts: list[ReceiptListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         self._writer_conn = WriterConnection(engine)  # the group commit's kept connection
-        self.recipients = RecipientLists()
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
         self._settled.set()
+        self.reading = Reads(engine, self._reads, cache, transaction_attempts, RecipientLists(), self.on_read, self.on_receipts,
+                           self._notify, self.unread_count)
+
+    @property
+    def recipients(self) -> RecipientLists:
+        """The recipient lists of the messages sent here, which the sender's views attach
+        (kept by Reads, which reads them; replaceable, as on another instance)."""
+        return self.reading.recipients
+
+    @recipients.setter
+    def recipients(self, lists: RecipientLists) -> None:
+        self.reading.recipients = lists
 
     async def settle(self, timeout: float) -> bool:
         """Wait until no write is in flight and the group-commit writer is idle: every
@@ -357,29 +365,17 @@ class MessageService:
             rows = await fetch()
         return _page(rows, limit) | {"next_after_seq": None}  # both cursors, always: one is null
 
+    # The sender's view and marking read live in meeting.reads (self.reading).
+
     async def sent(self, user_id: int, limit: int = PAGE_SIZE, before: int | None = None) -> dict[str, Any]:
-        """The sender's view, newest first, with read counts. Not cached: read_count changes
-        with every recipient's read, and a cache entry per sender invalidated by each of
-        them would cost more than the one indexed range scan it saves."""
-        async with self._reads.connect() as conn:
-            return _page(await self._attach(conn, await store.sent(conn, user_id, limit + 1, before)), limit)
+        return await self.reading.sent(user_id, limit, before)
 
     async def receipts(self, user_id: int, message_id: int, limit: int = 100, after: int | None = None,
                        unread: bool = False) -> dict[str, Any]:
-        """Who read a message the user sent, in user id order. Anyone but its sender gets
-        the 404 of a missing message: a recipient must not learn the audience this way."""
-        async with self._reads.connect() as conn:
-            message = await receipt_store.sent_one(conn, user_id, message_id)
-            if message is None:
-                raise NotFound("No such message.")
-            rows = await receipt_store.receipts(conn, message_id, after, limit + 1, unread)
-        page = rows[:limit]
-        return {"message_id": message_id, "recipient_count": message["recipient_count"], "read_count": message["read_count"],
-                "recipients": page, "next_after": page[-1]["user_id"] if len(rows) > limit else None}
+        return await self.reading.receipts(user_id, message_id, limit, after, unread)
 
     async def read_counts(self, message_ids: list[int]) -> dict[int, int]:
-        async with self._reads.connect() as conn:
-            return await receipt_store.read_counts(conn, message_ids)
+        return await self.reading.read_counts(message_ids)
 
     async def unread(self, user_id: int, limit: int = PAGE_SIZE, after_seq: int | None = None) -> dict[str, Any]:
         """A page of unread messages oldest first, keyset on seq: the next page starts
@@ -440,72 +436,12 @@ class MessageService:
                 raise NotFound("No such message.")
             if message["sender_id"] != user_id:
                 return message
-            return (await self._attach(conn, [message]))[0]
-
-    async def _attach(self, conn: AsyncConnection, rows: list[Message]) -> list[Message]:
-        """The sender's view only: a recipient is never shown the other recipients."""
-        return await self.recipients.attach(rows, lambda ids: store.recipient_lists(conn, ids))
+            return (await self.reading.attach(conn, [message]))[0]
 
     @_write_op
     async def mark_one_read(self, user_id: int, message_id: int) -> dict[str, Any]:
-        """Idempotent: a second call keeps the first read_at."""
-        async def work(conn: AsyncConnection) -> tuple[dt.datetime, _Read | None]:
-            is_recipient, read_at = await store.read_at(conn, user_id, message_id)
-            if not is_recipient:
-                raise NotFound("No such message.")
-            if read_at is not None:
-                return read_at, None
-            read = await _mark(conn, user_id, [message_id])
-            if not read.changed:  # another mark won the row lock meanwhile: answer its read_at
-                _, read_at = await store.read_at(conn, user_id, message_id)
-                return read_at, None
-            return read.at, read
-
-        read_at, read = await transaction(self._engine, work, self._attempts)
-        if read is not None and read.changed:
-            await self._after_read(user_id, read)
-        return {"id": message_id, "read_at": read_at}
+        return await self.reading.mark_one(user_id, message_id)
 
     @_write_op
     async def mark_read(self, user_id: int, ids: list[int] | None, *, strict: bool = False) -> dict[str, Any]:
-        """Mark `ids` (or, for None, everything) read. Ids the user did not receive
-        are ignored, or with `strict` refused all-or-nothing (NotFound naming them)."""
-        async def work(conn: AsyncConnection) -> _Read:
-            if strict and ids:
-                foreign = sorted(set(ids) - await store.received_among(conn, user_id, ids))
-                if foreign:
-                    raise NotFound("Some of these messages are not yours.", {"ids": foreign})
-            return await _mark(conn, user_id, ids)
-
-        read = await transaction(self._engine, work, self._attempts)
-        count = await self._after_read(user_id, read) if read.changed else await self.unread_count(user_id)
-        return {"updated": len(read.changed), "count": count}
-
-    async def _after_read(self, user_id: int, read: "_Read") -> int:
-        await self._cache.invalidate([user_id])
-        count = await self.unread_count(user_id)
-        await self._notify(self.on_read, user_id, read.changed, count, read.upto_seq)
-        await self._notify(self.on_receipts, user_id, read.at, read.counted)
-        return count
-
-
-@dataclass(frozen=True)
-class _Read:
-    """What one transaction marked read: the ids, when, the reader's highest seq among
-    them, and each message's counts after it (for its sender's receipts)."""
-    changed: list[int]
-    at: dt.datetime
-    upto_seq: int
-    counted: list[Message]
-
-
-async def _mark(conn: AsyncConnection, user_id: int, ids: list[int] | None) -> _Read:
-    """Mark read and count the readers in one transaction: read_count is never off by one."""
-    changed, at, upto_seq = await store.mark_read(conn, user_id, ids)
-    counted = await receipt_store.count_reads(conn, changed) if changed else []
-    return _Read(changed, at, upto_seq, counted)
-
-
-def _page(rows: list[Message], limit: int) -> dict[str, Any]:
-    page = rows[:limit]
-    return {"messages": page, "next_before": page[-1]["id"] if len(rows) > limit else None}
+        return await self.reading.mark(user_id, ids, strict=strict)
