@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .cache import MessageCache
-from .db import transaction
-from .errors import NotFound
+from .db import CommitFailed, transaction
+from .errors import NotFound, Unavailable
 from .recipients import RecipientLists
 from .storage import messages as store
 from .storage import receipts as receipt_store
@@ -30,6 +30,7 @@ ReadListener = Callable[[int, list[int], int, int], Awaitable[None]]  # user, id
 #: reader, when they read, and per message read: {id, sender_id, read_count, recipient_count} as of that commit
 ReceiptListener = Callable[[int, dt.datetime, list[Message]], Awaitable[None]]
 Notify = Callable[..., Awaitable[None]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class Reads:
                 return read_at, None
             return read.at, read
 
-        read_at, read = await transaction(self._engine, work, self._attempts)
+        read_at, read = await self._transaction(user_id, work)
         if read is not None and read.changed:
             await self._after_read(user_id, read)
         return {"id": message_id, "read_at": read_at}
@@ -126,9 +127,24 @@ class Reads:
                     raise NotFound("Some of these messages are not yours.", {"ids": foreign})
             return await _mark(conn, user_id, ids)
 
-        read = await transaction(self._engine, work, self._attempts)
+        read = await self._transaction(user_id, work)
         count = await self._after_read(user_id, read) if read.changed else await self._unread_count(user_id)
         return {"updated": len(read.changed), "count": count}
+
+    async def _transaction(self, user_id: int, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """A mark whose COMMIT failed may or may not have been applied. Marking read is
+        idempotent, so it is not settled like a send: the reader's cache is dropped (it
+        may be stale either way) and the answer is a retryable 503; the retry finds the
+        rows as they are. If it had been applied, its message.read and message.receipt
+        frames are not sent (the retry changes nothing): other devices learn the read
+        state when they reconnect, the sender from the sent box or receipts."""
+        try:
+            return await transaction(self._engine, work, self._attempts)
+        except CommitFailed as exc:
+            log.warning("a COMMIT marking messages read failed (%s); answering 503", exc)
+            await self._cache.invalidate([user_id])
+            raise Unavailable("The database connection was lost while committing; marking read is safe to retry.",
+                              code="commit_failed") from exc
 
     async def _after_read(self, user_id: int, read: _Read) -> int:
         await self._cache.invalidate([user_id])

@@ -3,7 +3,7 @@ at its COMMIT; PubSubCutter in front of Redis cuts one kind of pub/sub reader.
 
 CommitCutter: the client (the app's aiomysql connections) talks to the proxy, the proxy to the
 server. Armed, it watches the client's MySQL packets; at the first `COMMIT` of a
-transaction that inserted into the watched table it either
+transaction that inserted into (or, armed so, updated) the watched table it either
 
 - "before": drops the connection without forwarding the COMMIT (the server rolls the
   transaction back when it sees the socket close: not applied), or
@@ -34,9 +34,10 @@ class CommitCutter:
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
 
-    def arm(self, mode: str, table: str = "messages", down_after_cut: bool = False) -> None:
+    def arm(self, mode: str, table: str = "messages", down_after_cut: bool = False, verb: str = "INSERT INTO") -> None:
+        """Cut the next COMMIT of a transaction that ran `verb table` (e.g. "UPDATE")."""
         assert mode in ("before", "after")
-        self.mode, self.watch, self.down_after_cut = mode, f"INSERT INTO {table} ".encode(), down_after_cut
+        self.mode, self.watch, self.down_after_cut = mode, f"{verb} {table} ".encode(), down_after_cut
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)

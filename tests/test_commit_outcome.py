@@ -11,6 +11,7 @@ the storage code above it is the real one.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, AsyncIterator
 
 import pytest
@@ -104,6 +105,34 @@ async def test_mariadb_a_meeting_whose_commit_was_cut_exists_once(proxied: Api, 
     assert (await post(proxied, "/meetings", alice, body, "meet-cut"))[:2] == (201, meeting)
     assert await count(mariadb_url, meetings, organizer_id=alice.id) == 1
     assert await count(mariadb_url, messages, sender_id=alice.id) == 1  # one invitation
+
+
+@pytest.mark.parametrize("mode", ["after", "before"])
+@pytest.mark.parametrize("path", ["one", "list"])
+async def test_mariadb_a_mark_read_whose_commit_was_cut_is_a_retryable_503(
+        make_client: Any, mariadb_url: str, cutter: CommitCutter, redis_url: str, mode: str, path: str) -> None:
+    """Marking read is idempotent, so a cut COMMIT is answered 503 (not a 500) whether it was
+    applied or not, and the retry settles it; the reader's cached unread count is dropped
+    either way, so it is never stale (with "after" the read was applied)."""
+    url = make_url(mariadb_url).set(port=cutter.port).render_as_string(hide_password=False)
+    api = Api(await make_client(base_config(database={"url": url}, redis={"url": redis_url, "prefix": f"t{uuid.uuid4().hex[:10]}"})))
+    alice, bob = await api.users(2)
+    sent = await api.send(alice, [bob])
+    assert await api.unread_count(bob) == 1  # now cached
+    request = ("POST", f"/messages/{sent['id']}/read", {}) if path == "one" else ("POST", "/messages/read", {"json": {"ids": [sent["id"]]}})
+    cutter.arm(mode, table="message_recipients", verb="UPDATE")
+    resp = await api.client.request(request[0], request[1], headers=bob.headers, **request[2])
+    assert cutter.cuts == 1
+    assert (resp.status, (await resp.json())["error"]["code"], resp.headers["Retry-After"]) == (503, "commit_failed", "1")
+    assert await api.unread_count(bob) == (0 if mode == "after" else 1)
+    again = await api.call(*request[:2], user=bob, expect=200, **request[2])
+    if path == "one":
+        assert again["id"] == sent["id"] and again["read_at"] is not None
+    else:
+        assert again == {"updated": 0 if mode == "after" else 1, "count": 0}
+    assert await api.unread_count(bob) == 0
+    box = await api.call("GET", "/messages?box=sent", user=alice, expect=200)
+    assert box["messages"][0]["read_count"] == 1  # counted once, in the transaction that marked it
 
 
 def cut_sqlite_commits(engine: Any, mode: str) -> dict[str, int]:
