@@ -67,12 +67,16 @@ class ReceiptCoalescer:
             self._flushing = asyncio.create_task(self._flush_later(), name="receipts-flush")
 
     async def _flush_later(self) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), self._window)
-        try:
-            await self.flush()
-        except Exception:
-            log.exception("publishing read receipts failed")
+        """Window after window while reads keep coming: a read that arrives while a flush
+        awaits its counts lands in the next `_pending`, and on_receipts schedules nothing
+        then (this task is still running), so this loop must take it."""
+        while self._pending:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._window)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("publishing read receipts failed")
 
     async def flush(self, refresh: bool = True) -> None:
         """Send a frame for every message read since the last flush."""

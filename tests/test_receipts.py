@@ -7,6 +7,8 @@ cross-instance cases (two apps sharing MariaDB and Redis) are at the end.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import uuid
 from typing import Any
 
@@ -17,7 +19,8 @@ from sqlalchemy.engine import make_url
 
 from meeting.config import Config, with_overrides
 from meeting.db import create_engine, message_recipients, messages, migrate
-from meeting.typedefs import engine_key
+from meeting.receipts import ReceiptCoalescer
+from meeting.typedefs import engine_key, push_hub_key
 from meeting.web import create_app
 from tests.conftest import _clean_mariadb, _mysql_connect, base_config
 from tests.helpers import Api, Device, User
@@ -29,6 +32,11 @@ RECEIVED_VIEW = {"id", "sender_id", "recipient_count", "content", "type", "meeti
 @pytest.fixture
 def config(config: Config, redis_mode: dict[str, Any]) -> Config:
     return with_overrides(config, redis=redis_mode, push={"receipt_window": 0.0})
+
+
+def json_payload(frame: str) -> dict[str, Any]:
+    payload: dict[str, Any] = json.loads(frame)["payload"]
+    return payload
 
 
 async def read(api: Api, user: User, message_id: int) -> None:
@@ -188,6 +196,63 @@ async def test_reads_within_the_window_share_one_frame(make_client: Any, db_url:
     await read(api, dave, first["id"])  # a later read: its own window, its own frame
     late = await sender.expect("message.receipt", timeout=window + 10)
     assert late["readers"][0]["user_id"] == dave.id and late["read_count"] == 3
+
+
+class HeldCounts:
+    """A coalescer's counts query that waits, once started, until released: a flush held
+    in the middle, as under a slow database."""
+
+    def __init__(self, real: Any):
+        self.real = real
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, ids: list[int]) -> dict[int, int]:
+        self.started.set()
+        await self.release.wait()
+        return await self.real(ids) if self.real is not None else {}
+
+
+def counted(message_id: int, read_count: int, sender_id: int = 1, recipient_count: int = 3) -> dict[str, Any]:
+    return {"id": message_id, "sender_id": sender_id, "read_count": read_count, "recipient_count": recipient_count}
+
+
+async def test_a_read_during_a_flush_gets_a_window_of_its_own() -> None:
+    held = HeldCounts(None)
+    out: asyncio.Queue[tuple[int, int, str]] = asyncio.Queue()
+
+    async def publish(items: Any, committed_at: float) -> None:
+        for item in items:
+            out.put_nowait(item)
+
+    coalescer = ReceiptCoalescer(0.01, held, publish)
+    now = dt.datetime.now(dt.timezone.utc)
+    await coalescer.on_receipts(2, now, [counted(7, 1)])
+    await asyncio.wait_for(held.started.wait(), 5)  # the first flush awaits its counts
+    await coalescer.on_receipts(3, now, [counted(7, 2)])  # lands in the next window
+    held.release.set()
+    frames = [await asyncio.wait_for(out.get(), 5) for _ in range(2)]
+    payloads = [json_payload(frame) for _, _, frame in frames]
+    assert [(p["read_count"], [r["user_id"] for r in p["readers"]]) for p in payloads] == [(1, [2]), (2, [3])]
+    assert coalescer.frames == 2 and out.empty()
+    await coalescer.close()
+
+
+async def test_a_read_while_a_flush_is_under_way_reaches_the_sender(make_client: Any, db_url: str) -> None:
+    api = Api(await make_client(base_config(database={"url": db_url}, push={"receipt_window": 0.05})))
+    alice, bob, carol = await api.users(3)
+    sender = await Device.connect(api, alice)
+    await sender.handshake()
+    sent = await api.send(alice, [bob, carol])
+    await sender.expect("message.sent")
+    coalescer = api.client.app[push_hub_key].receipts
+    held = coalescer._counts = HeldCounts(coalescer._counts)
+    await read(api, bob, sent["id"])
+    await asyncio.wait_for(held.started.wait(), 10)  # bob's window closed; its flush is reading the counts
+    await read(api, carol, sent["id"])
+    held.release.set()
+    frames = [await sender.expect("message.receipt", timeout=10) for _ in range(2)]
+    assert [(f["read_count"], [r["user_id"] for r in f["readers"]]) for f in frames] == [(2, [bob.id]), (2, [carol.id])]
 
 
 async def test_concurrent_reads_count_each_reader_once(make_client: Any, db_url: str) -> None:
