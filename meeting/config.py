@@ -94,6 +94,7 @@ class PushConfig:
     backlog_limit: int = _opt(1000, validate.Range(min=0))
     token_expiry_notice: float = _opt(60.0, validate.Range(min=0))
     receipt_window: float = _opt(1.0, validate.Range(0, 60))
+    receipt_pending_max: int = _opt(10_000, validate.Range(min=1))
     compress: bool = False
     allowed_origins: str = _opt("", _origins)
 

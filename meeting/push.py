@@ -155,7 +155,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.broker.start()
     app[push_hub_key] = hub
     service = app[message_service_key]
-    hub.receipts = ReceiptCoalescer(cfg.receipt_window, service.read_counts, hub.broker.publish)
+    hub.receipts = ReceiptCoalescer(cfg.receipt_window, service.read_counts, hub.broker.publish, cfg.receipt_pending_max)
     service.on_stored.append(hub.on_stored)
     service.on_read.append(hub.on_read)
     service.on_receipts.append(hub.receipts.on_receipts)

@@ -6,7 +6,10 @@ people within a minute must not send 1,000 frames to its sender, so reads are
 collected for `push.receipt_window` seconds from the first one, then each message
 read meanwhile gets one frame: the readers of that window and its read_count
 as committed at the moment the frame is sent (read again, one query for all; the
-count is monotonic, so a later frame never shows fewer). Each instance coalesces
+count is monotonic, so a later frame never shows fewer). At most
+`push.receipt_pending_max` messages wait for their frames: reaching it flushes at
+once, so a burst of reads of many messages costs memory in proportion to that
+limit, not to the burst. Each instance coalesces
 the reads it served, so with N instances a sender gets at most N frames per
 message per window.
 
@@ -42,13 +45,15 @@ class _Pending:
 
 
 class ReceiptCoalescer:
-    def __init__(self, window: float, counts: Counts, publish: Publish):
+    def __init__(self, window: float, counts: Counts, publish: Publish, pending_max: int = 10_000):
         self._window = window
         self._counts = counts
         self._publish = publish
+        self._pending_max = pending_max
         self._pending: dict[int, _Pending] = {}
         self._flushing: asyncio.Task[None] | None = None
-        self._closing = asyncio.Event()  # set: flush without waiting for the window
+        self._wake = asyncio.Event()  # set: flush without waiting for the rest of the window
+        self._closing = False
         self.frames = 0
 
     async def on_receipts(self, reader_id: int, read_at: dt.datetime, counted: list[dict[str, Any]]) -> None:
@@ -63,8 +68,15 @@ class ReceiptCoalescer:
             return
         if self._window <= 0:
             await self.flush(refresh=False)  # no window: the counts just committed are the latest we know
-        elif self._flushing is None or self._flushing.done():
+            return
+        if len(self._pending) >= self._pending_max:
+            self.flush_soon()
+        if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush_later(), name="receipts-flush")
+
+    def flush_soon(self) -> None:
+        """End the current window now (it is full)."""
+        self._wake.set()
 
     async def _flush_later(self) -> None:
         """Window after window while reads keep coming: a read that arrives while a flush
@@ -72,7 +84,9 @@ class ReceiptCoalescer:
         then (this task is still running), so this loop must take it."""
         while self._pending:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._window)
+                await asyncio.wait_for(self._wake.wait(), self._window)
+            if not self._closing:
+                self._wake.clear()  # before the flush: a window filled during it ends at once
             try:
                 await self.flush()
             except Exception:
@@ -97,7 +111,8 @@ class ReceiptCoalescer:
 
     async def close(self) -> None:
         """Shutdown: what waits for its window is sent now, not lost."""
-        self._closing.set()
+        self._closing = True
+        self._wake.set()
         if self._flushing is not None:
             await asyncio.gather(self._flushing, return_exceptions=True)
         await self.flush()

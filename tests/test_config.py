@@ -26,6 +26,7 @@ def test_environment_overrides_file_with_typed_values() -> None:
     assert cfg.redis.url == "redis://x:1/0"
     assert build_config({}, environ={"MEETING_PUSH_RECEIPT_WINDOW": "0.25"}).push.receipt_window == 0.25
     assert build_config({}, environ={}).push.receipt_window == 1.0  # the default the issue asked for
+    assert build_config({}, environ={"MEETING_PUSH_RECEIPT_PENDING_MAX": "5"}).push.receipt_pending_max == 5
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,7 @@ def test_environment_overrides_file_with_typed_values() -> None:
         ({"push": {"queue_bytes": 65536, "backlog_frame_bytes": 65536}}, {}, "push.backlog_frame_bytes"),
         ({"push": {"receipt_window": -1}}, {}, "push.receipt_window"),
         ({}, {"MEETING_PUSH_RECEIPT_WINDOW": "61"}, "push.receipt_window"),
+        ({"push": {"receipt_pending_max": 0}}, {}, "push.receipt_pending_max"),
     ],
 )
 def test_bad_settings_fail_loudly_naming_the_key(data: dict, environ: dict, named: str) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from meeting.config import Config, with_overrides
 from meeting.db import create_engine, message_recipients, messages, migrate
 from meeting.receipts import ReceiptCoalescer
-from meeting.typedefs import engine_key, push_hub_key
+from meeting.typedefs import engine_key, message_service_key, push_hub_key
 from meeting.web import create_app
 from tests.conftest import _clean_mariadb, _mysql_connect, base_config
 from tests.helpers import Api, Device, User
@@ -253,6 +253,32 @@ async def test_a_read_while_a_flush_is_under_way_reaches_the_sender(make_client:
     held.release.set()
     frames = [await sender.expect("message.receipt", timeout=10) for _ in range(2)]
     assert [(f["read_count"], [r["user_id"] for r in f["readers"]]) for f in frames] == [(2, [bob.id]), (2, [carol.id])]
+
+
+async def test_a_full_window_ends_at_once(make_client: Any, db_url: str) -> None:
+    """push.receipt_pending_max messages waiting: their frames go out without waiting a minute."""
+    api = Api(await make_client(base_config(database={"url": db_url}, push={"receipt_window": 60.0, "receipt_pending_max": 2})))
+    alice, bob = await api.users(2)
+    sender = await Device.connect(api, alice)
+    await sender.handshake()
+    first, second = await api.send(alice, [bob], "one"), await api.send(alice, [bob], "two")
+    await read(api, bob, first["id"])
+    await sender.ws.send_json({"type": "ping"})
+    frames = [await sender.next() for _ in range(3)]
+    assert [f["type"] for f in frames] == ["message.sent", "message.sent", "pong"]  # one waiting: no receipt yet
+    await read(api, bob, second["id"])  # two waiting: the window is full
+    frames = [await sender.expect("message.receipt", timeout=10) for _ in range(2)]
+    assert [(f["message_id"], f["read_count"], [r["user_id"] for r in f["readers"]]) for f in frames] == \
+        [(first["id"], 1, [bob.id]), (second["id"], 1, [bob.id])]
+
+
+async def test_read_counts_of_more_messages_than_one_statement_takes(api: Api) -> None:
+    alice, bob = await api.users(2)
+    sent = [(await api.send(alice, [bob], f"m{i}"))["id"] for i in range(3)]
+    await read(api, bob, sent[2])
+    service = api.client.app[message_service_key]
+    asked = sent + list(range(sent[-1] + 1, sent[-1] + 1200))  # more than a chunk, mostly missing
+    assert await service.read_counts(asked) == {sent[0]: 0, sent[1]: 0, sent[2]: 1}
 
 
 async def test_concurrent_reads_count_each_reader_once(make_client: Any, db_url: str) -> None:

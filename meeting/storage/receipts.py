@@ -26,6 +26,7 @@ def _dicts(result: Any) -> list[dict[str, Any]]:
 
 
 _BUMP_READS = m.update().where(m.c.id.in_(_IDS)).values(read_count=m.c.read_count + 1)
+_READ_COUNTS = sa.select(m.c.id, m.c.read_count).where(m.c.id.in_(_IDS))
 _RECEIPTS = sa.select(m.c.id, m.c.sender_id, m.c.read_count, m.c.recipient_count).where(m.c.id.in_(_IDS))
 
 
@@ -59,6 +60,11 @@ async def receipts(conn: AsyncConnection, message_id: int, after: int | None, li
 
 
 async def read_counts(conn: AsyncConnection, message_ids: list[int]) -> dict[int, int]:
-    """Each message's committed read_count now."""
-    rows = await conn.execute(sa.select(m.c.id, m.c.read_count).where(m.c.id.in_(sorted(message_ids))))
-    return {row.id: row.read_count for row in rows}
+    """Each message's committed read_count now; in chunks, like count_reads (up to
+    push.receipt_pending_max ids at a time)."""
+    ids = sorted(message_ids)
+    counts: dict[int, int] = {}
+    for start in range(0, len(ids), _CHUNK):
+        rows = await conn.execute(_READ_COUNTS, {"ids": ids[start:start + _CHUNK]})
+        counts.update((row.id, row.read_count) for row in rows)
+    return counts
