@@ -50,10 +50,16 @@ class UserConnection(Connection):
     """A user's push socket: seq ordering, catch-up and token timers on top of the queue.
 
     `deliver` takes what the broker brings: seq > 0 is the `message.new` of that seq,
-    seq <= 0 a frame that must follow seq -seq (a `message.read`; 0 follows nothing).
+    seq < 0 a frame that must follow seq -seq (a `message.read`), seq 0 a live-only
+    frame that follows nothing (`message.sent`, `message.receipt`). Live-only frames
+    give way when frames are held: before `message.synced` at most half the queue of
+    them waits (the rest are dropped, as they are when the gate's followers are full),
+    since the device re-reads the sent box and receipts anyway and a socket closed for
+    them would cost a whole resync.
     """
 
-    __slots__ = ("gate", "page", "_live", "_early", "_early_known", "_fetch", "_encode", "_catching_up", "_again")
+    __slots__ = ("gate", "page", "_live", "_early", "_early_live", "_early_known", "_fetch", "_encode", "_catching_up",
+                 "_again")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
@@ -65,6 +71,7 @@ class UserConnection(Connection):
         self.page = max(1, min(PAGE, queue_limit // 2))
         self._live = False                      # until message.synced went out, broker frames wait
         self._early: list[tuple[int, Item]] = []
+        self._early_live = 0                    # live-only frames (seq 0) among them
         self._early_known = 0                   # highest seq dropped from _early over the limit
         self._fetch = fetch
         self._encode = encode or (lambda row: frames.encode("message.new", row))  # a stored row as message.new
@@ -74,7 +81,11 @@ class UserConnection(Connection):
     def deliver(self, seq: int, frame: str, committed_at: float | None = None) -> None:
         """A frame from the broker: held until message.synced, then through the gate."""
         if not self._live or self.gate is None:
-            if len(self._early) < self._queue_limit:
+            if seq == 0:  # live only: dropped rather than let it crowd the queue at go_live
+                if len(self._early) < self._queue_limit and self._early_live < self._queue_limit // 2:
+                    self._early.append((seq, (frame, committed_at)))
+                    self._early_live += 1
+            elif len(self._early) < self._queue_limit:
                 self._early.append((seq, (frame, committed_at)))
             elif seq > 0:  # stored: the catch-up after message.synced fetches it
                 self._early_known = max(self._early_known, seq)
@@ -91,7 +102,8 @@ class UserConnection(Connection):
         if seq > 0:
             ready = gate.offer(seq, item)
         elif gate.followers >= self._queue_limit:
-            self._too_slow()
+            if seq < 0:  # a read sync must not be lost; a live-only frame may be
+                self._too_slow()
             return
         else:
             ready = gate.follow(-seq, item)
@@ -112,7 +124,7 @@ class UserConnection(Connection):
         """After message.synced: release what the broker brought meanwhile, in order."""
         assert self.gate is not None
         self._live = True
-        early, self._early = self._early, []
+        early, self._early, self._early_live = self._early, [], 0
         for seq, item in early:
             self._offer(seq, item)
         self.gate.heard(self._early_known)

@@ -57,6 +57,23 @@ class Api:
         return int((await self.call("GET", "/messages/unread/count", user=user, expect=200))["count"])
 
 
+class Held:
+    """Wraps an async call of the real app so that, once started, it waits until released:
+    a flush or a sync caught in the middle, as under a slow database, without sleeps."""
+
+    def __init__(self, real: Any):
+        import asyncio
+
+        self.real = real
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.started.set()
+        await self.release.wait()
+        return await self.real(*args, **kwargs)
+
+
 class Device:
     """One client WebSocket on /ws/messages; every frame it reads is schema-validated."""
 

@@ -23,7 +23,7 @@ from meeting.receipts import ReceiptCoalescer
 from meeting.typedefs import engine_key, message_service_key, push_hub_key
 from meeting.web import create_app
 from tests.conftest import _clean_mariadb, _mysql_connect, base_config
-from tests.helpers import Api, Device, User
+from tests.helpers import Api, Device, Held, User
 
 SENT_VIEW = {"id", "sender_id", "recipient_ids", "recipient_count", "read_count", "content", "type", "meeting_id", "created_at"}
 RECEIVED_VIEW = {"id", "sender_id", "recipient_count", "content", "type", "meeting_id", "created_at", "read_at", "seq"}
@@ -198,27 +198,15 @@ async def test_reads_within_the_window_share_one_frame(make_client: Any, db_url:
     assert late["readers"][0]["user_id"] == dave.id and late["read_count"] == 3
 
 
-class HeldCounts:
-    """A coalescer's counts query that waits, once started, until released: a flush held
-    in the middle, as under a slow database."""
-
-    def __init__(self, real: Any):
-        self.real = real
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __call__(self, ids: list[int]) -> dict[int, int]:
-        self.started.set()
-        await self.release.wait()
-        return await self.real(ids) if self.real is not None else {}
-
-
 def counted(message_id: int, read_count: int, sender_id: int = 1, recipient_count: int = 3) -> dict[str, Any]:
     return {"id": message_id, "sender_id": sender_id, "read_count": read_count, "recipient_count": recipient_count}
 
 
 async def test_a_read_during_a_flush_gets_a_window_of_its_own() -> None:
-    held = HeldCounts(None)
+    async def no_counts(ids: list[int]) -> dict[int, int]:
+        return {}
+
+    held = Held(no_counts)
     out: asyncio.Queue[tuple[int, int, str]] = asyncio.Queue()
 
     async def publish(items: Any, committed_at: float) -> None:
@@ -246,7 +234,7 @@ async def test_a_read_while_a_flush_is_under_way_reaches_the_sender(make_client:
     sent = await api.send(alice, [bob, carol])
     await sender.expect("message.sent")
     coalescer = api.client.app[push_hub_key].receipts
-    held = coalescer._counts = HeldCounts(coalescer._counts)
+    held = coalescer._counts = Held(coalescer._counts)
     await read(api, bob, sent["id"])
     await asyncio.wait_for(held.started.wait(), 10)  # bob's window closed; its flush is reading the counts
     await read(api, carol, sent["id"])

@@ -16,11 +16,11 @@ from aiohttp.test_utils import TestServer
 
 from meeting.auth import TokenCodec
 from meeting.config import Config, with_overrides
-from meeting.typedefs import push_hub_key, rooms_key, ws_users
+from meeting.typedefs import message_service_key, push_hub_key, rooms_key, ws_users
 from meeting.ws import UserConnection
 from meeting.web import create_app
 from tests.conftest import TEST_SECRET
-from tests.helpers import Api, Device, User, session_of
+from tests.helpers import Api, Device, Held, User, session_of
 
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
@@ -255,6 +255,29 @@ async def test_slow_consumer_is_closed_with_1013_and_delays_nobody(make_client: 
 @pytest.fixture
 def fast_heartbeat(config: Config) -> Config:
     return with_overrides(config, push={"heartbeat": 0.2})
+
+
+async def test_live_only_frames_before_synced_are_dropped_over_half_the_queue_not_closed(
+        make_client: Any, tight_queue: Config) -> None:
+    """message.sent frames arriving while the device's sync is still running wait, up to half
+    the queue (4 here); more are dropped (the sent box has them), where they used to close
+    the socket with 1013 once the frames held reached the queue limit."""
+    api = Api(await make_client(tight_queue))
+    alice, bob = await api.users(2)
+    service = api.client.app[message_service_key]
+    held = service.sync_point = Held(service.sync_point)
+    device = await Device.connect(api, alice)
+    await asyncio.wait_for(held.started.wait(), 5)  # registered; its sync point is not read yet
+    sent = [await api.send(alice, [bob], f"m{i}") for i in range(6)]
+    held.release.set()
+    assert (await device.handshake())["messages"] == []
+    frames = [await device.next() for _ in range(2)]
+    assert [(f["type"], f["payload"]["id"]) for f in frames] == [("message.sent", sent[0]["id"]), ("message.sent", sent[1]["id"])]
+    later = await api.send(alice, [bob], "after the sync")  # live again, as usual
+    assert (await device.expect("message.sent"))["id"] == later["id"]
+    await device.ws.send_json({"type": "ping"})
+    assert (await device.next())["type"] == "pong"
+    assert [f["type"] for f in device.frames] == ["connected", "message.unread", "message.synced", *["message.sent"] * 3, "pong"]
 
 
 async def test_heartbeat_removes_a_silent_peer(make_client: Any, fast_heartbeat: Config) -> None:
