@@ -81,7 +81,11 @@ async def send(url: str, username: str, password: str, to: list[int], content: s
                attempts: int = 5, timeout: float = 10.0, out: Any = sys.stdout) -> int:
     key = key or str(uuid.uuid4())
     async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-        token = await login(http, username, password)
+        try:
+            token = await login(http, username, password)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # nothing sent yet: nothing to retry safely
+            print(f"# request failed: {exc!r}", file=sys.stderr, flush=True)
+            return 1
         headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key}
         for attempt in range(1, attempts + 1):
             try:
@@ -102,13 +106,20 @@ async def send(url: str, username: str, password: str, to: list[int], content: s
     return 1
 
 
-async def fetch(url: str, username: str, password: str, path: str, params: dict[str, str], out: Any = sys.stdout) -> int:
-    """GET one page as the user and print its body."""
-    async with aiohttp.ClientSession(url) as http:
-        token = await login(http, username, password)
-        async with http.get(path, params=params, headers={"Authorization": f"Bearer {token}"}) as resp:
-            print(await resp.text(), file=out, flush=True)
-            return 0 if resp.status == 200 else 1
+async def fetch(url: str, username: str, password: str, path: str, params: dict[str, str], timeout: float = 10.0,
+                out: Any = sys.stdout) -> int:
+    """GET one page as the user and print its body. Not retried (a read is cheap to run
+    again by hand); a server that is unreachable or does not answer in `timeout` seconds
+    is one line on stderr and exit status 1, like `send`, not a traceback."""
+    try:
+        async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            token = await login(http, username, password)
+            async with http.get(path, params=params, headers={"Authorization": f"Bearer {token}"}) as resp:
+                print(await resp.text(), file=out, flush=True)
+                return 0 if resp.status == 200 else 1
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        print(f"# request failed: {exc!r}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _paging(args: argparse.Namespace, cursor: str) -> dict[str, str]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import io
+import socket
 import sys
 from typing import Any
 
 from aiohttp import web
 
-from meeting.client import send
+from meeting.client import fetch, send
 from tests.helpers import Api
 
 
@@ -105,3 +106,34 @@ async def test_sent_and_receipts_print_the_senders_view(api: Api) -> None:
     assert [(r["user_id"], r["read_at"] is not None) for r in receipts["recipients"]] == sorted([(bob.id, False), (carol.id, True)])
     assert [r["user_id"] for r in unread["recipients"]] == [bob.id] and unread["read_count"] == 1
     assert refused["error"]["code"] == "not_found"  # bob received it; only its sender sees receipts
+
+
+async def test_sent_receipts_and_send_fail_in_one_line_when_the_server_is_unreachable() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for command in (["sent"], ["receipts", "1"], ["send", "--to", "2", "--content", "x"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meeting.client", *command, "--url", f"http://127.0.0.1:{port}", "--username", "u",
+            "--password", "p", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1 and out == b""
+        assert err.decode().startswith("# request failed: ClientConnectorError") and "Traceback" not in err.decode(), err
+
+
+async def test_sent_gives_up_on_a_server_that_does_not_answer(aiohttp_server: Any) -> None:
+    answered = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await answered.wait()
+        return web.json_response({"access_token": "t"})
+
+    app = web.Application()
+    app.router.add_post("/auth/login", hang)
+    server = await aiohttp_server(app)
+    out = io.StringIO()
+    try:
+        assert await fetch(str(server.make_url("")).rstrip("/"), "u", "p", "/messages", {"box": "sent"}, timeout=0.2, out=out) == 1
+    finally:
+        answered.set()
+    assert out.getvalue() == ""
