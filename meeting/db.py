@@ -235,6 +235,18 @@ def readers(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(**{READ_ONLY: True})
 
 
+def snapshot_readers(engine: AsyncEngine) -> AsyncEngine:
+    """Readers whose transaction sees one snapshot for all its statements, for answers
+    made of several reads that must agree (a count and the rows it counts). MariaDB
+    runs READ COMMITTED, where each statement sees what committed before it; this
+    engine's connections run REPEATABLE READ instead (set at checkout, reset when
+    returned to the pool). SQLite's deferred read transaction in WAL mode already
+    reads one snapshot."""
+    if engine.dialect.name in ("mysql", "mariadb"):
+        return readers(engine).execution_options(isolation_level="REPEATABLE READ")
+    return readers(engine)
+
+
 #: InnoDB errors after which nothing of the transaction is kept: deadlock (1213, the whole
 #: transaction rolled back) and lock wait timeout (1205, rolled back when we leave `begin()`).
 LOCK_CONFLICTS = frozenset({1205, 1213})

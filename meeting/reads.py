@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .cache import MessageCache
-from .db import CommitFailed, transaction
+from .db import CommitFailed, snapshot_readers, transaction
 from .errors import NotFound, Unavailable
 from .recipients import RecipientLists
 from .storage import messages as store
@@ -62,6 +62,7 @@ class Reads:
                  notify: Notify, unread_count: Callable[[int], Awaitable[int]]):
         self._engine = engine
         self._reads = reads
+        self._snapshots = snapshot_readers(engine)
         self._cache = cache
         self._attempts = attempts
         self.recipients = recipients  # the service's, shared (MessageService.recipients)
@@ -80,8 +81,10 @@ class Reads:
     async def receipts(self, user_id: int, message_id: int, limit: int = 100, after: int | None = None,
                        unread: bool = False) -> dict[str, Any]:
         """Who read a message the user sent, in user id order. Anyone but its sender gets
-        the 404 of a missing message: a recipient must not learn the audience this way."""
-        async with self._reads.connect() as conn:
+        the 404 of a missing message: a recipient must not learn the audience this way.
+        The counts and the page are read from one snapshot, so they never contradict
+        each other (a reader in the page whom read_count does not count yet)."""
+        async with self._snapshots.connect() as conn:
             message = await receipt_store.sent_one(conn, user_id, message_id)
             if message is None:
                 raise NotFound("No such message.")

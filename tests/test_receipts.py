@@ -7,6 +7,7 @@ cross-instance cases (two apps sharing MariaDB and Redis) are at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import uuid
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 from aiohttp.test_utils import TestServer
 from sqlalchemy.engine import make_url
 
@@ -267,6 +269,49 @@ async def test_read_counts_of_more_messages_than_one_statement_takes(api: Api) -
     service = api.client.app[message_service_key]
     asked = sent + list(range(sent[-1] + 1, sent[-1] + 1200))  # more than a chunk, mostly missing
     assert await service.read_counts(asked) == {sent[0]: 0, sent[1]: 0, sent[2]: 1}
+
+
+def commit_a_read_now(db_url: str, message_id: int, reader_id: int) -> None:
+    """What a concurrent mark commits (the row and the counter), from a connection of its own."""
+    statements = [f"UPDATE message_recipients SET read_at = '2026-11-29 08:00:00' WHERE message_id = {message_id} "
+                  f"AND recipient_id = {reader_id}", f"UPDATE messages SET read_count = read_count + 1 WHERE id = {message_id}"]
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(make_url(db_url).database, timeout=5)) as conn:
+            for statement in statements:
+                conn.execute(statement)
+            conn.commit()
+    else:
+        url = make_url(db_url)
+        conn = _mysql_connect(url, url.database)
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+        conn.close()
+
+
+async def test_receipts_count_and_page_come_from_one_snapshot(make_client: Any, db_url: str) -> None:
+    """A read that commits between the query of the counts and that of the page must show in
+    both or in neither: here it commits right before the page is read."""
+    api = Api(await make_client(base_config(database={"url": db_url})))
+    alice, bob, carol = await api.users(3)
+    sent = await api.send(alice, [bob, carol])
+    armed = True
+
+    @event.listens_for(api.client.app[engine_key].sync_engine, "before_cursor_execute")
+    def between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal armed
+        if armed and "ORDER BY message_recipients.recipient_id" in statement:
+            armed = False
+            commit_a_read_now(db_url, sent["id"], carol.id)
+
+    receipts = await api.call("GET", f"/messages/{sent['id']}/receipts", user=alice, expect=200)
+    assert not armed
+    read_in_page = [r["user_id"] for r in receipts["recipients"] if r["read_at"] is not None]
+    assert receipts["read_count"] == len(read_in_page) == 0
+    again = await api.call("GET", f"/messages/{sent['id']}/receipts", user=alice, expect=200)
+    assert again["read_count"] == 1 and [r["user_id"] for r in again["recipients"] if r["read_at"]] == [carol.id]
 
 
 async def test_concurrent_reads_count_each_reader_once(make_client: Any, db_url: str) -> None:
