@@ -74,6 +74,17 @@ class PushHub:
     def wants(self, user_id: int) -> bool:
         return user_id in self.users
 
+    def may_reach(self, user_id: int) -> bool:
+        """Whether a live-only frame for this user (message.sent, message.receipt) could
+        reach a device of theirs, so that building it is worth the work. Without Redis
+        this process's map knows exactly, at the very moment the frame would be delivered
+        (no await in between), so skipping loses nothing. With Redis a device may be on
+        any instance, and presence cannot say "none" for sure (a connection admitted
+        while Redis was out is counted only from the next heartbeat after it is back) and
+        would cost a round trip per send, about what the publish it saves costs (batched
+        in the background publisher; Redis drops a PUBLISH nobody subscribed to): so yes."""
+        return isinstance(self.broker, RedisBroker) or user_id in self.users
+
     def sessions_revoked(self, pairs: list[tuple[int, int]]) -> None:
         revoked = {session_id for session_id, _ in pairs}
         for user_id in {user_id for _, user_id in pairs}:
@@ -99,7 +110,8 @@ class PushHub:
         frame_for = self.bodies.message_new_for(message)
         items = [(user_id, seq, frame_for(seq)) for user_id, seq in message["seqs"].items()]
         # The sender's devices: seq 0, it is in nobody's inbox of theirs (follows nothing, never replayed).
-        items.append((message["sender_id"], 0, frames.encode("message.sent", message)))
+        if self.may_reach(message["sender_id"]):
+            items.append((message["sender_id"], 0, frames.encode("message.sent", message)))
         await self.broker.publish(items, committed_at)
 
     async def on_read(self, user_id: int, ids: list[int], count: int, upto_seq: int) -> None:
@@ -155,7 +167,8 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.broker.start()
     app[push_hub_key] = hub
     service = app[message_service_key]
-    hub.receipts = ReceiptCoalescer(cfg.receipt_window, service.read_counts, hub.broker.publish, cfg.receipt_pending_max)
+    hub.receipts = ReceiptCoalescer(cfg.receipt_window, service.read_counts, hub.broker.publish, cfg.receipt_pending_max,
+                                    hub.may_reach)
     service.on_stored.append(hub.on_stored)
     service.on_read.append(hub.on_read)
     service.on_receipts.append(hub.receipts.on_receipts)

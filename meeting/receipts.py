@@ -45,11 +45,13 @@ class _Pending:
 
 
 class ReceiptCoalescer:
-    def __init__(self, window: float, counts: Counts, publish: Publish, pending_max: int = 10_000):
+    def __init__(self, window: float, counts: Counts, publish: Publish, pending_max: int = 10_000,
+                 reachable: Callable[[int], bool] = lambda sender_id: True):
         self._window = window
         self._counts = counts
         self._publish = publish
         self._pending_max = pending_max
+        self._reachable = reachable
         self._pending: dict[int, _Pending] = {}
         self._flushing: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # set: flush without waiting for the rest of the window
@@ -93,8 +95,13 @@ class ReceiptCoalescer:
                 log.exception("publishing read receipts failed")
 
     async def flush(self, refresh: bool = True) -> None:
-        """Send a frame for every message read since the last flush."""
+        """Send a frame for every message read since the last flush whose sender may have a
+        device online (no counts re-read, no frame built for the others: see
+        PushHub.may_reach). A device of that sender connecting during the refresh misses
+        the frame: it reads the counts from the sent box or receipts, as any device that
+        connects does, and they include these reads (committed before this flush)."""
         pending, self._pending = self._pending, {}
+        pending = {message_id: p for message_id, p in pending.items() if self._reachable(p.sender_id)}
         if not pending:
             return
         if refresh:

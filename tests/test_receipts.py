@@ -314,6 +314,47 @@ async def test_receipts_count_and_page_come_from_one_snapshot(make_client: Any, 
     assert again["read_count"] == 1 and [r["user_id"] for r in again["recipients"] if r["read_at"]] == [carol.id]
 
 
+@pytest.mark.parametrize("window", [0.0, 60.0])
+async def test_nothing_is_built_for_a_sender_with_no_device(make_client: Any, db_url: str, window: float) -> None:
+    """Without Redis the process knows the sender has no device: no message.sent, no receipt
+    and no re-read of the counts for them; once a device connects it gets both again."""
+    api = Api(await make_client(base_config(database={"url": db_url}, push={"receipt_window": window})))
+    hub = api.client.app[push_hub_key]
+    coalescer = hub.receipts
+    held = coalescer._counts = Held(coalescer._counts)
+    held.release.set()
+    alice, bob, carol = await api.users(3)
+    bobs = await Device.connect(api, bob)
+    await bobs.handshake()
+    before = hub.broker.publishes
+    sent = await api.send(alice, [bob, carol])  # alice has no device
+    assert (await bobs.expect("message.new"))["id"] == sent["id"]
+    assert hub.broker.publishes == before + 2  # the recipients' message.new, no message.sent
+    await read(api, bob, sent["id"])
+    await bobs.expect("message.read")
+    coalescer.flush_soon()
+    await until(lambda: not coalescer._pending and (coalescer._flushing is None or coalescer._flushing.done()))
+    assert (coalescer.frames, held.started.is_set(), hub.broker.publishes) == (0, False, before + 3)  # + bob's message.read
+
+    alices = await Device.connect(api, alice)
+    await alices.handshake()
+    again = await api.send(alice, [carol])
+    await read(api, carol, sent["id"])
+    coalescer.flush_soon()
+    frames = [await alices.next(timeout=10) for _ in range(2)]
+    assert [(f["type"], f["payload"].get("id", f["payload"].get("message_id"))) for f in frames] == \
+        [("message.sent", again["id"]), ("message.receipt", sent["id"])]
+    assert frames[1]["payload"]["read_count"] == 2 and [r["user_id"] for r in frames[1]["payload"]["readers"]] == [carol.id]
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Poll a condition with a deadline (not a sleep as synchronisation: it ends when it holds)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def test_concurrent_reads_count_each_reader_once(make_client: Any, db_url: str) -> None:
     """Every recipient marks the notice read three ways at once (one message, the list, all):
     the counter ends at exactly the number of readers, as the rows say."""
