@@ -6,7 +6,9 @@ costs O(recipients); the counters are kept in the rows instead: recipient_count
 is fixed at the send, read_count goes up in the transaction that marks a
 recipient row read (meeting.storage.receipts.count_reads, called by
 meeting.messages._mark right after storage.messages.mark_read). Existing
-messages are counted once here.
+messages are counted once here. Instances of the previous version must be
+stopped before it runs (README, "Upgrading"): they would insert messages with
+recipient_count 0 and never bump read_count.
 
 Revision ID: 0005
 Revises: 0004
