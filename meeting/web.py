@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from marshmallow import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from . import db
+from . import db, frontend
 from .auth import AuthService, TokenCodec
 from . import signing
 from .broker import RedisBroker
@@ -80,6 +80,7 @@ def setup_routes(app: web.Application) -> None:
         web.get(f"/ws/meetings/{ID}", rooms.room),
         web.get(f"/users/{ID}/presence", presence.one),
         web.get("/presence", presence.many),
+        *frontend.routes(),
     ])
     if app[config_key].push.enabled:
         app.router.add_get("/ws/messages", messages_ws)
@@ -221,5 +222,6 @@ def create_app(config: Config) -> web.Application:
         resources.append(push_ctx)
     app.cleanup_ctx.extend(resources)
     app.on_shutdown.append(drain_then_close)
+    app.on_response_prepare.append(frontend.security_headers)
     setup_routes(app)
     return app

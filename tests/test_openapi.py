@@ -1,5 +1,6 @@
 from openapi_spec_validator import validate
 
+from meeting.frontend import FILES
 from tests.helpers import Api
 
 
@@ -44,7 +45,7 @@ async def test_the_document_declares_every_status_a_route_can_answer(api: Api) -
     assert paths["/healthz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Health")
     # any route that reads the database answers 503 database_unavailable while it is down
     assert {path for path, ops in paths.items() if "503" not in ops.get("get", ops.get("post", {}))["responses"]} == \
-        {"/openapi.json", "/metrics"}
+        {"/openapi.json", "/metrics", *FILES}  # FILES: the web client's page and files (meeting.frontend)
     assert "403" in paths["/metrics"]["get"]["responses"]  # metrics.allow
 
 

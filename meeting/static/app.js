@@ -1,0 +1,371 @@
+// The page at `/`: a thin view over meeting-client.js. It never builds HTML from
+// strings (textContent only), so message text cannot inject markup; with the CSP
+// (`default-src 'self'`) nothing but these files runs here.
+import { ApiError, MeetingClient, uuid4 } from "./meeting-client.js";
+
+const $ = (id) => document.getElementById(id);
+const byTestId = (name) => document.querySelector(`[data-testid="${name}"]`);
+const client = new MeetingClient();
+const users = new Map();      // id -> Promise<user>
+const known = new Set();      // ids of people to show presence for
+let presenceTimer = null;
+let firstSync = true;
+
+const STATUS_TEXT = { connecting: "Connecting…", connected: "Connected", reconnecting: "Reconnecting…", offline: "Offline" };
+
+function show(el, visible) {
+  el.hidden = !visible;
+}
+
+function setError(el, message) {
+  el.textContent = message || "";
+  show(el, Boolean(message));
+}
+
+function describe(error) {
+  if (error instanceof ApiError) {
+    if (error.code === "invalid_credentials") return "Wrong username or password.";
+    if (error.code === "username_taken") return "That username is taken.";
+    if (error.code === "validation_error" && error.details) {
+      return Object.entries(error.details).map(([field, problems]) => `${field}: ${[].concat(problems).join(" ")}`).join("; ");
+    }
+    return error.message;
+  }
+  return "The server cannot be reached; try again.";
+}
+
+function userById(id) {
+  if (!users.has(id)) {
+    users.set(id, client.api("GET", `/users/${id}`).catch(() => ({ id, username: `#${id}`, display_name: `#${id}` })));
+  }
+  return users.get(id);
+}
+
+function remember(user) {
+  users.set(user.id, Promise.resolve(user));
+}
+
+function time(iso) {
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? "" : d.toLocaleString();
+}
+
+// ---- login ----------------------------------------------------------------------
+
+async function onLogin(event, register) {
+  event.preventDefault();
+  const username = byTestId("login-username").value.trim();
+  const password = byTestId("login-password").value;
+  const error = byTestId("login-error");
+  if (!username || !password) {
+    setError(error, "Enter a username and a password.");
+    return;
+  }
+  setError(error, "");
+  try {
+    if (register) await client.register(username, password);
+    await client.login(username, password);
+    byTestId("login-password").value = "";
+    await enter();
+  } catch (e) {
+    setError(error, describe(e));
+  }
+}
+
+async function enter() {
+  const user = client.user;
+  remember(user);
+  byTestId("current-user").textContent = user.username;
+  show($("login-view"), false);
+  show($("session-bar"), true);
+  show($("app-view"), true);
+  firstSync = true;
+  await loadHistory();
+  client.connect();
+  loadSent().catch(report);
+  loadMeetings().catch(report);
+  presenceTimer = setInterval(() => refreshPresence().catch(() => {}), 15000);
+}
+
+function leave(message) {
+  clearInterval(presenceTimer);
+  show($("app-view"), false);
+  show($("session-bar"), false);
+  show($("login-view"), true);
+  for (const id of ["message-list", "sent-list", "meeting-list", "people-list"]) {
+    const list = document.querySelector(`#${id}, [data-testid="${id}"]`);
+    list.replaceChildren();
+  }
+  known.clear();
+  users.clear();
+  setError(byTestId("login-error"), message || "");
+  byTestId("login-username").focus();
+}
+
+function report(error) {
+  $("announcer").append(Object.assign(document.createElement("p"), { textContent: describe(error) }));
+}
+
+// ---- inbox ----------------------------------------------------------------------
+
+async function loadHistory() {
+  const page = await client.api("GET", "/messages?limit=50");
+  const fresh = client.seed(page.messages);
+  await Promise.all(fresh.map((m) => renderMessage(m, false)));
+  for (const m of page.messages) setRead(m.id, m.read_at !== null);
+}
+
+async function renderMessage(message, announce) {
+  const list = byTestId("message-list");
+  if (list.querySelector(`[data-message-id="${message.id}"]`)) return;
+  const sender = await userById(message.sender_id);
+  if (list.querySelector(`[data-message-id="${message.id}"]`)) return;
+  knowPerson(message.sender_id);
+
+  const li = document.createElement("li");
+  li.dataset.testid = "message";
+  li.dataset.messageId = message.id;
+  li.dataset.seq = message.seq;
+  li.className = "message";
+  const head = document.createElement("div");
+  head.className = "meta";
+  const from = document.createElement("span");
+  from.dataset.testid = "message-sender";
+  from.className = "sender";
+  from.textContent = sender.username;
+  from.title = sender.display_name;
+  const when = document.createElement("time");
+  when.dateTime = message.created_at;
+  when.textContent = time(message.created_at);
+  head.append(from, when);
+  if (message.type === "meeting.invite") {
+    head.append(Object.assign(document.createElement("span"), { className: "tag", textContent: "Meeting invitation" }));
+  }
+  const body = document.createElement("p");
+  body.dataset.testid = "message-content";
+  body.className = "content";
+  body.textContent = message.content;
+  li.append(head, body);
+
+  // newest first: before the first item with a lower seq
+  const after = [...list.children].find((el) => Number(el.dataset.seq) < message.seq);
+  list.insertBefore(li, after ?? null);
+  setRead(message.id, message.read_at !== null && message.read_at !== undefined);
+  show($("inbox-empty"), false);
+  if (announce) {
+    const note = document.createElement("p");
+    note.textContent = `New message from ${sender.username}: ${message.content}`;
+    $("announcer").append(note);
+    while ($("announcer").childElementCount > 5) $("announcer").firstElementChild.remove();
+  }
+  if (message.type === "meeting.invite") loadMeetings().catch(report);
+}
+
+function setRead(id, read) {
+  const li = byTestId("message-list").querySelector(`[data-message-id="${id}"]`);
+  if (!li) return;
+  li.dataset.read = String(read);
+  const button = li.querySelector('[data-testid="mark-read"]');
+  if (read && button) button.remove();
+  if (!read && !button) {
+    const mark = document.createElement("button");
+    mark.type = "button";
+    mark.dataset.testid = "mark-read";
+    mark.className = "secondary small";
+    mark.textContent = "Mark read";
+    mark.setAttribute("aria-label", `Mark read: ${li.querySelector(".content").textContent.slice(0, 40)}`);
+    mark.addEventListener("click", () => client.markRead([Number(id)]).catch(report));
+    li.append(mark);
+  }
+}
+
+/** After a reconnect, reads of older messages made meanwhile are not replayed: ask REST. */
+async function refreshReadStates() {
+  const page = await client.api("GET", "/messages?limit=50");
+  for (const m of page.messages) setRead(m.id, m.read_at !== null);
+}
+
+// ---- compose, sent ----------------------------------------------------------------
+
+const splitNames = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
+
+async function onCompose(event) {
+  event.preventDefault();
+  const error = byTestId("compose-error");
+  const content = byTestId("compose-content").value;
+  const names = splitNames(byTestId("compose-recipients").value);
+  setError(error, "");
+  $("compose-done").textContent = "";
+  if (!names.length || !content.trim()) {
+    setError(error, "Enter at least one recipient and a message.");
+    return;
+  }
+  const button = byTestId("compose-send");
+  button.disabled = true;
+  try {
+    const ids = await client.resolveUsernames(names);
+    const message = await client.send({ recipientIds: ids, content });
+    byTestId("compose-content").value = "";
+    $("compose-done").textContent = "Sent.";
+    ids.forEach(knowPerson);
+    renderSent(message, true);
+  } catch (e) {
+    setError(error, describe(e));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function loadSent() {
+  const page = await client.api("GET", "/messages/sent?limit=20");
+  for (const m of page.messages) renderSent(m, false);
+}
+
+async function renderSent(message, first) {
+  const list = $("sent-list");
+  if (list.querySelector(`[data-message-id="${message.id}"]`)) return;
+  const li = document.createElement("li");
+  li.className = "message";
+  li.dataset.messageId = message.id;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const to = document.createElement("span");
+  to.className = "sender";
+  meta.append(to, Object.assign(document.createElement("time"), { dateTime: message.created_at, textContent: time(message.created_at) }));
+  const body = Object.assign(document.createElement("p"), { className: "content", textContent: message.content });
+  li.append(meta, body);
+  if (first) list.prepend(li); else list.append(li);
+  const recipients = await Promise.all((message.recipient_ids ?? []).map(userById));
+  to.textContent = `To ${recipients.map((u) => u.username).join(", ")}`;
+}
+
+// ---- meetings ---------------------------------------------------------------------
+
+async function loadMeetings() {
+  const page = await client.api("GET", "/meetings?limit=20");
+  const list = $("meeting-list");
+  const items = await Promise.all(page.meetings.map(async (m) => {
+    const people = await Promise.all(m.participant_ids.map(userById));
+    m.participant_ids.forEach(knowPerson);
+    const li = document.createElement("li");
+    const title = Object.assign(document.createElement("strong"), { textContent: m.title });
+    const when = m.starts_at ? ` · ${time(m.starts_at)}` : "";
+    const who = Object.assign(document.createElement("span"), {
+      className: "muted", textContent: `${when} · ${people.map((u) => u.username).join(", ")}`,
+    });
+    li.append(title, who);
+    return li;
+  }));
+  list.replaceChildren(...items);
+}
+
+async function onMeeting(event) {
+  event.preventDefault();
+  const error = $("meeting-error");
+  setError(error, "");
+  const title = $("meeting-title").value;
+  if (!title.trim()) {
+    setError(error, "Enter a title.");
+    return;
+  }
+  try {
+    const ids = await client.resolveUsernames(splitNames($("meeting-participants").value));
+    const body = { title, participant_ids: ids };
+    if ($("meeting-starts").value) body.starts_at = new Date($("meeting-starts").value).toISOString();
+    await client.api("POST", "/meetings", body, { idempotencyKey: uuid4() });
+    $("meeting-title").value = "";
+    $("meeting-participants").value = "";
+    await loadMeetings();
+  } catch (e) {
+    setError(error, describe(e));
+  }
+}
+
+// ---- people and presence ------------------------------------------------------------
+
+function knowPerson(id) {
+  if (id === client.user?.id || known.has(id)) return;
+  known.add(id);
+  refreshPresence().catch(() => {});
+}
+
+async function refreshPresence() {
+  if (!known.size || !client.user) return;
+  const ids = [...known].slice(0, 100);
+  const answer = await client.api("GET", `/presence?ids=${ids.join(",")}`);
+  const items = await Promise.all(ids.map(async (id) => {
+    const user = await userById(id);
+    const state = answer.users[String(id)];
+    const li = document.createElement("li");
+    li.className = state?.online ? "person online" : "person";
+    li.dataset.userId = id;
+    const dot = Object.assign(document.createElement("span"), { className: "dot" });
+    dot.setAttribute("aria-hidden", "true");
+    const name = Object.assign(document.createElement("span"), { textContent: user.username });
+    const what = Object.assign(document.createElement("span"), {
+      className: "muted", textContent: state?.online ? ` online (${state.devices})` : " offline",
+    });
+    li.append(dot, name, what);
+    return li;
+  }));
+  $("people-list").replaceChildren(...items);
+  show($("people-empty"), items.length === 0);
+}
+
+async function suggest(input) {
+  const parts = input.value.split(",");
+  const prefix = parts.at(-1).trim().toLowerCase();
+  const list = $("user-suggestions");
+  if (!prefix || !/^[a-z0-9_.-]+$/.test(prefix)) {
+    list.replaceChildren();
+    return;
+  }
+  const found = await client.findUsers(prefix, 8);
+  const head = parts.slice(0, -1).map((s) => s.trim()).filter(Boolean);
+  list.replaceChildren(...found.map((u) => {
+    remember(u);
+    return Object.assign(document.createElement("option"), { value: [...head, u.username].join(", "), label: u.display_name });
+  }));
+}
+
+// ---- wiring -------------------------------------------------------------------------
+
+client.on("message", (m) => renderMessage(m, true).catch(report));
+client.on("read", ({ ids }) => ids.forEach((id) => setRead(id, true)));
+client.on("unread-count", (count) => { byTestId("unread-count").textContent = String(count); });
+client.on("status", ({ state }) => {
+  const el = byTestId("connection-status");
+  el.dataset.state = state;
+  el.textContent = STATUS_TEXT[state] ?? state;
+});
+client.on("synced", () => {
+  if (!firstSync) refreshReadStates().catch(report);
+  firstSync = false;
+  refreshPresence().catch(() => {});
+});
+client.on("error", ({ code, message }) => {
+  if (code === "session_ended") leave(message);
+  else report(new ApiError(0, code, message));
+});
+
+$("login-form").addEventListener("submit", (e) => onLogin(e, false));
+byTestId("register-submit").addEventListener("click", (e) => onLogin(e, true));
+byTestId("logout").addEventListener("click", async () => {
+  await client.logout();
+  leave("");
+});
+byTestId("mark-all-read").addEventListener("click", () => client.markAllRead().then(
+  () => byTestId("message-list").querySelectorAll('[data-read="false"]').forEach((li) => setRead(li.dataset.messageId, true)),
+  report,
+));
+$("compose-form").addEventListener("submit", onCompose);
+$("meeting-form").addEventListener("submit", onMeeting);
+for (const input of [byTestId("compose-recipients"), $("meeting-participants")]) {
+  input.addEventListener("input", () => suggest(input).catch(() => {}));
+}
+
+if (client.restore()) {
+  enter().catch((e) => leave(describe(e)));
+} else {
+  byTestId("login-username").focus();
+}
