@@ -92,6 +92,8 @@ function leave(message) {
   show($("app-view"), false);
   show($("session-bar"), false);
   show($("login-view"), true);
+  byTestId("current-user").textContent = "";
+  byTestId("unread-count").textContent = "0";
   for (const id of ["message-list", "sent-list", "meeting-list", "people-list"]) {
     const list = document.querySelector(`#${id}, [data-testid="${id}"]`);
     list.replaceChildren();
