@@ -53,6 +53,10 @@ export class ApiError extends Error {
 }
 
 const SESSION_KEY = "meeting.session";
+// Browsers and Node >= 19 have CustomEvent; Node 18 (tests) has Event only.
+const DetailEvent = globalThis.CustomEvent ?? class extends Event {
+  constructor(type, init) { super(type); this.detail = init?.detail; }
+};
 const RETRYABLE = new Set([502, 503, 504]);
 
 /**
@@ -107,7 +111,7 @@ export class MeetingClient extends EventTarget {
   }
 
   _emit(type, detail) {
-    this.dispatchEvent(new CustomEvent(type, { detail }));
+    this.dispatchEvent(new DetailEvent(type, { detail }));
   }
 
   _setState(state, extra = {}) {

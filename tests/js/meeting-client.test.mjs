@@ -1,0 +1,444 @@
+// Unit tests of meeting/static/meeting-client.js under Node's built-in runner (node --test),
+// run by tests/test_meeting_client_js.py. The browser's fetch, WebSocket, storage, timers
+// and randomness are replaced by the fakes below; the module is the one the server serves.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import {
+  ApiError, CLOSE, MeetingClient, backoffDelay, goingAwayDelay, uuid4,
+} from "../../meeting/static/meeting-client.js";
+
+const USER = { id: 7, username: "bob", display_name: "bob", created_at: "2026-11-28T00:00:00+00:00" };
+
+class Clock {
+  constructor() { this.now = 0; this.timers = []; this.nextId = 1; }
+  setTimeout = (fn, ms) => { const id = this.nextId++; this.timers.push({ id, at: this.now + ms, fn }); return id; };
+  clearTimeout = (id) => { this.timers = this.timers.filter((t) => t.id !== id); };
+  pending() { return this.timers.map((t) => t.at - this.now).sort((a, b) => a - b); }
+  /** Run every timer due within `ms`, in time order. */
+  async advance(ms) {
+    const end = this.now + ms;
+    for (;;) {
+      this.timers.sort((a, b) => a.at - b.at);
+      const next = this.timers[0];
+      if (!next || next.at > end) break;
+      this.timers.shift();
+      this.now = next.at;
+      next.fn();
+      await settle();
+    }
+    this.now = end;
+  }
+}
+
+/** Let promises and async callbacks run. */
+const settle = async () => { for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r)); };
+
+class Storage {
+  constructor() { this.map = new Map(); }
+  getItem(k) { return this.map.has(k) ? this.map.get(k) : null; }
+  setItem(k, v) { this.map.set(k, String(v)); }
+  removeItem(k) { this.map.delete(k); }
+}
+
+function fakeSocketClass() {
+  const sockets = [];
+  class FakeSocket {
+    constructor(url, protocols) {
+      this.url = url;
+      this.protocols = protocols;
+      this.readyState = 0;
+      this.sent = [];
+      sockets.push(this);
+    }
+    send(data) { this.sent.push(JSON.parse(data)); }
+    close(code) { this.readyState = 3; this.closedWith = code; }
+    // the server side
+    frame(type, payload = {}) {
+      this.readyState = 1;
+      this.onmessage?.({ data: JSON.stringify({ type, payload, timestamp: "t" }) });
+    }
+    drop(code) { this.readyState = 3; this.onclose?.({ code }); }
+    connect(heartbeat = 30) { this.frame("connected", { user_id: USER.id, connection_id: "c", heartbeat }); }
+  }
+  return { FakeSocket, sockets };
+}
+
+/** A fetch answering from `routes`: "METHOD /path" -> (body, call) => [status, json] or a thrown error. */
+function fakeFetch(routes) {
+  const calls = [];
+  const fetch = async (url, init) => {
+    const path = url.replace("http://app", "");
+    const body = init.body === undefined ? undefined : JSON.parse(init.body);
+    const call = { method: init.method, path, body, headers: init.headers };
+    calls.push(call);
+    const route = routes[`${init.method} ${path.split("?")[0]}`];
+    if (!route) return response(404, { error: { code: "not_found", message: "Not found" } });
+    const [status, json, headers] = route(body, call);
+    return response(status, json, headers);
+  };
+  return { fetch, calls };
+}
+
+function response(status, json, headers = {}) {
+  return {
+    status, ok: status >= 200 && status < 300,
+    headers: { get: (k) => headers[k] ?? null },
+    json: async () => { if (json === undefined) throw new SyntaxError("no body"); return json; },
+  };
+}
+
+function makeClient({ routes = {}, storage = new Storage(), random = () => 0.5, session = true } = {}) {
+  const clock = new Clock();
+  const { FakeSocket, sockets } = fakeSocketClass();
+  let refreshes = 0;
+  const allRoutes = {
+    "POST /auth/refresh": (body) => {
+      refreshes += 1;
+      return [200, { access_token: `access-${refreshes + 1}`, refresh_token: `refresh-${refreshes + 1}`, token_type: "bearer" }];
+    },
+    "GET /users/me": () => [200, USER],
+    ...routes,
+  };
+  const { fetch, calls } = fakeFetch(allRoutes);
+  const sessionStorage = new Storage();
+  if (session) {
+    sessionStorage.setItem("meeting.session", JSON.stringify({ accessToken: "access-1", refreshToken: "refresh-1", user: USER }));
+  }
+  const client = new MeetingClient({
+    baseUrl: "http://app", fetch, WebSocket: FakeSocket, storage, sessionStorage, random,
+    setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout, now: () => clock.now,
+    crypto: globalThis.crypto,
+  });
+  const events = [];
+  for (const type of ["message", "read", "unread-count", "status", "error", "synced", "session"]) {
+    client.on(type, (detail) => events.push([type, detail]));
+  }
+  if (session) client.restore();
+  return { client, clock, sockets, calls, events, storage, sessionStorage };
+}
+
+const msg = (seq, extra = {}) => ({ id: 100 + seq, seq, sender_id: 1, content: `m${seq}`, type: "text", meeting_id: null,
+  created_at: "2026-11-28T00:00:00+00:00", read_at: null, ...extra });
+const of = (events, type) => events.filter(([t]) => t === type).map(([, d]) => d);
+
+// ---- backoff ------------------------------------------------------------------------
+
+test("backoff doubles from 500 ms with equal jitter, capped at 30 s", () => {
+  assert.equal(backoffDelay(0, undefined, () => 0), 250);
+  assert.equal(backoffDelay(0, undefined, () => 1), 500);
+  assert.equal(backoffDelay(3, undefined, () => 0), 2000);
+  assert.equal(backoffDelay(3, undefined, () => 1), 4000);
+  assert.equal(backoffDelay(20, undefined, () => 1), 30000);
+  assert.equal(backoffDelay(20, undefined, () => 0), 15000);
+  assert.equal(backoffDelay(2, { initial: 100, max: 1000 }, () => 0.5), 300);
+  assert.equal(goingAwayDelay(() => 0), 100);
+  assert.equal(goingAwayDelay(() => 1), 500);
+});
+
+test("uuid4 is a version-4 UUID and differs each time", () => {
+  const a = uuid4(), b = uuid4();
+  assert.match(a, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+  assert.notEqual(a, b);
+});
+
+// ---- connect, since, dedupe -----------------------------------------------------------
+
+test("the token rides in the bearer subprotocol, never in the URL", () => {
+  const { client, sockets } = makeClient();
+  client.connect();
+  assert.equal(sockets.length, 1);
+  assert.equal(sockets[0].url, "ws://app/ws/messages");
+  assert.deepEqual(sockets[0].protocols, ["bearer", "access-1"]);
+});
+
+test("backlog, then replay and live: each seq once, in order, and since persisted per user", async () => {
+  const { client, sockets, events, storage } = makeClient();
+  client.connect();
+  const s = sockets[0];
+  s.connect();
+  s.frame("message.unread", { messages: [msg(1), msg(2)], count: 2, has_more: false });
+  s.frame("message.synced", { seq: 2, count: 2 });
+  s.frame("message.new", msg(3));
+  s.frame("message.new", msg(2)); // a duplicate seq is dropped
+  assert.deepEqual(of(events, "message").map((m) => m.seq), [1, 2, 3]);
+  assert.equal(storage.getItem("meeting.since.7"), "3");
+  assert.deepEqual(of(events, "unread-count"), [2, 3]);
+
+  s.drop(CLOSE.GOING_AWAY);
+  await settle();
+  assert.equal(sockets.length, 1); // not at once: 100-500 ms of jitter
+});
+
+test("a new client on the same storage (a reload) resumes with since and repeats nothing", async () => {
+  const storage = new Storage();
+  storage.setItem("meeting.since.7", "5");
+  storage.setItem("meeting.since.8", "99"); // another user's cursor is not ours
+  const { client, sockets, events } = makeClient({ storage });
+  client.seed([msg(5), msg(4)]);
+  client.connect();
+  assert.equal(sockets[0].url, "ws://app/ws/messages?since=5");
+  sockets[0].connect();
+  sockets[0].frame("message.new", msg(5));
+  sockets[0].frame("message.new", msg(6));
+  sockets[0].frame("message.synced", { seq: 6, count: 1 });
+  assert.deepEqual(of(events, "message").map((m) => m.seq), [6]);
+});
+
+test("seed returns only unseen messages and moves the resume point past them", () => {
+  const { client, storage } = makeClient();
+  assert.deepEqual(client.seed([msg(3), msg(1)]).map((m) => m.seq), [3, 1]);
+  assert.deepEqual(client.seed([msg(4), msg(3)]).map((m) => m.seq), [4]);
+  assert.equal(client.lastSeq, 4);
+  assert.equal(storage.getItem("meeting.since.7"), "4");
+});
+
+test("has_more: the rest of the backlog is fetched over REST, page by page", async () => {
+  const pages = { 2: { messages: [msg(3)], count: 4, next_after_seq: 3 }, 3: { messages: [msg(4)], count: 4, next_after_seq: null } };
+  const { client, sockets, events, calls } = makeClient({
+    routes: { "GET /messages/unread": (_, call) => [200, pages[new URL(`http://x${call.path}`).searchParams.get("after_seq")]] },
+  });
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.unread", { messages: [msg(1), msg(2)], count: 4, has_more: true });
+  await settle();
+  assert.deepEqual(of(events, "message").map((m) => m.seq), [1, 2, 3, 4]);
+  assert.deepEqual(calls.filter((c) => c.path.startsWith("/messages/unread")).map((c) => c.path),
+    ["/messages/unread?after_seq=2&limit=100", "/messages/unread?after_seq=3&limit=100"]);
+});
+
+// ---- close codes ------------------------------------------------------------------------
+
+test("1001: reconnect within 100-500 ms, with since", async () => {
+  const { client, clock, sockets, events } = makeClient({ random: () => 0 });
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.new", msg(8));
+  sockets[0].drop(CLOSE.GOING_AWAY);
+  await settle();
+  assert.deepEqual(clock.pending(), [100]); // a backoff would be 250 ms here
+  assert.equal(of(events, "status").at(-1).state, "reconnecting");
+  await clock.advance(100);
+  assert.equal(sockets.length, 2);
+  assert.equal(sockets[1].url, "ws://app/ws/messages?since=8");
+});
+
+test("1013 and 1006: exponential backoff that grows per failure and resets on connected", async () => {
+  const { client, clock, sockets } = makeClient({ random: () => 1 });
+  client.connect();
+  sockets[0].connect();
+  sockets[0].drop(CLOSE.TRY_AGAIN_LATER);
+  await settle();
+  assert.deepEqual(clock.pending(), [500]);
+  await clock.advance(500);
+  sockets[1].drop(CLOSE.ABNORMAL); // refused before `connected`: REST says the token is fine
+  await settle();
+  assert.deepEqual(clock.pending(), [1000]);
+  await clock.advance(1000);
+  sockets[2].drop(CLOSE.ABNORMAL);
+  await settle();
+  assert.deepEqual(clock.pending(), [2000]);
+  await clock.advance(2000);
+  sockets[3].connect();
+  sockets[3].drop(CLOSE.TRY_AGAIN_LATER);
+  await settle();
+  assert.deepEqual(clock.pending(), [500]);
+});
+
+test("4029: stop, go offline and report; no reconnect", async () => {
+  const { client, clock, sockets, events } = makeClient();
+  client.connect();
+  sockets[0].connect();
+  sockets[0].drop(CLOSE.TOO_MANY_CONNECTIONS);
+  await settle();
+  await clock.advance(60000);
+  assert.equal(sockets.length, 1);
+  assert.equal(client.state, "offline");
+  assert.deepEqual(of(events, "error").map((e) => e.code), ["too_many_connections"]);
+});
+
+test("1009 and 1003 are client bugs: no retry of the same thing", async () => {
+  for (const code of [CLOSE.TOO_BIG, CLOSE.UNSUPPORTED]) {
+    const { client, clock, sockets, events } = makeClient();
+    client.connect();
+    sockets[0].connect();
+    sockets[0].drop(code);
+    await settle();
+    await clock.advance(60000);
+    assert.equal(sockets.length, 1);
+    assert.deepEqual(of(events, "error").map((e) => e.code), ["client_bug"]);
+  }
+});
+
+test("4001: refresh the token (rotating the refresh token), then reconnect at once with the new one", async () => {
+  const { client, clock, sockets, calls, sessionStorage } = makeClient();
+  client.connect();
+  sockets[0].connect();
+  sockets[0].drop(CLOSE.TOKEN_EXPIRED);
+  await settle();
+  assert.deepEqual(calls.map((c) => [c.path, c.body]), [["/auth/refresh", { refresh_token: "refresh-1" }]]);
+  await clock.advance(0);
+  assert.deepEqual(sockets[1].protocols, ["bearer", "access-2"]);
+  assert.equal(JSON.parse(sessionStorage.getItem("meeting.session")).refreshToken, "refresh-2");
+});
+
+test("4001 and the refresh is refused: the session ended, no reconnect", async () => {
+  const { client, clock, sockets, events, sessionStorage } = makeClient({
+    routes: { "POST /auth/refresh": () => [401, { error: { code: "refresh_token_reused", message: "reused" } }] },
+  });
+  client.connect();
+  sockets[0].connect();
+  sockets[0].drop(CLOSE.TOKEN_EXPIRED);
+  await settle();
+  await clock.advance(60000);
+  assert.equal(sockets.length, 1);
+  assert.deepEqual(of(events, "error").map((e) => e.code), ["session_ended"]);
+  assert.equal(client.user, null);
+  assert.equal(sessionStorage.getItem("meeting.session"), null);
+  assert.equal(client.state, "offline");
+});
+
+test("closed before connected with an expired token (a 401 at the upgrade): refresh, then reconnect", async () => {
+  const { client, clock, sockets, calls } = makeClient({
+    routes: { "GET /users/me": (_, call) => (call.headers.Authorization === "Bearer access-1"
+      ? [401, { error: { code: "token_expired", message: "expired" } }] : [200, USER]) },
+  });
+  client.connect();
+  sockets[0].drop(CLOSE.ABNORMAL);
+  await settle();
+  assert.deepEqual(calls.map((c) => c.path), ["/users/me", "/auth/refresh"]);
+  await clock.advance(0);
+  assert.deepEqual(sockets[1].protocols, ["bearer", "access-2"]);
+});
+
+test("closed before connected and the server is unreachable: back off, keep the session", async () => {
+  const { client, clock, sockets } = makeClient({ random: () => 0 });
+  client._fetch = async () => { throw new TypeError("Failed to fetch"); };
+  client.connect();
+  sockets[0].drop(CLOSE.ABNORMAL);
+  await settle();
+  assert.deepEqual(clock.pending(), [250]);
+  assert.equal(client.user.id, USER.id);
+});
+
+test("close(): 1000, offline, nothing scheduled", async () => {
+  const { client, clock, sockets } = makeClient();
+  client.connect();
+  sockets[0].connect();
+  client.close();
+  assert.equal(sockets[0].closedWith, CLOSE.NORMAL);
+  await clock.advance(60000);
+  assert.equal(sockets.length, 1);
+  assert.equal(client.state, "offline");
+});
+
+// ---- token refresh --------------------------------------------------------------------
+
+test("token.expiring: refresh over REST, then a refresh frame with the new access token", async () => {
+  const { client, sockets } = makeClient();
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("token.expiring", { expires_at: "2026-11-28T01:00:00+00:00" });
+  await settle();
+  assert.deepEqual(sockets[0].sent, [{ type: "refresh", payload: { token: "access-2" } }]);
+});
+
+test("refresh is single-flight: a one-use refresh token is never presented twice", async () => {
+  const { client, calls } = makeClient();
+  const [a, b] = await Promise.all([client.refresh(), client.refresh()]);
+  assert.equal(a, "access-2");
+  assert.equal(b, "access-2");
+  assert.equal(calls.filter((c) => c.path === "/auth/refresh").length, 1);
+  await client.refresh();
+  assert.deepEqual(calls.filter((c) => c.path === "/auth/refresh").map((c) => c.body.refresh_token), ["refresh-1", "refresh-2"]);
+});
+
+test("a REST call answered 401 token_expired is refreshed and sent once more", async () => {
+  const { client, calls } = makeClient({
+    routes: { "GET /messages/unread/count": (_, call) => (call.headers.Authorization === "Bearer access-1"
+      ? [401, { error: { code: "token_expired", message: "expired" } }] : [200, { count: 3 }]) },
+  });
+  assert.deepEqual(await client.api("GET", "/messages/unread/count"), { count: 3 });
+  assert.deepEqual(calls.map((c) => c.path), ["/messages/unread/count", "/auth/refresh", "/messages/unread/count"]);
+});
+
+test("login keeps the tokens in session storage; logout forgets them and ends the server session", async () => {
+  const { client, calls, sessionStorage } = makeClient({
+    session: false,
+    routes: {
+      "POST /auth/login": () => [200, { access_token: "a", refresh_token: "r", user: USER }],
+      "POST /auth/logout": () => [204, undefined],
+    },
+  });
+  await assert.rejects(client.api("GET", "/users/me"), (e) => e instanceof ApiError && e.code === "not_logged_in");
+  assert.equal((await client.login("bob", "pw")).username, "bob");
+  assert.equal(JSON.parse(sessionStorage.getItem("meeting.session")).accessToken, "a");
+  await client.logout();
+  assert.equal(sessionStorage.getItem("meeting.session"), null);
+  assert.deepEqual(calls.map((c) => [c.path, c.headers.Authorization ?? null]),
+    [["/auth/login", null], ["/auth/logout", "Bearer a"]]);
+});
+
+// ---- reads, heartbeat, sending ----------------------------------------------------------
+
+test("reads: a read frame out once synced, message.read in sets the count", () => {
+  const { client, sockets, events } = makeClient();
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.unread", { messages: [msg(1), msg(2)], count: 2, has_more: false });
+  sockets[0].frame("message.synced", { seq: 2, count: 2 });
+  client.markRead([101]);
+  assert.deepEqual(sockets[0].sent, [{ type: "read", payload: { ids: [101] } }]);
+  sockets[0].frame("message.read", { ids: [101], count: 1 });
+  assert.deepEqual(of(events, "read"), [{ ids: [101], count: 1 }]);
+  assert.deepEqual(of(events, "unread-count"), [2, 1]);
+  sockets[0].frame("message.new", msg(3, { read_at: null }));
+  assert.deepEqual(of(events, "unread-count"), [2, 1, 2]);
+});
+
+test("markRead before the stream is synced goes over REST", async () => {
+  const { client, calls, events } = makeClient({ routes: { "POST /messages/read": () => [200, { updated: 1, count: 0 }] } });
+  await client.markRead([101]);
+  assert.deepEqual(calls.map((c) => [c.path, c.body]), [["/messages/read", { ids: [101] }]]);
+  assert.deepEqual(of(events, "unread-count"), [0]);
+});
+
+test("heartbeat: a ping each interval; two silent intervals and the socket is given up and reopened", async () => {
+  const { client, clock, sockets } = makeClient({ random: () => 0 });
+  client.connect();
+  sockets[0].connect(10);
+  await clock.advance(10000);
+  assert.deepEqual(sockets[0].sent, [{ type: "ping" }]);
+  sockets[0].frame("pong");
+  await clock.advance(20000);
+  assert.equal(sockets.length, 1);
+  await clock.advance(11000); // nothing heard for more than two intervals
+  assert.equal(sockets[0].closedWith, 4000);
+  await clock.advance(1000);
+  assert.equal(sockets.length, 2);
+});
+
+test("send: one Idempotency-Key for every retry of one message", async () => {
+  let n = 0;
+  const { client, clock, calls } = makeClient({
+    routes: { "POST /messages": () => (++n < 3 ? [503, { error: { code: "commit_unknown", message: "?" } }, { "Retry-After": "1" }]
+      : [201, { id: 5, content: "hi" }]) },
+  });
+  const sending = client.send({ recipientIds: [2], content: "hi" });
+  await settle();
+  await clock.advance(1000);
+  await clock.advance(1000);
+  assert.deepEqual(await sending, { id: 5, content: "hi" });
+  const keys = calls.map((c) => c.headers["Idempotency-Key"]);
+  assert.equal(keys.length, 3);
+  assert.equal(new Set(keys).size, 1);
+  assert.deepEqual(calls[0].body, { recipient_ids: [2], content: "hi" });
+});
+
+test("send: a 422 is not retried", async () => {
+  const { client, calls } = makeClient({
+    routes: { "POST /messages": () => [422, { error: { code: "validation_error", message: "bad", details: { unknown_ids: [9] } } }] },
+  });
+  await assert.rejects(client.send({ recipientIds: [9], content: "x" }), (e) => e.code === "validation_error" && e.details.unknown_ids[0] === 9);
+  assert.equal(calls.length, 1);
+});
