@@ -99,6 +99,11 @@ async def test_serve_on_sqlite_prints_its_address_and_answers(tmp_path: Path) ->
                 token = (await r.json())["access_token"]
             async with http.get("/users/me", headers={"Authorization": f"Bearer {token}"}) as r:
                 assert (await r.json())["username"] == "newcomer"
+            async with http.get("/") as r:  # the web client (docs/frontend.md)
+                assert r.status == 200 and r.content_type == "text/html"
+                assert '<script type="module" src="/static/app.js">' in await r.text()
+            async with http.get("/static/meeting-client.js") as r:
+                assert r.status == 200 and "export class MeetingClient" in await r.text()
     assert proc.returncode is not None
 
 
