@@ -179,6 +179,9 @@ def test_register_log_out_and_log_in_with_the_keyboard(server: Server, tabs: Any
     name = f"reg{uuid.uuid4().hex[:8]}"
     log_in(tab, server, name, register=True)
     expect(tab.get("unread-count")).to_have_text("0")
+    me = server.call("POST", "/auth/login", json={"username": name, "password": PASSWORD})["user"]
+    hello = server.send(server.user("alice"), me, "welcome")
+    expect(tab.message(hello["id"])).to_have_count(1)
     tab.get("logout").click()
     expect(tab.get("login-username")).to_be_visible()
     expect(tab.get("current-user")).to_be_hidden()
@@ -191,6 +194,10 @@ def test_register_log_out_and_log_in_with_the_keyboard(server: Server, tabs: Any
     tab.page.keyboard.press("Enter")
     expect(tab.get("current-user")).to_have_text(name, timeout=WAIT)
     expect(tab.get("connection-status")).to_have_attribute("data-state", "connected", timeout=WAIT)
+    # logged in again in the same tab: the history is shown again, once
+    expect(tab.page.get_by_test_id("message")).to_have_count(1)
+    expect(tab.message(hello["id"])).to_have_attribute("data-read", "false")
+    expect(tab.get("unread-count")).to_have_text("1")
 
 
 def test_a_bad_password_shows_login_error(server: Server, tabs: Any) -> None:

@@ -176,6 +176,12 @@ export class MeetingClient extends EventTarget {
 
   _clearSession() {
     this.session = null;
+    // the next login (maybe another user) starts afresh: a page that logs in again
+    // shows its history again, so none of it may count as already delivered
+    this._sinceUser = undefined;
+    this._seen = new Set();
+    this.lastSeq = null;
+    this.unreadCount = null;
     this._sessionStore?.removeItem(SESSION_KEY);
     this._emit("session", { user: null });
   }

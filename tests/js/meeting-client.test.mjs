@@ -373,10 +373,15 @@ test("login keeps the tokens in session storage; logout forgets them and ends th
   await assert.rejects(client.api("GET", "/users/me"), (e) => e instanceof ApiError && e.code === "not_logged_in");
   assert.equal((await client.login("bob", "pw")).username, "bob");
   assert.equal(JSON.parse(sessionStorage.getItem("meeting.session")).accessToken, "a");
+  assert.equal(client.seed([msg(1)]).length, 1);
   await client.logout();
   assert.equal(sessionStorage.getItem("meeting.session"), null);
   assert.deepEqual(calls.map((c) => [c.path, c.headers.Authorization ?? null]),
     [["/auth/login", null], ["/auth/logout", "Bearer a"]]);
+  // logging in again in the same page: its history counts as new again; since is kept
+  await client.login("bob", "pw");
+  assert.equal(client.lastSeq, 1);
+  assert.deepEqual(client.seed([msg(1)]).map((m) => m.seq), [1]);
 });
 
 // ---- reads, heartbeat, sending ----------------------------------------------------------
