@@ -359,7 +359,9 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     tab.get("compose-content").fill("hello?")
     tab.get("compose-send").click()
     expect(tab.get("compose-error")).to_contain_text("nosuchuser0000")
-    # compose to carol (found by prefix), in Chinese with emoji
+    # compose to carol, found by prefix (GET /users?q=) as one types, in Chinese with emoji
+    tab.get("compose-recipients").fill(carol["username"][:7])
+    expect(tab.page.locator(f'#user-suggestions option[value="{carol["username"]}"]')).to_have_count(1)
     tab.get("compose-recipients").fill(carol["username"])
     tab.get("compose-content").fill("卡罗尔你好 👋")
     tab.get("compose-send").click()
@@ -374,14 +376,24 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     reply = server.call("POST", "/messages", carol["token"], expect=201, json={"recipient_ids": [dave_id], "content": "收到 ✅"})
     meeting = server.call("POST", "/meetings", carol["token"], expect=201, json={"title": "周会 📅", "participant_ids": [dave_id]})
     expect(tab.message(reply["id"])).to_have_count(1, timeout=WAIT)
-    expect(tab.page.get_by_test_id("message").filter(has_text="周会")).to_have_count(1, timeout=WAIT)
+    invite = tab.page.get_by_test_id("message").filter(has_text="周会")
+    expect(invite).to_have_count(1, timeout=WAIT)
+    expect(invite).to_contain_text("Meeting invitation")
     expect(tab.page.locator("#meeting-list")).to_contain_text(meeting["title"], timeout=WAIT)
-    expect(tab.page.locator("#people-list")).to_contain_text(carol["username"], timeout=WAIT)
+    carol_presence = tab.page.locator(f'#people-list [data-user-id="{carol["id"]}"]')
+    expect(carol_presence).to_contain_text(f"{carol['username']} offline", timeout=WAIT)  # carol has no socket open
     expect(tab.get("unread-count")).to_have_text("2")
     tab.message(reply["id"]).get_by_test_id("mark-read").click()
     expect(tab.get("unread-count")).to_have_text("1", timeout=WAIT)
     tab.get("mark-all-read").click()
     expect(tab.get("unread-count")).to_have_text("0", timeout=WAIT)
+    # dave invites carol to a meeting of his own from the page
+    tab.page.get_by_label("Title").fill("评审会 🚀")
+    tab.page.get_by_label("Invite (usernames, comma-separated)").fill(carol["username"])
+    tab.page.get_by_role("button", name="Create and invite").click()
+    expect(tab.page.locator("#meeting-list")).to_contain_text("评审会 🚀", timeout=WAIT)
+    invites = server.call("GET", "/messages", carol["token"])["messages"]
+    assert [(m["type"], m["sender_id"]) for m in invites if m["type"] == "meeting.invite"] == [("meeting.invite", dave_id)]
     tab.get("logout").click()
     expect(tab.get("login-username")).to_be_visible()
     assert tab.console_errors == []
