@@ -41,8 +41,9 @@ class Server:
     """`python -m meeting` on a fixed port and database, which can be stopped (SIGTERM) and
     started again: the same address and data, a new process."""
 
-    def __init__(self, workdir: Path, port: int | None = None, db: Path | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, db: Path | None = None, **env: str):
         self.workdir = workdir
+        self.env = env
         self.port = port or _free_port()
         self.db = db or workdir / "browser.db"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,7 +55,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEETING_")}
         env.update(MEETING_DATABASE_URL=f"sqlite+aiosqlite:///{self.db}", MEETING_AUTH_SECRET=TEST_SECRET,
                    MEETING_AUTH_HASH_TIME_COST="1", MEETING_AUTH_HASH_MEMORY_KIB="1024", MEETING_LIMITS_ENABLED="false",
-                   MEETING_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+                   MEETING_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1", **self.env)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "meeting", "--port", str(self.port)], cwd=self.workdir,
                                          env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -397,3 +398,37 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     tab.get("logout").click()
     expect(tab.get("login-username")).to_be_visible()
     assert tab.console_errors == []
+
+
+@pytest.mark.parametrize("notice", ["1.5", "0"], ids=["token.expiring", "close-4001"])
+def test_short_lived_tokens_are_refreshed_without_a_new_login(tmp_path: Path, tabs: Any, notice: str) -> None:
+    """Access tokens that live 3 s. With a notice, the page answers each `token.expiring`
+    with a `refresh` frame (one socket all along); without one, the server closes with 4001
+    at expiry and the page refreshes, then reconnects with since. Either way: no new login,
+    rotating refresh tokens, every message once."""
+    server = Server(tmp_path, MEETING_AUTH_TOKEN_TTL="3", MEETING_PUSH_TOKEN_EXPIRY_NOTICE=notice).start()
+    try:
+        alice, bob = server.user("alice"), server.user("bob")
+        tab = tabs()
+        sent: list[dict[str, Any]] = []
+        tab.page.on("websocket", lambda ws: ws.on("framesent", lambda p: sent.append(json.loads(p))))
+        log_in(tab, server, bob["username"])
+        first = server.send(alice, bob, "one")
+        expect(tab.message(first["id"])).to_have_count(1)
+        tab.requests.clear()
+        for _ in range(2):  # two more token lifetimes
+            tab.page.wait_for_event("request", predicate=lambda r: r.url.endswith("/auth/refresh"), timeout=WAIT)
+        second = server.send(server.user("carol"), bob, "two")  # alice's own token expired by now
+        expect(tab.message(second["id"])).to_have_count(1)
+        expect(tab.get("connection-status")).to_have_attribute("data-state", "connected")
+        seqs = tab.page.get_by_test_id("message").evaluate_all("els => els.map(e => Number(e.dataset.seq))")
+        assert seqs == [2, 1]
+        assert not [r for r in tab.requests if "/auth/login" in r]
+        refresh_frames = [f for f in sent if f["type"] == "refresh"]
+        if notice == "0":
+            assert refresh_frames == [] and len(tab.sockets) >= 3
+            assert all(s.url.endswith("?since=1") for s in tab.sockets[2:])
+        else:
+            assert len(refresh_frames) >= 2 and len(tab.sockets) == 1
+    finally:
+        server.stop()
