@@ -100,6 +100,8 @@ function leave(message) {
   }
   known.clear();
   users.clear();
+  show($("inbox-empty"), true);
+  show($("sent-empty"), true);
   setError(byTestId("login-error"), message || "");
   byTestId("login-username").focus();
 }
@@ -237,6 +239,7 @@ async function renderSent(message, first) {
   const body = Object.assign(document.createElement("p"), { className: "content", textContent: message.content });
   li.append(meta, body);
   if (first) list.prepend(li); else list.append(li);
+  show($("sent-empty"), false);
   const recipients = await Promise.all((message.recipient_ids ?? []).map(userById));
   to.textContent = `To ${recipients.map((u) => u.username).join(", ")}`;
 }
