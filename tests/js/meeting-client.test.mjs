@@ -447,3 +447,17 @@ test("send: a 422 is not retried", async () => {
   await assert.rejects(client.send({ recipientIds: [9], content: "x" }), (e) => e.code === "validation_error" && e.details.unknown_ids[0] === 9);
   assert.equal(calls.length, 1);
 });
+
+test("1008, 1011, 1013 and an unexpected 1000 from the server: reconnect with backoff, with since", async () => {
+  for (const code of [CLOSE.POLICY, CLOSE.SERVER_ERROR, CLOSE.TRY_AGAIN_LATER, CLOSE.NORMAL]) {
+    const { client, clock, sockets } = makeClient({ random: () => 0 });
+    client.connect();
+    sockets[0].connect();
+    sockets[0].frame("message.new", msg(4));
+    sockets[0].drop(code);
+    await settle();
+    assert.deepEqual(clock.pending(), [250], `code ${code}`);
+    await clock.advance(250);
+    assert.equal(sockets[1].url, "ws://app/ws/messages?since=4");
+  }
+});
