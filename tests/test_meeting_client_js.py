@@ -9,22 +9,46 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "tests" / "js" / "meeting-client.test.mjs"
 
 
-def test_meeting_client_js_unit_tests_pass_under_node() -> None:
+# --test-reporter came in 18.15 (Debian bookworm has 18.19); older nodes cannot run the suite.
+MIN_NODE = (18, 15)
+# What Node 18 lacks and later versions have (globalThis.crypto, CustomEvent): on a newer node
+# the suite runs once more without them, so CI's Debian node 18 cannot fail where we passed.
+NODE18_FLAGS = ["--no-experimental-global-webcrypto", "--no-experimental-global-customevent"]
+
+
+def _node() -> str:
     node = shutil.which("node")
     if node is None:
         unavailable("node is not installed (apt-get install nodejs): the JavaScript client's unit tests need it")
     version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    if int(version.lstrip("v").split(".")[0]) < 18:
-        unavailable(f"node {version} has no built-in test runner (18 or later)")
-    run = subprocess.run([node, "--test", "--test-reporter=tap", str(SUITE)], cwd=ROOT, capture_output=True,
+    if tuple(int(part) for part in version.lstrip("v").split(".")[:2]) < MIN_NODE:
+        unavailable(f"node {version} is too old for the unit tests (needs {'.'.join(map(str, MIN_NODE))} or later)")
+    return node
+
+
+def _run(node: str, *flags: str) -> None:
+    run = subprocess.run([node, *flags, "--test", "--test-reporter=tap", str(SUITE)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     counts = {k: int(v) for k, v in re.findall(r"^# (tests|pass|fail) (\d+)$", run.stdout, re.M)}
     assert run.returncode == 0 and counts.get("fail") == 0, run.stdout[-6000:] + run.stderr[-2000:]
     # every test in the file ran (a file that stopped loading half-way would report fewer)
     assert counts["pass"] == counts["tests"] == len(re.findall(r'^test\(', SUITE.read_text(), re.M)) >= 25
+
+
+def test_meeting_client_js_unit_tests_pass_under_node() -> None:
+    _run(_node())
+
+
+def test_meeting_client_js_unit_tests_pass_without_what_node_18_lacks() -> None:
+    node = _node()
+    if subprocess.run([node, *NODE18_FLAGS, "-e", "0"], capture_output=True).returncode != 0:
+        pytest.skip("this node has no flags to turn off globalThis.crypto and CustomEvent (node 18 itself, or 23+)")
+    _run(node, *NODE18_FLAGS)

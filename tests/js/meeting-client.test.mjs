@@ -1,7 +1,10 @@
 // Unit tests of meeting/static/meeting-client.js under Node's built-in runner (node --test),
 // run by tests/test_meeting_client_js.py. The browser's fetch, WebSocket, storage, timers
 // and randomness are replaced by the fakes below; the module is the one the server serves.
+// Node 18 (Debian bookworm's nodejs) has no globalThis.crypto or CustomEvent: crypto comes
+// from node:crypto and is passed in, as a page may pass its own.
 import assert from "node:assert/strict";
+import { webcrypto } from "node:crypto";
 import { test } from "node:test";
 
 import {
@@ -108,7 +111,7 @@ function makeClient({ routes = {}, storage = new Storage(), random = () => 0.5, 
   const client = new MeetingClient({
     baseUrl: "http://app", fetch, WebSocket: FakeSocket, storage, sessionStorage, random,
     setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout, now: () => clock.now,
-    crypto: globalThis.crypto,
+    crypto: webcrypto,
   });
   const events = [];
   for (const type of ["message", "read", "unread-count", "status", "error", "synced", "session"]) {
@@ -137,7 +140,7 @@ test("backoff doubles from 500 ms with equal jitter, capped at 30 s", () => {
 });
 
 test("uuid4 is a version-4 UUID and differs each time", () => {
-  const a = uuid4(), b = uuid4();
+  const a = uuid4(webcrypto), b = uuid4(webcrypto);
   assert.match(a, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
   assert.notEqual(a, b);
 });
