@@ -303,9 +303,43 @@ def test_a_reload_keeps_the_session_and_shows_the_backlog_once(server: Server, t
     assert seqs == [6, 5, 4, 3, 2, 1]
     expect(tab.get("unread-count")).to_have_text("6")
     assert not [r for r in tab.requests if "/auth/login" in r or "/auth/register" in r]
-    # each load shows the newest page from REST, then resumes the stream after the highest seq
-    # it shows (or the one kept in localStorage, if higher)
-    assert [s.url.rsplit("/", 1)[1] for s in tab.sockets] == ["messages", "messages?since=3", "messages?since=5"]
+    # each load shows the newest page from REST, then resumes the stream from the since kept in
+    # localStorage (not the newest it shows: the replay fills what a page leaves out)
+    assert [s.url.rsplit("/", 1)[1] for s in tab.sockets] == ["messages", "messages?since=3", "messages?since=3"]
+
+
+def _shown(tab: Tab) -> list[tuple[int, int, str]]:
+    """(seq, id, data-read) of every message the page shows, top to bottom."""
+    return [tuple(x) for x in tab.page.get_by_test_id("message").evaluate_all(
+        "els => els.map(e => [Number(e.dataset.seq), Number(e.dataset.messageId), e.dataset.read])")]
+
+
+def test_more_than_a_page_while_away_is_all_shown_once_after_return(server: Server, tabs: Any) -> None:
+    """60 messages while away, more than the 50 the page loads over REST: the stream resumes
+    from the stored since (not the newest shown) and its replay fills the gap; a fresh device
+    with no since gets them from the unread backlog."""
+    alice, bob = server.user("alice"), server.user("bob")
+    tab = tabs()
+    log_in(tab, server, bob["username"])
+    first = server.send(alice, bob, "first")
+    expect(tab.message(first["id"])).to_have_count(1)
+    tab.page.goto("about:blank")
+    away = [server.send(alice, bob, f"away {i}") for i in range(60)]
+    unread = server.call("GET", "/messages/unread?limit=100", bob["token"])["messages"]  # bob's seqs
+    assert [m["id"] for m in unread] == [m["id"] for m in (first, *away)]
+    expected = [(m["seq"], m["id"], "false") for m in reversed(unread)]
+    tab.page.goto(server.url + "/")
+    expect(tab.get("connection-status")).to_have_attribute("data-state", "connected")
+    expect(tab.page.get_by_test_id("message")).to_have_count(61)
+    expect(tab.get("unread-count")).to_have_text("61")
+    assert _shown(tab) == expected
+    assert tab.sockets[-1].url.endswith("?since=1")
+    other = tabs()  # another browser: no since stored, so the unread backlog fills it
+    log_in(other, server, bob["username"])
+    expect(other.page.get_by_test_id("message")).to_have_count(61)
+    expect(other.get("unread-count")).to_have_text("61")
+    assert _shown(other) == expected
+    assert other.sockets[-1].url.endswith("/ws/messages")
 
 
 def test_a_server_restart_resumes_with_since_and_shows_what_came_meanwhile_once(server: Server, tabs: Any) -> None:

@@ -113,10 +113,9 @@ function report(error) {
 // ---- inbox ----------------------------------------------------------------------
 
 async function loadHistory() {
-  const page = await client.api("GET", "/messages?limit=50");
-  const fresh = client.seed(page.messages);
+  const fresh = await client.loadHistory(50);
   await Promise.all(fresh.map((m) => renderMessage(m, false)));
-  for (const m of page.messages) setRead(m.id, m.read_at !== null);
+  for (const m of fresh) setRead(m.id, m.read_at !== null);
 }
 
 async function renderMessage(message, announce) {

@@ -89,7 +89,7 @@ export class MeetingClient extends EventTarget {
     this.backoff = { initial: 500, max: 30000, ...options.backoff };
     this.session = null;     // {accessToken, refreshToken, user}
     this.state = "offline";
-    this.lastSeq = null;     // the highest seq delivered, persisted per user
+    this.lastSeq = null;     // resume point: every seq up to it was delivered; persisted per user
     this.unreadCount = null;
     this._seen = new Set();  // seqs already delivered by this client
     this._socket = null;
@@ -318,12 +318,40 @@ export class MeetingClient extends EventTarget {
   }
 
   /**
-   * Messages the page already shows from a REST page (GET /messages): they count as
-   * delivered, so the stream does not repeat them, and the resume point moves past them.
-   * Returns those that were not seen yet.
+   * Messages the page already shows from a REST page (GET /messages): the stream does not
+   * repeat them. The resume point does not move: a page is the newest N, not everything up to
+   * its newest, so the replay after `since` (or the unread backlog) must still fill what came
+   * before it. Returns those that were not seen yet.
    */
   seed(messages) {
-    return messages.filter((m) => this._accept(m));
+    return messages.filter((m) => {
+      if (typeof m.seq !== "number" || this._seen.has(m.seq)) return false;
+      this._seen.add(m.seq);
+      return true;
+    });
+  }
+
+  /**
+   * What a page shows before the stream opens: the newest `limit` received messages
+   * (GET /messages) and, when the stream will resume after a stored `since`, the unread ones
+   * older than both (GET /messages/unread): a replay brings only what came after `since`,
+   * and only a connection without one gets the unread backlog. All of them are seeded (the
+   * stream repeats none); returns those not seen yet.
+   */
+  async loadHistory(limit = 50) {
+    const page = await this.api("GET", `/messages?limit=${limit}`);
+    const found = [...page.messages];
+    const resume = this.lastSeq;
+    if (resume !== null && page.next_before !== null && page.messages.length) {
+      const below = Math.min(resume + 1, ...page.messages.map((m) => m.seq));
+      for (let after = 0; after !== null;) {
+        const unread = await this.api("GET", `/messages/unread?after_seq=${after}&limit=100`);
+        const older = unread.messages.filter((m) => m.seq < below);
+        found.push(...older);
+        after = older.length < unread.messages.length ? null : unread.next_after_seq;
+      }
+    }
+    return this.seed(found);
   }
 
   // ---- the stream ---------------------------------------------------------------
@@ -398,6 +426,7 @@ export class MeetingClient extends EventTarget {
         }
         break;
       case "message.synced":
+        this._advance(p.seq); // also past read messages a backlog leaves out
         this._synced = true;
         this._setState("connected");
         this._emit("synced", { seq: p.seq, count: p.count });
@@ -422,16 +451,22 @@ export class MeetingClient extends EventTarget {
     }
   }
 
-  /** True when the message is new to this client (not a duplicate seq). */
+  /** True when the message is new to this client (not a duplicate seq). The stream brings
+   *  seqs gap-free, so each one it delivers, seen before or not, is a resume point. */
   _accept(message) {
     const seq = message.seq;
-    if (typeof seq !== "number" || this._seen.has(seq)) return false;
+    if (typeof seq !== "number") return false;
+    this._advance(seq);
+    if (this._seen.has(seq)) return false;
     this._seen.add(seq);
-    if (this.lastSeq === null || seq > this.lastSeq) {
-      this.lastSeq = seq;
-      this._store?.setItem(this._sinceKey(), String(seq));
-    }
     return true;
+  }
+
+  /** Everything up to `seq` was delivered: resume after it, here and after a reload. */
+  _advance(seq) {
+    if (typeof seq !== "number" || (this.lastSeq !== null && seq <= this.lastSeq)) return;
+    this.lastSeq = seq;
+    this._store?.setItem(this._sinceKey(), String(seq));
   }
 
   _deliver(message) {

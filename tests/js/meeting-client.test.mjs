@@ -188,12 +188,68 @@ test("a new client on the same storage (a reload) resumes with since and repeats
   assert.deepEqual(of(events, "message").map((m) => m.seq), [6]);
 });
 
-test("seed returns only unseen messages and moves the resume point past them", () => {
+test("seed returns only unseen messages and leaves the resume point where it was", () => {
   const { client, storage } = makeClient();
   assert.deepEqual(client.seed([msg(3), msg(1)]).map((m) => m.seq), [3, 1]);
   assert.deepEqual(client.seed([msg(4), msg(3)]).map((m) => m.seq), [4]);
-  assert.equal(client.lastSeq, 4);
-  assert.equal(storage.getItem("meeting.since.7"), "4");
+  assert.equal(client.lastSeq, null);
+  assert.equal(storage.getItem("meeting.since.7"), null);
+});
+
+test("a reload after more than a page arrived: resume from the stored since, the replay fills the gap", () => {
+  const storage = new Storage();
+  storage.setItem("meeting.since.7", "3");
+  const { client, sockets, events } = makeClient({ storage });
+  const page = Array.from({ length: 50 }, (_, i) => msg(62 - i)); // the newest 50: 62..13
+  assert.equal(client.seed(page).length, 50);
+  client.connect();
+  assert.equal(sockets[0].url, "ws://app/ws/messages?since=3");
+  sockets[0].connect();
+  for (let seq = 4; seq <= 62; seq++) sockets[0].frame("message.new", msg(seq));
+  sockets[0].frame("message.synced", { seq: 62, count: 59 });
+  assert.deepEqual(of(events, "message").map((m) => m.seq), [4, 5, 6, 7, 8, 9, 10, 11, 12]);
+  assert.equal(storage.getItem("meeting.since.7"), "62");
+});
+
+test("loadHistory: the newest page, plus older unread the replay after since will not bring", async () => {
+  const storage = new Storage();
+  storage.setItem("meeting.since.7", "61");
+  const newest = Array.from({ length: 50 }, (_, i) => msg(70 - i)); // 70..21
+  const unreadPages = { 0: { messages: [msg(1), msg(5)], count: 60, next_after_seq: 5 },
+    5: { messages: [msg(20), msg(21), msg(22)], count: 60, next_after_seq: 22 } };
+  const { client, calls } = makeClient({ storage, routes: {
+    "GET /messages": () => [200, { messages: newest, next_before: 121 }],
+    "GET /messages/unread": (_, call) => [200, unreadPages[new URL(`http://x${call.path}`).searchParams.get("after_seq")]],
+  } });
+  const shown = await client.loadHistory(50);
+  assert.deepEqual(shown.map((m) => m.seq), [...newest.map((m) => m.seq), 1, 5, 20]);
+  assert.deepEqual(calls.map((c) => c.path), ["/messages?limit=50", "/messages/unread?after_seq=0&limit=100",
+    "/messages/unread?after_seq=5&limit=100"]);
+  assert.equal(client.lastSeq, 61);
+});
+
+test("loadHistory with no since, or the whole history on one page: GET /messages only", async () => {
+  for (const [since, nextBefore] of [[null, 5], ["9", null]]) {
+    const storage = new Storage();
+    if (since) storage.setItem("meeting.since.7", since);
+    const { client, calls } = makeClient({ storage, routes: {
+      "GET /messages": () => [200, { messages: [msg(9), msg(8)], next_before: nextBefore }],
+    } });
+    assert.deepEqual((await client.loadHistory(2)).map((m) => m.seq), [9, 8]);
+    assert.deepEqual(calls.map((c) => c.path), ["/messages?limit=2"]);
+  }
+});
+
+test("no stored since: seeding and connecting ask for the unread backlog, not a replay", () => {
+  const { client, sockets, events, storage } = makeClient();
+  client.seed([msg(9), msg(8)]);
+  client.connect();
+  assert.equal(sockets[0].url, "ws://app/ws/messages");
+  sockets[0].connect();
+  sockets[0].frame("message.unread", { messages: [msg(2), msg(8), msg(9)], count: 3, has_more: false });
+  sockets[0].frame("message.synced", { seq: 10, count: 3 }); // 10 was read elsewhere: not in the backlog
+  assert.deepEqual(of(events, "message").map((m) => m.seq), [2]);
+  assert.equal(storage.getItem("meeting.since.7"), "10");
 });
 
 test("has_more: the rest of the backlog is fetched over REST, page by page", async () => {
@@ -366,7 +422,7 @@ test("a REST call answered 401 token_expired is refreshed and sent once more", a
 });
 
 test("login keeps the tokens in session storage; logout forgets them and ends the server session", async () => {
-  const { client, calls, sessionStorage } = makeClient({
+  const { client, calls, sessionStorage, sockets } = makeClient({
     session: false,
     routes: {
       "POST /auth/login": () => [200, { access_token: "a", refresh_token: "r", user: USER }],
@@ -376,7 +432,9 @@ test("login keeps the tokens in session storage; logout forgets them and ends th
   await assert.rejects(client.api("GET", "/users/me"), (e) => e instanceof ApiError && e.code === "not_logged_in");
   assert.equal((await client.login("bob", "pw")).username, "bob");
   assert.equal(JSON.parse(sessionStorage.getItem("meeting.session")).accessToken, "a");
-  assert.equal(client.seed([msg(1)]).length, 1);
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.unread", { messages: [msg(1)], count: 1, has_more: false });
   await client.logout();
   assert.equal(sessionStorage.getItem("meeting.session"), null);
   assert.deepEqual(calls.map((c) => [c.path, c.headers.Authorization ?? null]),
