@@ -99,6 +99,7 @@ export class MeetingClient extends EventTarget {
     this._heartbeatTimer = null;
     this._refreshing = null;
     this._synced = false;
+    this._rest = null;       // {socket, controller, held}: a backlog's REST pages being fetched
   }
 
   // ---- events -------------------------------------------------------------------
@@ -227,11 +228,11 @@ export class MeetingClient extends EventTarget {
    * One REST call: JSON in, JSON out, ApiError on a non-2xx answer. An authenticated call
    * that gets 401 token_expired refreshes the token once and is sent again.
    */
-  async api(method, path, body, { auth = true, idempotencyKey } = {}) {
-    if (!auth) return this._request(method, path, body, null, idempotencyKey);
+  async api(method, path, body, { auth = true, idempotencyKey, signal } = {}) {
+    if (!auth) return this._request(method, path, body, null, idempotencyKey, signal);
     if (!this.session) throw new ApiError(401, "not_logged_in", "Not logged in.");
     try {
-      return await this._request(method, path, body, this.session.accessToken, idempotencyKey);
+      return await this._request(method, path, body, this.session.accessToken, idempotencyKey, signal);
     } catch (error) {
       if (!(error instanceof ApiError && error.status === 401 && error.code === "token_expired")) {
         if (error instanceof ApiError && error.status === 401) this._sessionEnded(error);
@@ -239,16 +240,16 @@ export class MeetingClient extends EventTarget {
       }
     }
     const token = await this.refresh();
-    return this._request(method, path, body, token, idempotencyKey);
+    return this._request(method, path, body, token, idempotencyKey, signal);
   }
 
-  async _request(method, path, body, token, idempotencyKey) {
+  async _request(method, path, body, token, idempotencyKey, signal) {
     const headers = {};
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (token) headers.Authorization = `Bearer ${token}`;
     if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
     const response = await this._fetch(this.baseUrl + path, {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,
     });
     if (response.status === 204) return null;
     const data = await response.json().catch(() => null);
@@ -367,6 +368,7 @@ export class MeetingClient extends EventTarget {
   /** Close the stream for good (1000). */
   close() {
     this._stopped = true;
+    this._cancelRest();
     this._clearTimeout(this._timer);
     this._stopHeartbeat();
     const socket = this._socket;
@@ -418,7 +420,7 @@ export class MeetingClient extends EventTarget {
         break;
       case "message.unread":
         for (const m of p.messages ?? []) this._deliver(m);
-        if (p.has_more) this._fetchRest(p.messages.at(-1)?.seq ?? this.lastSeq ?? 0);
+        if (p.has_more) this._fetchRest(socket, p.messages.at(-1)?.seq ?? this.lastSeq ?? 0);
         break;
       case "message.new":
         if (this._deliver(p) && this._synced && p.read_at === null && this.unreadCount !== null) {
@@ -462,9 +464,14 @@ export class MeetingClient extends EventTarget {
     return true;
   }
 
-  /** Everything up to `seq` was delivered: resume after it, here and after a reload. */
+  /** Everything up to `seq` was delivered: resume after it, here and after a reload. While a
+   *  backlog's REST pages are still coming, it was not: hold the point until they are in. */
   _advance(seq) {
     if (typeof seq !== "number" || (this.lastSeq !== null && seq <= this.lastSeq)) return;
+    if (this._rest) {
+      this._rest.held = Math.max(this._rest.held ?? seq, seq);
+      return;
+    }
     this.lastSeq = seq;
     this._store?.setItem(this._sinceKey(), String(seq));
   }
@@ -481,17 +488,37 @@ export class MeetingClient extends EventTarget {
     this._emit("unread-count", count);
   }
 
-  /** The rest of a backlog longer than the socket carries (has_more), over REST. */
-  async _fetchRest(afterSeq) {
+  /**
+   * The rest of a backlog longer than the socket carries (has_more), over REST, for as long
+   * as that socket lives. Meanwhile live frames are delivered but `since` stays before the
+   * unfetched pages (see _advance), so a reload or reconnect mid-way gets them again. A failed
+   * page is a lost connection: reconnect with backoff, and the replay after `since` brings them.
+   */
+  async _fetchRest(socket, afterSeq) {
+    if (this._rest) return;
+    const rest = { socket, controller: new AbortController(), held: null };
+    this._rest = rest;
     try {
       for (let after = afterSeq; after !== null;) {
-        const page = await this.api("GET", `/messages/unread?after_seq=${after}&limit=100`);
+        const page = await this.api("GET", `/messages/unread?after_seq=${after}&limit=100`, undefined,
+          { signal: rest.controller.signal });
+        if (this._rest !== rest) return; // closed, logged out or reconnected meanwhile
         for (const m of page.messages) this._deliver(m);
         after = page.next_after_seq;
       }
+      this._rest = null;
+      this._advance(rest.held);
     } catch (error) {
-      this._emit("error", { code: error.code ?? "network_error", message: error.message });
+      if (this._rest !== rest) return;
+      this._rest = null; // what it held is dropped: since stays before the pages not fetched
+      this._emit("error", { code: error.code ?? "network_error", message: `Loading older unread messages failed: ${error.message}` });
+      this._lost(socket, CLOSE.ABNORMAL);
     }
+  }
+
+  _cancelRest() {
+    this._rest?.controller.abort();
+    this._rest = null;
   }
 
   _startHeartbeat(socket, seconds) {
@@ -525,6 +552,7 @@ export class MeetingClient extends EventTarget {
 
   async _onClose(socket, code) {
     if (socket !== this._socket) return;
+    this._cancelRest();
     this._detach(socket);
     this._socket = null;
     this._stopHeartbeat();

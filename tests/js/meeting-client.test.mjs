@@ -266,6 +266,67 @@ test("has_more: the rest of the backlog is fetched over REST, page by page", asy
     ["/messages/unread?after_seq=2&limit=100", "/messages/unread?after_seq=3&limit=100"]);
 });
 
+/** A fetch whose answers the test gives, one call at a time; it records each call's signal. */
+function deferredFetch(client) {
+  const pending = [];
+  client._fetch = (url, init) => new Promise((resolve, reject) => {
+    pending.push({ url, init, answer: (status, json) => resolve(response(status, json)), reject });
+    init.signal?.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")));
+  });
+  return pending;
+}
+
+test("has_more: live frames while the REST pages load do not move since past them; the last page does", async () => {
+  const { client, sockets, events, storage } = makeClient();
+  const pending = deferredFetch(client);
+  client.connect();
+  const s = sockets[0];
+  s.connect();
+  s.frame("message.unread", { messages: [msg(1), msg(2)], count: 4, has_more: true });
+  s.frame("message.synced", { seq: 4, count: 4 });
+  s.frame("message.new", msg(5));
+  await settle();
+  assert.equal(storage.getItem("meeting.since.7"), "2"); // a reload now must still get 3 and 4
+  assert.equal(pending.length, 1);
+  pending[0].answer(200, { messages: [msg(3), msg(4)], count: 5, next_after_seq: null });
+  await settle();
+  assert.deepEqual(of(events, "message").map((m) => m.seq), [1, 2, 5, 3, 4]);
+  assert.equal(storage.getItem("meeting.since.7"), "5");
+});
+
+test("close() and logout() stop the REST pages of a backlog: aborted, nothing delivered after", async () => {
+  for (const end of ["close", "logout"]) {
+    const { client, sockets, events, storage } = makeClient();
+    const pending = deferredFetch(client);
+    client.connect();
+    sockets[0].connect();
+    sockets[0].frame("message.unread", { messages: [msg(1)], count: 3, has_more: true });
+    await settle();
+    const [page] = pending;
+    if (end === "close") client.close(); else client.logout();
+    assert.equal(page.init.signal.aborted, true, end);
+    page.answer(200, { messages: [msg(2), msg(3)], count: 3, next_after_seq: null });
+    await settle();
+    assert.deepEqual(of(events, "message").map((m) => m.seq), [1], end);
+    assert.equal(storage.getItem("meeting.since.7"), "1", end);
+    assert.deepEqual(of(events, "error"), [], end);
+  }
+});
+
+test("a failed REST page of a backlog: error, and reconnect from the since before it", async () => {
+  const { client, clock, sockets, events, storage } = makeClient({ random: () => 0,
+    routes: { "GET /messages/unread": () => [503, { error: { code: "database_unavailable", message: "down" } }] } });
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.unread", { messages: [msg(1)], count: 3, has_more: true });
+  sockets[0].frame("message.synced", { seq: 3, count: 3 });
+  await settle();
+  assert.deepEqual(of(events, "error").map((e) => e.code), ["database_unavailable"]);
+  assert.equal(storage.getItem("meeting.since.7"), "1");
+  await clock.advance(250);
+  assert.equal(sockets[1].url, "ws://app/ws/messages?since=1");
+});
+
 // ---- close codes ------------------------------------------------------------------------
 
 test("1001: reconnect within 100-500 ms, with since", async () => {
