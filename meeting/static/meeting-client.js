@@ -100,6 +100,7 @@ export class MeetingClient extends EventTarget {
     this._refreshing = null;
     this._synced = false;
     this._rest = null;       // {socket, controller, held}: a backlog's REST pages being fetched
+    this._generation = 0;    // +1 at each login and logout: answers for an older session are dropped
   }
 
   // ---- events -------------------------------------------------------------------
@@ -147,6 +148,7 @@ export class MeetingClient extends EventTarget {
 
   async login(username, password) {
     const answer = await this.api("POST", "/auth/login", { username, password }, { auth: false });
+    this._generation += 1;
     this._setSession({ accessToken: answer.access_token, refreshToken: answer.refresh_token, user: answer.user });
     return this.user;
   }
@@ -177,6 +179,8 @@ export class MeetingClient extends EventTarget {
 
   _clearSession() {
     this.session = null;
+    this._generation += 1;
+    this._refreshing = null;
     // the next login (maybe another user) starts afresh: a page that logs in again
     // shows its history again, so none of it may count as already delivered
     this._sinceUser = undefined;
@@ -198,22 +202,32 @@ export class MeetingClient extends EventTarget {
    */
   refresh() {
     if (!this._refreshing) {
-      this._refreshing = this._doRefresh().finally(() => { this._refreshing = null; });
+      const refreshing = this._doRefresh().finally(() => {
+        if (this._refreshing === refreshing) this._refreshing = null;
+      });
+      this._refreshing = refreshing;
     }
     return this._refreshing;
   }
 
   async _doRefresh() {
     const session = this.session;
+    const generation = this._generation;
     if (!session) throw new ApiError(401, "not_logged_in", "Not logged in.");
+    // A logout (or another login) while the request is out: its answer, good or bad, is for
+    // a session this client no longer has, and must neither bring it back nor end the new one.
+    const stale = () => new ApiError(0, "session_changed", "Logged out while the token was being refreshed.");
+    let answer;
     try {
-      const answer = await this._request("POST", "/auth/refresh", { refresh_token: session.refreshToken });
-      this._setSession({ ...session, accessToken: answer.access_token, refreshToken: answer.refresh_token });
-      return this.session.accessToken;
+      answer = await this._request("POST", "/auth/refresh", { refresh_token: session.refreshToken });
     } catch (error) {
+      if (generation !== this._generation) throw stale();
       if (error instanceof ApiError && error.status === 401) this._sessionEnded(error);
       throw error;
     }
+    if (generation !== this._generation) throw stale();
+    this._setSession({ ...session, accessToken: answer.access_token, refreshToken: answer.refresh_token });
+    return this.session.accessToken;
   }
 
   _sessionEnded(error) {

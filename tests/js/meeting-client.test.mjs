@@ -473,6 +473,25 @@ test("refresh is single-flight: a one-use refresh token is never presented twice
   assert.deepEqual(calls.filter((c) => c.path === "/auth/refresh").map((c) => c.body.refresh_token), ["refresh-1", "refresh-2"]);
 });
 
+test("a refresh answered after logout is dropped: the session stays ended, in memory and in storage", async () => {
+  for (const status of [200, 401]) {
+    const { client, events, sessionStorage } = makeClient({ routes: { "POST /auth/logout": () => [204, undefined] } });
+    const pending = deferredFetch(client);
+    const refreshing = client.refresh();
+    await settle();
+    const logout = client.logout();
+    pending[0].answer(status, status === 200 ? { access_token: "access-2", refresh_token: "refresh-2" }
+      : { error: { code: "session_revoked", message: "revoked" } });
+    await assert.rejects(refreshing, (e) => e.code === "session_changed");
+    pending[1].answer(204);
+    await logout;
+    assert.equal(client.user, null, `status ${status}`);
+    assert.equal(sessionStorage.getItem("meeting.session"), null);
+    assert.deepEqual(of(events, "session"), [{ user: USER }, { user: null }]);
+    assert.deepEqual(of(events, "error"), []);
+  }
+});
+
 test("a REST call answered 401 token_expired is refreshed and sent once more", async () => {
   const { client, calls } = makeClient({
     routes: { "GET /messages/unread/count": (_, call) => (call.headers.Authorization === "Bearer access-1"
