@@ -12,9 +12,39 @@ export const CLOSE = Object.freeze({
 /** Codes after which reconnecting would only repeat the failure: stop and report. */
 const FATAL = new Map([
   [CLOSE.TOO_MANY_CONNECTIONS, ["too_many_connections", "Too many open connections for this user: close another tab or device."]],
-  [CLOSE.UNSUPPORTED, ["client_bug", "The server refused a frame this client sent (1003)."]],
-  [CLOSE.TOO_BIG, ["client_bug", "A frame this client sent was too large (1009)."]],
 ]);
+
+/** A frame this client sent was refused: reported (a bug to fix), never sent again, but the
+ *  stream is still wanted, so reconnect with backoff. */
+const REFUSED = new Map([
+  [CLOSE.UNSUPPORTED, ["client_bug", "The server refused a frame this client sent (1003); reconnecting."]],
+  [CLOSE.TOO_BIG, ["client_bug", "A frame this client sent was too large (1009); reconnecting."]],
+]);
+
+/** The most ids one `read` frame or POST /messages/read takes (docs/websocket.md, `read`). */
+export const READ_IDS_MAX = 1000;
+
+/**
+ * Ids split into `read` frames the server takes: at most READ_IDS_MAX ids and `maxBytes`
+ * bytes (push.max_frame_size; a bigger frame closes the socket with 1009) each.
+ */
+export function readChunks(ids, maxBytes = 65536) {
+  const empty = JSON.stringify({ type: "read", payload: { ids: [] } }).length;
+  const chunks = [];
+  let chunk = [], size = empty;
+  for (const id of ids) {
+    const add = String(id).length + (chunk.length ? 1 : 0);
+    if (chunk.length && (chunk.length >= READ_IDS_MAX || size + add > maxBytes)) {
+      chunks.push(chunk);
+      chunk = [];
+      size = empty;
+    }
+    size += String(id).length + (chunk.length ? 1 : 0);
+    chunk.push(id);
+  }
+  if (chunk.length) chunks.push(chunk);
+  return chunks;
+}
 
 /**
  * Exponential backoff with "equal jitter": half the step is fixed, half random, so a
@@ -87,6 +117,7 @@ export class MeetingClient extends EventTarget {
     this._now = options.now ?? (() => Date.now());
     this._crypto = options.crypto ?? g.crypto;
     this.backoff = { initial: 500, max: 30000, ...options.backoff };
+    this.maxFrameBytes = options.maxFrameBytes ?? 65536; // the server's push.max_frame_size
     this.session = null;     // {accessToken, refreshToken, user}
     this.state = "offline";
     this.lastSeq = null;     // resume point: every seq up to it was delivered; persisted per user
@@ -299,13 +330,13 @@ export class MeetingClient extends EventTarget {
   /** Mark messages read: a `read` frame while connected, else POST /messages/read. Every
    *  device (this one included) then gets `message.read`. */
   async markRead(ids) {
-    if (!ids.length) return;
-    if (this._socket && this._synced && this._socket.readyState === 1) {
-      this._socket.send(JSON.stringify({ type: "read", payload: { ids } }));
-      return;
+    for (const chunk of readChunks(ids, this.maxFrameBytes)) {
+      if (this._socket && this._synced && this._socket.readyState === 1) {
+        this._socket.send(JSON.stringify({ type: "read", payload: { ids: chunk } }));
+      } else {
+        this._setCount((await this.api("POST", "/messages/read", { ids: chunk })).count);
+      }
     }
-    const answer = await this.api("POST", "/messages/read", { ids });
-    this._setCount(answer.count);
   }
 
   async markAllRead() {
@@ -572,6 +603,10 @@ export class MeetingClient extends EventTarget {
     this._stopHeartbeat();
     this._synced = false;
     if (this._stopped) return;
+    if (REFUSED.has(code)) {
+      const [errorCode, message] = REFUSED.get(code);
+      this._emit("error", { code: errorCode, message });
+    }
     if (FATAL.has(code)) {
       const [errorCode, message] = FATAL.get(code);
       this._stopped = true;

@@ -8,7 +8,7 @@ import { webcrypto } from "node:crypto";
 import { test } from "node:test";
 
 import {
-  ApiError, CLOSE, MeetingClient, backoffDelay, goingAwayDelay, uuid4,
+  ApiError, CLOSE, MeetingClient, backoffDelay, goingAwayDelay, readChunks, uuid4,
 } from "../../meeting/static/meeting-client.js";
 
 const USER = { id: 7, username: "bob", display_name: "bob", created_at: "2026-11-28T00:00:00+00:00" };
@@ -377,16 +377,20 @@ test("4029: stop, go offline and report; no reconnect", async () => {
   assert.deepEqual(of(events, "error").map((e) => e.code), ["too_many_connections"]);
 });
 
-test("1009 and 1003 are client bugs: no retry of the same thing", async () => {
+test("1009 and 1003: a client bug is reported, and the stream reconnects with backoff and since", async () => {
   for (const code of [CLOSE.TOO_BIG, CLOSE.UNSUPPORTED]) {
-    const { client, clock, sockets, events } = makeClient();
+    const { client, clock, sockets, events } = makeClient({ random: () => 0 });
     client.connect();
     sockets[0].connect();
+    sockets[0].frame("message.new", msg(3));
     sockets[0].drop(code);
     await settle();
-    await clock.advance(60000);
-    assert.equal(sockets.length, 1);
     assert.deepEqual(of(events, "error").map((e) => e.code), ["client_bug"]);
+    assert.deepEqual(clock.pending(), [250]);
+    assert.equal(client.state, "reconnecting");
+    await clock.advance(250);
+    assert.equal(sockets[1].url, "ws://app/ws/messages?since=3");
+    assert.deepEqual(sockets[1].sent, []); // nothing is sent again
   }
 });
 
@@ -540,6 +544,30 @@ test("reads: a read frame out once synced, message.read in sets the count", () =
   assert.deepEqual(of(events, "unread-count"), [2, 1]);
   sockets[0].frame("message.new", msg(3, { read_at: null }));
   assert.deepEqual(of(events, "unread-count"), [2, 1, 2]);
+});
+
+test("markRead: frames of at most 1000 ids and maxFrameBytes bytes, so the server never closes with 1009", async () => {
+  const { client, sockets } = makeClient();
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.synced", { seq: 0, count: 0 });
+  const ids = Array.from({ length: 2500 }, (_, i) => i + 1);
+  await client.markRead(ids);
+  assert.deepEqual(sockets[0].sent.map((f) => f.payload.ids.length), [1000, 1000, 500]);
+  assert.deepEqual(sockets[0].sent.flatMap((f) => f.payload.ids), ids);
+
+  const big = Array.from({ length: 1000 }, (_, i) => 2 ** 53 - 1 - i); // 16 digits each
+  assert.deepEqual(readChunks(big, 4096).map((c) => c.length), [...Array(4).fill(238), 48]);
+  for (const chunk of readChunks(big, 4096)) {
+    assert.ok(JSON.stringify({ type: "read", payload: { ids: chunk } }).length <= 4096);
+  }
+  assert.deepEqual(readChunks([]), []);
+});
+
+test("markRead over REST is chunked too", async () => {
+  const { client, calls } = makeClient({ routes: { "POST /messages/read": () => [200, { updated: 1, count: 0 }] } });
+  await client.markRead(Array.from({ length: 1001 }, (_, i) => i + 1));
+  assert.deepEqual(calls.map((c) => c.body.ids.length), [1000, 1]);
 });
 
 test("markRead before the stream is synced goes over REST", async () => {
