@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,10 +120,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 class Tab:
-    """A page with what it logged: console errors, uncaught exceptions, requests."""
+    """A page with what it logged: console errors, uncaught exceptions, requests. A test that
+    provokes console errors on purpose (a server stopped, a 503) names them in `allowed`."""
 
     def __init__(self, page: Any):
         self.page = page
+        self.allowed: list[str] = []  # regular expressions
         self.console_errors: list[str] = []
         self.page_errors: list[str] = []
         self.requests: list[str] = []
@@ -135,6 +138,9 @@ class Tab:
     def get(self, testid: str) -> Any:
         return self.page.get_by_test_id(testid)
 
+    def unexpected_console_errors(self) -> list[str]:
+        return [e for e in self.console_errors if not any(re.search(a, e) for a in self.allowed)]
+
     def message(self, message_id: int) -> Any:
         return self.page.locator(f'[data-testid="message"][data-message-id="{message_id}"]')
 
@@ -142,7 +148,8 @@ class Tab:
 @pytest.fixture
 def tabs(browser: Any) -> Iterator[Any]:
     """Open tabs, each in a context of its own (its own storage: its own device) unless
-    `context` is given; every tab must end without an uncaught exception."""
+    `context` is given; every tab must end without an uncaught exception or a console error
+    (CSP violations, failed loads, errors logged), except those its test allowed."""
     contexts: list[Any] = []
     opened: list[Tab] = []
 
@@ -159,6 +166,7 @@ def tabs(browser: Any) -> Iterator[Any]:
     for context in contexts:
         context.close()
     assert [e for tab in opened for e in tab.page_errors] == []
+    assert [e for tab in opened for e in tab.unexpected_console_errors()] == []
 
 
 def expect(locator: Any) -> Any:
@@ -204,6 +212,7 @@ def test_register_log_out_and_log_in_with_the_keyboard(server: Server, tabs: Any
 def test_a_bad_password_shows_login_error(server: Server, tabs: Any) -> None:
     bob = server.user("bob")
     tab = tabs()
+    tab.allowed.append(r"status of 401 \(Unauthorized\)")  # the refused POST /auth/login
     tab.page.goto(server.url + "/")
     expect(tab.get("login-error")).to_be_hidden()
     tab.get("login-username").fill(bob["username"])
@@ -353,6 +362,9 @@ def test_a_server_restart_resumes_with_since_and_shows_what_came_meanwhile_once(
         ws.on("framereceived", lambda payload: seen.append(json.loads(payload)))
 
     tab.page.on("websocket", follow)
+    # reconnecting while the server is down: the browser logs each refused attempt
+    tab.allowed += [r"^WebSocket connection to '.*' failed: .*ERR_CONNECTION_REFUSED$",
+                    r"^Failed to load resource: net::ERR_CONNECTION_REFUSED$"]
     log_in(tab, server, bob["username"])
     first = server.send(alice, bob, "before the restart")
     expect(tab.message(first["id"])).to_have_count(1, timeout=WAIT)
@@ -431,7 +443,7 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     assert [(m["type"], m["sender_id"]) for m in invites if m["type"] == "meeting.invite"] == [("meeting.invite", dave_id)]
     tab.get("logout").click()
     expect(tab.get("login-username")).to_be_visible()
-    assert tab.console_errors == []
+    assert tab.console_errors == []  # and so does every test's teardown (tabs)
 
 
 @pytest.mark.parametrize("notice", ["1.5", "0"], ids=["token.expiring", "close-4001"])
@@ -441,9 +453,9 @@ def test_short_lived_tokens_are_refreshed_without_a_new_login(tmp_path: Path, ta
     at expiry and the page refreshes, then reconnects with since. Either way: no new login,
     rotating refresh tokens, every message once."""
     server = Server(tmp_path, MEETING_AUTH_TOKEN_TTL="3", MEETING_PUSH_TOKEN_EXPIRY_NOTICE=notice).start()
+    tab = tabs()
     try:
         alice, bob = server.user("alice"), server.user("bob")
-        tab = tabs()
         sent: list[dict[str, Any]] = []
         tab.page.on("websocket", lambda ws: ws.on("framesent", lambda p: sent.append(json.loads(p))))
         log_in(tab, server, bob["username"])
@@ -465,4 +477,5 @@ def test_short_lived_tokens_are_refreshed_without_a_new_login(tmp_path: Path, ta
         else:
             assert len(refresh_frames) >= 2 and len(tab.sockets) == 1
     finally:
+        tab.page.close()  # before its server stops: no reconnect attempts to log
         server.stop()
