@@ -446,6 +446,39 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     assert tab.console_errors == []  # and so does every test's teardown (tabs)
 
 
+def test_too_many_connections_shows_the_error_banner_and_reconnect_works(tmp_path: Path, tabs: Any) -> None:
+    """One socket per user allowed: a second device is refused with 4029, stops (no retry
+    loop), and says so in the visible banner; once the first device leaves, Reconnect works."""
+    server = Server(tmp_path, MEETING_PUSH_MAX_CONNECTIONS_PER_USER="1").start()
+    first, second = tabs(), tabs()
+    try:
+        alice, bob = server.user("alice"), server.user("bob")
+        log_in(first, server, bob["username"])
+        expect(first.get("error-banner")).to_be_hidden()
+        second.page.goto(server.url + "/")
+        second.get("login-username").fill(bob["username"])
+        second.get("login-password").fill(PASSWORD)
+        second.get("login-submit").click()
+        banner = second.get("error-banner")
+        expect(banner).to_be_visible()
+        expect(banner).to_have_attribute("role", "alert")
+        expect(banner).to_contain_text("Too many open connections")
+        expect(second.get("connection-status")).to_have_attribute("data-state", "offline")
+        expect(second.get("reconnect")).to_be_visible()
+        assert [s.url.rsplit("/", 1)[1] for s in second.sockets] == ["messages"]  # stopped: no retries
+        first.get("logout").click()
+        expect(first.get("login-username")).to_be_visible()
+        second.get("reconnect").click()
+        expect(second.get("connection-status")).to_have_attribute("data-state", "connected")
+        expect(banner).to_be_hidden()
+        sent = server.send(alice, bob, "now you are in")
+        expect(second.message(sent["id"])).to_have_count(1)
+    finally:
+        for tab in (first, second):
+            tab.page.close()
+        server.stop()
+
+
 @pytest.mark.parametrize("notice", ["1.5", "0"], ids=["token.expiring", "close-4001"])
 def test_short_lived_tokens_are_refreshed_without_a_new_login(tmp_path: Path, tabs: Any, notice: str) -> None:
     """Access tokens that live 3 s. With a notice, the page answers each `token.expiring`

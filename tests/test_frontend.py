@@ -65,7 +65,7 @@ def test_the_page_has_no_inline_script_or_style_and_the_static_part_of_the_dom_c
     assert page.testids == {
         "login-username", "login-password", "login-submit", "register-submit", "login-error", "current-user", "logout",
         "connection-status", "unread-count", "message-list", "mark-all-read", "compose-recipients", "compose-content",
-        "compose-send", "compose-error",
+        "compose-send", "compose-error", "error-banner", "reconnect",
     }
     # the per-message ones are made by the page's script; docs/frontend.md lists them all
     script = (ROOT / "meeting" / "static" / "app.js").read_text(encoding="utf-8")

@@ -89,6 +89,7 @@ async function enter() {
 
 function leave(message) {
   clearInterval(presenceTimer);
+  clearReport();
   show($("app-view"), false);
   show($("session-bar"), false);
   show($("login-view"), true);
@@ -106,8 +107,24 @@ function leave(message) {
   byTestId("login-username").focus();
 }
 
+/** Tell people, in the live region (kept to its last 5 notes) for screen readers. */
+function announce(text) {
+  const announcer = $("announcer");
+  announcer.append(Object.assign(document.createElement("p"), { textContent: text }));
+  while (announcer.childElementCount > 5) announcer.firstElementChild.remove();
+}
+
+/** Something failed that people must see: the error banner (role="alert"), with Reconnect
+ *  when the stream stopped and will not come back by itself (4029). */
 function report(error) {
-  $("announcer").append(Object.assign(document.createElement("p"), { textContent: describe(error) }));
+  byTestId("error-banner").querySelector("p").textContent = describe(error);
+  show(byTestId("reconnect"), Boolean(client.user) && client.state === "offline");
+  show(byTestId("error-banner"), true);
+}
+
+function clearReport() {
+  show(byTestId("error-banner"), false);
+  show(byTestId("reconnect"), false);
 }
 
 // ---- inbox ----------------------------------------------------------------------
@@ -118,7 +135,7 @@ async function loadHistory() {
   for (const m of fresh) setRead(m.id, m.read_at !== null);
 }
 
-async function renderMessage(message, announce) {
+async function renderMessage(message, isNew) {
   const list = byTestId("message-list");
   if (list.querySelector(`[data-message-id="${message.id}"]`)) return;
   const sender = await userById(message.sender_id);
@@ -155,12 +172,7 @@ async function renderMessage(message, announce) {
   list.insertBefore(li, after ?? null);
   setRead(message.id, message.read_at !== null && message.read_at !== undefined);
   show($("inbox-empty"), false);
-  if (announce) {
-    const note = document.createElement("p");
-    note.textContent = `New message from ${sender.username}: ${message.content}`;
-    $("announcer").append(note);
-    while ($("announcer").childElementCount > 5) $("announcer").firstElementChild.remove();
-  }
+  if (isNew) announce(`New message from ${sender.username}: ${message.content}`);
   if (message.type === "meeting.invite") loadMeetings().catch(report);
 }
 
@@ -358,6 +370,11 @@ byTestId("logout").addEventListener("click", async () => {
   await client.logout();
   leave("");
 });
+byTestId("reconnect").addEventListener("click", () => {
+  clearReport();
+  client.connect();
+});
+$("dismiss-error").addEventListener("click", clearReport);
 byTestId("mark-all-read").addEventListener("click", () => client.markAllRead().then(
   () => byTestId("message-list").querySelectorAll('[data-read="false"]').forEach((li) => setRead(li.dataset.messageId, true)),
   report,
