@@ -446,6 +446,28 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     assert tab.console_errors == []  # and so does every test's teardown (tabs)
 
 
+def test_a_failed_history_right_after_login_still_gives_a_live_page(server: Server, tabs: Any) -> None:
+    """GET /messages answers 503 right after login: the page says so in the banner, opens the
+    stream anyway (its backlog shows the unread message), and loads the history once synced."""
+    alice, bob = server.user("alice"), server.user("bob")
+    was_read = server.send(alice, bob, "read before")
+    server.call("POST", f"/messages/{was_read['id']}/read", bob["token"])
+    unread = server.send(alice, bob, "unread")
+    tab = tabs()
+    tab.allowed.append(r"status of 503 \(Service Unavailable\)")
+    tab.page.route(lambda url: url.endswith("/messages?limit=50"), lambda route: route.fulfill(
+        status=503, json={"error": {"code": "database_unavailable", "message": "The database is unavailable."}}), times=1)
+    log_in(tab, server, bob["username"])
+    expect(tab.get("error-banner")).to_contain_text("The database is unavailable.")
+    expect(tab.get("reconnect")).to_be_hidden()
+    expect(tab.message(unread["id"])).to_have_attribute("data-read", "false")
+    expect(tab.message(was_read["id"])).to_have_attribute("data-read", "true")  # the history, retried
+    expect(tab.get("unread-count")).to_have_text("1")
+    later = server.send(alice, bob, "live")
+    expect(tab.message(later["id"])).to_have_count(1)
+    assert [seq for seq, _, _ in _shown(tab)] == [3, 2, 1]
+
+
 def test_too_many_connections_shows_the_error_banner_and_reconnect_works(tmp_path: Path, tabs: Any) -> None:
     """One socket per user allowed: a second device is refused with 4029, stops (no retry
     loop), and says so in the visible banner; once the first device leaves, Reconnect works."""

@@ -10,6 +10,7 @@ const users = new Map();      // id -> Promise<user>
 const known = new Set();      // ids of people to show presence for
 let presenceTimer = null;
 let firstSync = true;
+let historyShown = false;     // GET /messages went through since the last login or reload
 
 const STATUS_TEXT = { connecting: "Connecting…", connected: "Connected", reconnecting: "Reconnecting…", offline: "Offline" };
 
@@ -65,11 +66,12 @@ async function onLogin(event, register) {
   try {
     if (register) await client.register(username, password);
     await client.login(username, password);
-    byTestId("login-password").value = "";
-    await enter();
   } catch (e) {
     setError(error, describe(e));
+    return;
   }
+  byTestId("login-password").value = "";
+  await enter().catch((e) => leave(describe(e)));
 }
 
 async function enter() {
@@ -80,7 +82,10 @@ async function enter() {
   show($("session-bar"), true);
   show($("app-view"), true);
   firstSync = true;
-  await loadHistory();
+  historyShown = false;
+  // A failed history (a 503) must not leave a dead page: say so, open the stream anyway (its
+  // backlog or replay shows what is new) and try the history again once it is synced.
+  await loadHistory().catch(report);
   client.connect();
   loadSent().catch(report);
   loadMeetings().catch(report);
@@ -116,9 +121,9 @@ function announce(text) {
 
 /** Something failed that people must see: the error banner (role="alert"), with Reconnect
  *  when the stream stopped and will not come back by itself (4029). */
-function report(error) {
+function report(error, { stopped = false } = {}) {
   byTestId("error-banner").querySelector("p").textContent = describe(error);
-  show(byTestId("reconnect"), Boolean(client.user) && client.state === "offline");
+  show(byTestId("reconnect"), stopped);
   show(byTestId("error-banner"), true);
 }
 
@@ -131,6 +136,7 @@ function clearReport() {
 
 async function loadHistory() {
   const fresh = await client.loadHistory(50);
+  historyShown = true;
   await Promise.all(fresh.map((m) => renderMessage(m, false)));
   for (const m of fresh) setRead(m.id, m.read_at !== null);
 }
@@ -355,13 +361,14 @@ client.on("status", ({ state }) => {
   el.textContent = STATUS_TEXT[state] ?? state;
 });
 client.on("synced", () => {
-  if (!firstSync) refreshReadStates().catch(report);
+  if (!historyShown) loadHistory().catch(report);
+  else if (!firstSync) refreshReadStates().catch(report);
   firstSync = false;
   refreshPresence().catch(() => {});
 });
 client.on("error", ({ code, message }) => {
   if (code === "session_ended") leave(message);
-  else report(new ApiError(0, code, message));
+  else report(new ApiError(0, code, message), { stopped: Boolean(client.user) && client.state === "offline" });
 });
 
 $("login-form").addEventListener("submit", (e) => onLogin(e, false));
