@@ -446,6 +446,31 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     assert tab.console_errors == []  # and so does every test's teardown (tabs)
 
 
+def test_mark_all_read_leaves_a_message_that_came_after_it_unread(server: Server, tabs: Any) -> None:
+    """The answer to POST /messages/read {all} is held back until a message sent after the
+    server's commit is on the page: that message stays unread (the page marks what the
+    message.read frame names, not everything it shows when the answer comes)."""
+    alice, bob = server.user("alice"), server.user("bob")
+    tab = tabs()
+    log_in(tab, server, bob["username"])
+    before = server.send(alice, bob, "before")
+    expect(tab.message(before["id"])).to_have_count(1)
+    held: list[Any] = []
+    tab.page.route(lambda url: url.endswith("/messages/read"), lambda route: held.append((route, route.fetch())), times=1)
+    tab.get("mark-all-read").click()
+    expect(tab.message(before["id"])).to_have_attribute("data-read", "true")  # message.read, over the socket
+    expect(tab.get("unread-count")).to_have_text("0")
+    late = server.send(alice, bob, "after the commit")
+    expect(tab.message(late["id"])).to_have_count(1)
+    expect(tab.get("unread-count")).to_have_text("1")
+    [(route, answer)] = held
+    route.fulfill(response=answer)
+    expect(tab.get("mark-all-read")).to_be_enabled()  # the answer was handled
+    expect(tab.message(late["id"])).to_have_attribute("data-read", "false")
+    expect(tab.get("unread-count")).to_have_text("1")
+    assert server.call("GET", "/messages/unread/count", bob["token"]) == {"count": 1}
+
+
 def test_a_failed_history_right_after_login_still_gives_a_live_page(server: Server, tabs: Any) -> None:
     """GET /messages answers 503 right after login: the page says so in the banner, opens the
     stream anyway (its backlog shows the unread message), and loads the history once synced."""

@@ -570,6 +570,23 @@ test("markRead over REST is chunked too", async () => {
   assert.deepEqual(calls.map((c) => c.body.ids.length), [1000, 1]);
 });
 
+test("markAllRead while synced: the count is the stream's, not the answer's that a later message outdated", async () => {
+  const { client, sockets, events } = makeClient();
+  const pending = deferredFetch(client);
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.unread", { messages: [msg(1), msg(2)], count: 2, has_more: false });
+  sockets[0].frame("message.synced", { seq: 2, count: 2 });
+  const marking = client.markAllRead();
+  await settle();
+  sockets[0].frame("message.read", { ids: [101, 102], count: 0 }); // the server committed
+  sockets[0].frame("message.new", msg(3));                          // then 3 arrived
+  pending[0].answer(200, { updated: 2, count: 0 });
+  await marking;
+  assert.deepEqual(of(events, "read"), [{ ids: [101, 102], count: 0 }]);
+  assert.deepEqual(of(events, "unread-count"), [2, 0, 1]);
+});
+
 test("markRead before the stream is synced goes over REST", async () => {
   const { client, calls, events } = makeClient({ routes: { "POST /messages/read": () => [200, { updated: 1, count: 0 }] } });
   await client.markRead([101]);
