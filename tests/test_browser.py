@@ -471,6 +471,26 @@ def test_mark_all_read_leaves_a_message_that_came_after_it_unread(server: Server
     assert server.call("GET", "/messages/unread/count", bob["token"]) == {"count": 1}
 
 
+def test_a_read_that_comes_while_the_sender_is_looked_up_is_not_lost(server: Server, tabs: Any) -> None:
+    """GET /users/{sender} is held while the message is read on another device: the page
+    shows the message at once, applies the message.read, then names the sender."""
+    alice, bob = server.user("alice"), server.user("bob")
+    tab = tabs()
+    log_in(tab, server, bob["username"])
+    held: list[Any] = []
+    tab.page.route(lambda url: url.endswith(f"/users/{alice['id']}"), lambda route: held.append(route), times=1)
+    sent = server.send(alice, bob, "read elsewhere")
+    item = tab.message(sent["id"])
+    expect(item).to_have_attribute("data-read", "false")
+    server.call("POST", f"/messages/{sent['id']}/read", bob["token"])
+    expect(item).to_have_attribute("data-read", "true")
+    expect(tab.get("unread-count")).to_have_text("0")
+    [route] = held
+    route.continue_()
+    expect(item.get_by_test_id("message-sender")).to_have_text(alice["username"])
+    expect(item).to_have_attribute("data-read", "true")
+
+
 def test_a_failed_history_right_after_login_still_gives_a_live_page(server: Server, tabs: Any) -> None:
     """GET /messages answers 503 right after login: the page says so in the banner, opens the
     stream anyway (its backlog shows the unread message), and loads the history once synced."""

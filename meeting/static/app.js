@@ -141,10 +141,9 @@ async function loadHistory() {
   for (const m of fresh) setRead(m.id, m.read_at !== null);
 }
 
+/** Insert at once (a `read` for it may come next) and name the sender when known. */
 async function renderMessage(message, isNew) {
   const list = byTestId("message-list");
-  if (list.querySelector(`[data-message-id="${message.id}"]`)) return;
-  const sender = await userById(message.sender_id);
   if (list.querySelector(`[data-message-id="${message.id}"]`)) return;
   knowPerson(message.sender_id);
 
@@ -158,8 +157,6 @@ async function renderMessage(message, isNew) {
   const from = document.createElement("span");
   from.dataset.testid = "message-sender";
   from.className = "sender";
-  from.textContent = sender.username;
-  from.title = sender.display_name;
   const when = document.createElement("time");
   when.dateTime = message.created_at;
   when.textContent = time(message.created_at);
@@ -178,8 +175,11 @@ async function renderMessage(message, isNew) {
   list.insertBefore(li, after ?? null);
   setRead(message.id, message.read_at !== null && message.read_at !== undefined);
   show($("inbox-empty"), false);
-  if (isNew) announce(`New message from ${sender.username}: ${message.content}`);
   if (message.type === "meeting.invite") loadMeetings().catch(report);
+  const sender = await userById(message.sender_id);
+  from.textContent = sender.username;
+  from.title = sender.display_name;
+  if (isNew) announce(`New message from ${sender.username}: ${message.content}`);
 }
 
 function setRead(id, read) {
