@@ -91,3 +91,14 @@ def test_a_built_wheel_ships_the_web_client(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"meeting/static/{name}" for name, _ in FILES.values()} <= names
     assert not [n for n in names if re.match(r"tests/", n)]
+
+
+def test_the_client_code_in_websocket_md_is_lifted_verbatim_from_the_module() -> None:
+    """docs/websocket.md shows the core of the served client; a hand-written sketch there went
+    stale once (dedupe by id, other jitter), so each block must still be in the module."""
+    guide = (ROOT / "docs" / "websocket.md").read_text(encoding="utf-8")
+    module = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "meeting" / "static").glob("*.js")))
+    blocks = re.findall(r"^```js\n(.*?)^```$", guide, re.S | re.M)
+    assert len(blocks) >= 3
+    for block in blocks:
+        assert block in module, block
