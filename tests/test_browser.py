@@ -351,6 +351,38 @@ def test_more_than_a_page_while_away_is_all_shown_once_after_return(server: Serv
     assert other.sockets[-1].url.endswith("/ws/messages")
 
 
+def test_a_duplicated_tab_logs_in_afresh_instead_of_sharing_the_session(server: Server, tabs: Any) -> None:
+    """window.open (like "Duplicate tab") copies sessionStorage, tokens included. The copy
+    finds the session's Web Lock held by the live tab, gives the tokens up and asks for a login
+    of its own; the first tab goes on (its refresh token was never presented twice)."""
+    alice, bob = server.user("alice"), server.user("bob")
+    tab = tabs()
+    log_in(tab, server, bob["username"])
+    with tab.page.context.expect_page() as opened:
+        tab.page.evaluate("window.open('/')")
+    copy = Tab(opened.value)
+    assert copy.page.evaluate("sessionStorage.getItem('meeting.session') !== null")  # the copied tokens
+    expect(copy.get("login-error")).to_contain_text("open in another tab")
+    expect(copy.get("login-username")).to_be_visible()
+    assert copy.page.evaluate("sessionStorage.getItem('meeting.session')") is None
+    copy.get("login-username").fill(bob["username"])
+    copy.get("login-password").fill(PASSWORD)
+    copy.get("login-submit").click()
+    expect(copy.get("connection-status")).to_have_attribute("data-state", "connected")
+    sent = server.send(alice, bob, "to both tabs")
+    for t in (tab, copy):
+        expect(t.message(sent["id"])).to_have_count(1)
+        expect(t.get("connection-status")).to_have_attribute("data-state", "connected")
+    # two sessions now: each tab rotates a refresh token of its own
+    tokens = {json.loads(t.page.evaluate("sessionStorage.getItem('meeting.session')"))["refreshToken"] for t in (tab, copy)}
+    assert len(tokens) == 2
+    tab.page.reload()
+    expect(tab.get("current-user")).to_have_text(bob["username"])  # a reload is not a copy
+    expect(tab.get("connection-status")).to_have_attribute("data-state", "connected")
+    copy.page.close()
+    assert copy.page_errors == [] and copy.unexpected_console_errors() == []
+
+
 def test_a_server_restart_resumes_with_since_and_shows_what_came_meanwhile_once(server: Server, tabs: Any) -> None:
     alice, bob = server.user("alice"), server.user("bob")
     tab = tabs()

@@ -403,8 +403,14 @@ for (const input of [byTestId("compose-recipients"), $("meeting-participants")])
   input.addEventListener("input", () => suggest(input).catch(() => {}));
 }
 
-if (client.restore()) {
-  enter().catch((e) => leave(describe(e)));
-} else {
-  byTestId("login-username").focus();
+async function start() {
+  if (!client.restore()) {
+    byTestId("login-username").focus();
+  } else if (await client.claim()) {
+    await enter();
+  } else { // a duplicated tab: the session is the other tab's
+    leave("This session is open in another tab. Log in here to use this tab too.");
+  }
 }
+
+start().catch((e) => leave(describe(e)));

@@ -116,6 +116,7 @@ export class MeetingClient extends EventTarget {
     this._clearTimeout = options.clearTimeout ?? g.clearTimeout.bind(g);
     this._now = options.now ?? (() => Date.now());
     this._crypto = options.crypto ?? g.crypto;
+    this._locks = options.locks !== undefined ? options.locks : g.navigator?.locks; // Web Locks, secure contexts only
     this.backoff = { initial: 500, max: 30000, ...options.backoff };
     this.maxFrameBytes = options.maxFrameBytes ?? 65536; // the server's push.max_frame_size
     this.session = null;     // {accessToken, refreshToken, user}
@@ -132,6 +133,7 @@ export class MeetingClient extends EventTarget {
     this._synced = false;
     this._rest = null;       // {socket, controller, held}: a backlog's REST pages being fetched
     this._generation = 0;    // +1 at each login and logout: answers for an older session are dropped
+    this._releaseLock = null; // ends this tab's hold on its session's lock
   }
 
   // ---- events -------------------------------------------------------------------
@@ -171,6 +173,40 @@ export class MeetingClient extends EventTarget {
     return this.user;
   }
 
+  /**
+   * After restore(): may this tab go on with the session it found? "Duplicate tab" and
+   * window.open copy sessionStorage, and two tabs with one rotating refresh token revoke each
+   * other (a spent refresh token presented again ends the session). Each tab holds a Web Lock
+   * named after its session while it lives; a copy finds it held, forgets the copied session
+   * here (not on the server: the other tab still uses it) and returns false: log in afresh.
+   * A reload waits up to `wait` ms for the page it replaces to let go of the lock. Without
+   * Web Locks (plain http on a LAN address) every tab may go on.
+   */
+  async claim({ wait = 2000 } = {}) {
+    const session = this.session;
+    if (!session) return false;
+    if (!this._locks) return true;
+    if (!session.id) this._setSession({ ...session, id: uuid4(this._crypto) });
+    if (await this._hold(this.session.id, wait)) return true;
+    if (this.session?.id === session.id) this._clearSession();
+    return false;
+  }
+
+  /** Hold the lock `meeting.session.<id>` until the session is cleared; false when another
+   *  tab holds it for longer than `wait` ms. */
+  _hold(id, wait) {
+    this._releaseLock?.();
+    return new Promise((resolve) => {
+      const controller = new AbortController();
+      const timer = wait === null ? null : this._setTimeout(() => controller.abort(), wait);
+      this._locks.request(`meeting.session.${id}`, { signal: controller.signal }, () => {
+        this._clearTimeout(timer);
+        resolve(true);
+        return new Promise((release) => { this._releaseLock = release; });
+      }).catch(() => resolve(false));
+    });
+  }
+
   async register(username, password, displayName) {
     const body = { username, password };
     if (displayName) body.display_name = displayName;
@@ -180,7 +216,10 @@ export class MeetingClient extends EventTarget {
   async login(username, password) {
     const answer = await this.api("POST", "/auth/login", { username, password }, { auth: false });
     this._generation += 1;
-    this._setSession({ accessToken: answer.access_token, refreshToken: answer.refresh_token, user: answer.user });
+    this._setSession({
+      accessToken: answer.access_token, refreshToken: answer.refresh_token, user: answer.user, id: uuid4(this._crypto),
+    });
+    if (this._locks) this._hold(this.session.id, null); // a copy of this tab will find it held
     return this.user;
   }
 
@@ -210,6 +249,8 @@ export class MeetingClient extends EventTarget {
 
   _clearSession() {
     this.session = null;
+    this._releaseLock?.();
+    this._releaseLock = null;
     this._generation += 1;
     this._refreshing = null;
     // the next login (maybe another user) starts afresh: a page that logs in again

@@ -91,8 +91,8 @@ function response(status, json, headers = {}) {
   };
 }
 
-function makeClient({ routes = {}, storage = new Storage(), random = () => 0.5, session = true } = {}) {
-  const clock = new Clock();
+function makeClient({ routes = {}, storage = new Storage(), random = () => 0.5, session = true, locks = null,
+  sessionStorage = new Storage(), clock = new Clock() } = {}) {
   const { FakeSocket, sockets } = fakeSocketClass();
   let refreshes = 0;
   const allRoutes = {
@@ -104,14 +104,13 @@ function makeClient({ routes = {}, storage = new Storage(), random = () => 0.5, 
     ...routes,
   };
   const { fetch, calls } = fakeFetch(allRoutes);
-  const sessionStorage = new Storage();
-  if (session) {
+  if (session && !sessionStorage.getItem("meeting.session")) {
     sessionStorage.setItem("meeting.session", JSON.stringify({ accessToken: "access-1", refreshToken: "refresh-1", user: USER }));
   }
   const client = new MeetingClient({
     baseUrl: "http://app", fetch, WebSocket: FakeSocket, storage, sessionStorage, random,
     setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout, now: () => clock.now,
-    crypto: webcrypto,
+    crypto: webcrypto, locks,
   });
   const events = [];
   for (const type of ["message", "read", "unread-count", "status", "error", "synced", "session"]) {
@@ -527,6 +526,86 @@ test("login keeps the tokens in session storage; logout forgets them and ends th
   await client.login("bob", "pw");
   assert.equal(client.lastSeq, 1);
   assert.deepEqual(client.seed([msg(1)]).map((m) => m.seq), [1]);
+});
+
+/** navigator.locks, exclusive mode only: a request waits while another holds the name. */
+class Locks {
+  constructor() { this.held = new Set(); this.queue = []; }
+  request(name, { signal } = {}, callback) {
+    return new Promise((resolve, reject) => {
+      const entry = { name, run: () => {
+        this.held.add(name);
+        Promise.resolve(callback({ name })).then((value) => {
+          this.held.delete(name);
+          const next = this.queue.findIndex((e) => e.name === name);
+          if (next >= 0) this.queue.splice(next, 1)[0].run();
+          resolve(value);
+        });
+      } };
+      if (!this.held.has(name)) { entry.run(); return; }
+      this.queue.push(entry);
+      signal?.addEventListener("abort", () => {
+        const i = this.queue.indexOf(entry);
+        if (i >= 0) { this.queue.splice(i, 1); reject(new DOMException("aborted", "AbortError")); }
+      });
+    });
+  }
+}
+
+const copyOf = (store) => { const c = new Storage(); for (const [k, v] of store.map) c.setItem(k, v); return c; };
+
+test("claim: a tab whose sessionStorage was copied from a live tab (Duplicate tab) gives the session up", async () => {
+  const locks = new Locks();
+  const clock = new Clock();
+  const first = makeClient({ locks, clock });
+  assert.equal(await first.client.claim(), true);
+  const copy = makeClient({ locks, clock, sessionStorage: copyOf(first.sessionStorage) });
+  assert.equal(copy.client.user.id, USER.id); // restore() found the copied tokens
+  const claiming = copy.client.claim();
+  await clock.advance(2000);
+  assert.equal(await claiming, false);
+  assert.equal(copy.client.user, null);
+  assert.equal(copy.sessionStorage.getItem("meeting.session"), null);
+  assert.deepEqual(copy.calls, []); // not logged out on the server: the first tab goes on with it
+  assert.equal(first.client.user.id, USER.id);
+  assert.notEqual(first.sessionStorage.getItem("meeting.session"), null);
+});
+
+test("claim: a reload gets the lock once the page it replaces lets go, within the wait", async () => {
+  const locks = new Locks();
+  const clock = new Clock();
+  const before = makeClient({ locks, clock });
+  assert.equal(await before.client.claim(), true);
+  const after = makeClient({ locks, clock, sessionStorage: before.sessionStorage });
+  const claiming = after.client.claim();
+  await clock.advance(500);
+  before.client._releaseLock(); // the browser ends the old document's locks
+  await settle();
+  assert.equal(await claiming, true);
+  assert.equal(after.client.user.id, USER.id);
+  assert.deepEqual(clock.pending(), []);
+});
+
+test("claim: a fresh login holds its session's lock, a logout lets it go; no Web Locks, no check", async () => {
+  const locks = new Locks();
+  const clock = new Clock();
+  const routes = { "POST /auth/login": () => [200, { access_token: "a", refresh_token: "r", user: USER }],
+    "POST /auth/logout": () => [204, undefined] };
+  const tab = makeClient({ locks, clock, session: false, routes });
+  await tab.client.login("bob", "pw");
+  await settle();
+  const id = JSON.parse(tab.sessionStorage.getItem("meeting.session")).id;
+  assert.match(id, /^[0-9a-f-]{36}$/);
+  assert.deepEqual([...locks.held], [`meeting.session.${id}`]);
+  const copy = makeClient({ locks, clock, sessionStorage: copyOf(tab.sessionStorage) });
+  const claiming = copy.client.claim();
+  await clock.advance(2000);
+  assert.equal(await claiming, false);
+  await tab.client.logout();
+  await settle();
+  assert.deepEqual([...locks.held], []);
+  const noLocks = makeClient({ clock, sessionStorage: copyOf(tab.sessionStorage) }); // plain http: no check
+  assert.equal(await noLocks.client.claim(), true);
 });
 
 // ---- reads, heartbeat, sending ----------------------------------------------------------
