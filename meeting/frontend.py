@@ -26,6 +26,8 @@ API_CSP = "default-src 'none'; frame-ancestors 'none'"
 FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/meeting-client.js": ("meeting-client.js", "text/javascript; charset=utf-8"),
+    "/static/meeting-session.js": ("meeting-session.js", "text/javascript; charset=utf-8"),
+    "/static/meeting-protocol.js": ("meeting-protocol.js", "text/javascript; charset=utf-8"),
     "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/static/app.css": ("app.css", "text/css; charset=utf-8"),
     "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),

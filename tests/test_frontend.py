@@ -18,6 +18,13 @@ from tests.helpers import Api
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_every_static_file_is_served() -> None:
+    """The client's modules import each other by path: one missing from FILES would be a 404
+    in the browser (and a dead page), not an error here."""
+    static = ROOT / "meeting" / "static"
+    assert {p.name for p in static.iterdir() if p.is_file()} == {name for name, _ in FILES.values()}
+
+
 async def test_the_page_and_its_files_are_served_with_a_strict_csp(api: Api) -> None:
     for path, (name, content_type) in FILES.items():
         resp = await api.client.get(path)
