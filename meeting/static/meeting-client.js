@@ -252,7 +252,8 @@ export class MeetingClient extends SessionClient {
   /** Everything up to `seq` was delivered: resume after it, here and after a reload. While a
    *  backlog's REST pages are still coming, it was not: hold the point until they are in. */
   _advance(seq) {
-    if (typeof seq !== "number" || (this.lastSeq !== null && seq <= this.lastSeq)) return;
+    if (typeof seq !== "number" || seq < 1) return; // 0: nothing delivered yet, no resume point
+    if (this.lastSeq !== null && seq <= this.lastSeq) return;
     if (this._rest) {
       this._rest.held = Math.max(this._rest.held ?? seq, seq);
       return;

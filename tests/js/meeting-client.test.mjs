@@ -210,6 +210,19 @@ test("a reload after more than a page arrived: resume from the stored since, the
   assert.equal(storage.getItem("meeting.since.7"), "62");
 });
 
+test("a user with no messages yet: synced seq 0 is no resume point, the next connect asks for the backlog", async () => {
+  const { client, clock, sockets, storage } = makeClient({ random: () => 0 });
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.synced", { seq: 0, count: 0 });
+  assert.equal(client.lastSeq, null);
+  assert.equal(storage.getItem("meeting.since.7"), null);
+  sockets[0].drop(CLOSE.TRY_AGAIN_LATER);
+  await settle();
+  await clock.advance(250);
+  assert.equal(sockets[1].url, "ws://app/ws/messages");
+});
+
 test("loadHistory: the newest page, plus older unread the replay after since will not bring", async () => {
   const storage = new Storage();
   storage.setItem("meeting.since.7", "61");
