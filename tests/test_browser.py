@@ -270,3 +270,57 @@ def test_the_page_works_without_console_errors(server: Server, tabs: Any) -> Non
     tab.get("logout").click()
     expect(tab.get("login-username")).to_be_visible()
     assert tab.console_errors == []  # and so does every test's teardown (tabs)
+
+
+def test_sent_messages_show_their_read_receipts_live(server: Server, tabs: Any) -> None:
+    alice, carol, bob = server.user("alice"), server.user("carol"), server.user("bob")
+    tab = tabs()
+    log_in(tab, server, bob["username"])
+    tab.get("compose-recipients").fill(f"{alice['username']}, {carol['username']}")
+    tab.get("compose-content").fill("明早九点见 ☕")
+    tab.get("compose-send").click()
+    item = tab.page.get_by_test_id("sent-message")
+    expect(item).to_have_count(1)
+    sent = {"id": int(item.get_attribute("data-message-id"))}
+    assert [m["id"] for m in server.call("GET", "/messages", alice["token"])["messages"]] == [sent["id"]]
+    expect(item.get_by_test_id("sent-receipts")).to_have_text("Read by 0 of 2")
+    # alice reads it over REST: the page hears it as a message.receipt (push.receipt_window later)
+    server.call("POST", f"/messages/{sent['id']}/read", alice["token"])
+    expect(item.get_by_test_id("sent-receipts")).to_have_text("Read by 1 of 2", timeout=WAIT)
+    expect(item).to_have_attribute("data-read-count", "1")
+    item.get_by_text("Who read it").click()
+    receipts = item.get_by_test_id("receipt")
+    expect(receipts).to_have_count(2)
+    expect(receipts.filter(has_text=alice["username"])).to_have_attribute("data-read", "true")
+    expect(receipts.filter(has_text=carol["username"])).to_contain_text("not read yet")
+    # bob sends from another device (REST): message.sent puts it in this page's sent box
+    other = server.call("POST", "/messages", bob["token"], expect=201, json={"recipient_ids": [carol["id"]], "content": "from my phone 📱"})
+    expect(tab.page.locator(f'[data-testid="sent-message"][data-message-id="{other["id"]}"]')).to_have_count(1, timeout=WAIT)
+    expect(tab.page.get_by_test_id("sent-message")).to_have_count(2)
+    assert tab.console_errors == []
+
+
+def test_what_was_sent_from_another_device_while_disconnected_is_in_order(server: Server, tabs: Any) -> None:
+    """message.sent is live only: after a reconnect the page reads the sent box again, and
+    what another device sent meanwhile goes where it belongs (newest first), not at the end."""
+    alice, bob = server.user("alice"), server.user("bob")
+    tab = tabs()
+    tab.allowed += [r"^WebSocket connection to '.*' failed: .*ERR_CONNECTION_REFUSED$",
+                    r"^Failed to load resource: net::ERR_CONNECTION_REFUSED$"]
+    log_in(tab, server, bob["username"])
+    first = server.call("POST", "/messages", bob["token"], expect=201, json={"recipient_ids": [alice["id"]], "content": "first"})
+    sent = tab.page.get_by_test_id("sent-message")
+    expect(sent).to_have_count(1)
+    server.stop()
+    expect(tab.get("connection-status")).to_have_attribute("data-state", "reconnecting")
+    other = Server(server.workdir, db=server.db).start()  # another process, the same database
+    try:
+        meanwhile = [other.call("POST", "/messages", bob["token"], expect=201,
+                                json={"recipient_ids": [alice["id"]], "content": f"meanwhile {i}"}) for i in range(2)]
+    finally:
+        other.stop()
+    server.start()
+    expect(sent).to_have_count(3, timeout=30_000)
+    expect(tab.get("connection-status")).to_have_attribute("data-state", "connected")
+    ids = sent.evaluate_all("els => els.map(e => Number(e.dataset.messageId))")
+    assert ids == [meanwhile[1]["id"], meanwhile[0]["id"], first["id"]]

@@ -77,9 +77,10 @@ def test_the_page_has_no_inline_script_or_style_and_the_static_part_of_the_dom_c
     # the per-message ones are made by the page's script; docs/frontend.md lists them all
     script = (ROOT / "meeting" / "static" / "app.js").read_text(encoding="utf-8")
     guide = (ROOT / "docs" / "frontend.md").read_text(encoding="utf-8")
-    for testid in ("message", "message-sender", "message-content", "mark-read"):
-        assert f'testid = "{testid}"' in script
-    for testid in page.testids | {"message", "message-sender", "message-content", "mark-read"}:
+    made = {"message", "message-sender", "message-content", "mark-read", "sent-message", "sent-receipts", "receipt"}
+    for testid in made:
+        assert f'testid = "{testid}"' in script, testid
+    for testid in page.testids | made:
         assert f"`{testid}`" in guide, testid
     assert "innerHTML" not in script and "eval(" not in script
 

@@ -229,7 +229,7 @@ async function onCompose(event) {
     byTestId("compose-content").value = "";
     $("compose-done").textContent = "Sent.";
     ids.forEach(knowPerson);
-    renderSent(message, true);
+    renderSent(message);
   } catch (e) {
     setError(error, describe(e));
   } finally {
@@ -239,26 +239,86 @@ async function onCompose(event) {
 
 async function loadSent() {
   const page = await client.api("GET", "/messages/sent?limit=20");
-  for (const m of page.messages) renderSent(m, false);
+  for (const m of page.messages) renderSent(m);
 }
 
-async function renderSent(message, first) {
+const earlyReceipts = new Map(); // message id -> read_count, for a receipt that overtook its message.sent
+
+/** A sent message in the sent box, newest (highest id) first wherever it comes from: the
+ *  compose form, message.sent, or the sent page read again after a reconnect (which brings
+ *  what was sent from another device meanwhile, older than what is shown). */
+async function renderSent(message) {
   const list = $("sent-list");
-  if (list.querySelector(`[data-message-id="${message.id}"]`)) return;
+  const shown = list.querySelector(`[data-message-id="${message.id}"]`);
+  if (shown) {
+    setReceipt(shown, message.read_count, message.recipient_count);
+    return;
+  }
   const li = document.createElement("li");
   li.className = "message";
+  li.dataset.testid = "sent-message";
   li.dataset.messageId = message.id;
   const meta = document.createElement("div");
   meta.className = "meta";
   const to = document.createElement("span");
   to.className = "sender";
-  meta.append(to, Object.assign(document.createElement("time"), { dateTime: message.created_at, textContent: time(message.created_at) }));
+  const receipts = Object.assign(document.createElement("span"), { className: "receipts", hidden: true });
+  receipts.dataset.testid = "sent-receipts";
+  meta.append(to, Object.assign(document.createElement("time"), { dateTime: message.created_at, textContent: time(message.created_at) }),
+    receipts);
   const body = Object.assign(document.createElement("p"), { className: "content", textContent: message.content });
   li.append(meta, body);
-  if (first) list.prepend(li); else list.append(li);
+  if (typeof message.read_count === "number") li.append(whoRead(message.id));
+  const after = [...list.children].find((el) => Number(el.dataset.messageId) < message.id);
+  list.insertBefore(li, after ?? null);
   show($("sent-empty"), false);
+  setReceipt(li, Math.max(message.read_count ?? -1, earlyReceipts.get(message.id) ?? -1), message.recipient_count);
+  earlyReceipts.delete(message.id);
   const recipients = await Promise.all((message.recipient_ids ?? []).map(userById));
   to.textContent = `To ${recipients.map((u) => u.username).join(", ")}`;
+}
+
+/** "Read by 1 of 2". Counts only grow; with several server instances receipts may come
+ *  out of order, so the highest count wins. Servers without receipts send no counts. */
+function setReceipt(li, readCount, recipientCount) {
+  if (typeof readCount !== "number" || readCount < 0 || readCount < Number(li.dataset.readCount ?? -1)) return;
+  li.dataset.readCount = readCount;
+  if (typeof recipientCount === "number") li.dataset.recipientCount = recipientCount;
+  const el = li.querySelector('[data-testid="sent-receipts"]');
+  el.textContent = `Read by ${readCount} of ${li.dataset.recipientCount ?? "?"}`;
+  el.hidden = false;
+}
+
+function onReceipt({ message_id: id, read_count: readCount, recipient_count: recipientCount }) {
+  const li = $("sent-list").querySelector(`[data-message-id="${id}"]`);
+  if (li) setReceipt(li, readCount, recipientCount);
+  else earlyReceipts.set(id, Math.max(readCount, earlyReceipts.get(id) ?? 0));
+}
+
+/** Who read a sent message, asked when opened (GET /messages/{id}/receipts). */
+function whoRead(id) {
+  const details = document.createElement("details");
+  details.className = "who-read";
+  const summary = Object.assign(document.createElement("summary"), { textContent: "Who read it" });
+  const list = Object.assign(document.createElement("ul"), { className: "plain" });
+  details.append(summary, list);
+  details.addEventListener("toggle", () => {
+    if (!details.open) return;
+    client.api("GET", `/messages/${id}/receipts?limit=100`).then(async (answer) => {
+      const items = await Promise.all(answer.recipients.map(async (r) => {
+        const user = await userById(r.user_id);
+        const li = Object.assign(document.createElement("li"), {
+          textContent: `${user.username}: ${r.read_at ? `read ${time(r.read_at)}` : "not read yet"}`,
+        });
+        li.dataset.testid = "receipt";
+        li.dataset.read = String(r.read_at !== null);
+        return li;
+      }));
+      if (answer.next_after !== null) items.push(Object.assign(document.createElement("li"), { textContent: "…" }));
+      list.replaceChildren(...items);
+    }, report);
+  });
+  return details;
 }
 
 // ---- meetings ---------------------------------------------------------------------
@@ -354,6 +414,8 @@ async function suggest(input) {
 
 client.on("message", (m) => renderMessage(m, true).catch(report));
 client.on("read", ({ ids }) => ids.forEach((id) => setRead(id, true)));
+client.on("sent", (m) => renderSent(m).catch(report));
+client.on("receipt", onReceipt);
 client.on("unread-count", (count) => { byTestId("unread-count").textContent = String(count); });
 client.on("status", ({ state }) => {
   const el = byTestId("connection-status");
@@ -363,6 +425,7 @@ client.on("status", ({ state }) => {
 client.on("synced", () => {
   if (!historyShown) loadHistory().catch(report);
   else if (!firstSync) refreshReadStates().catch(report);
+  if (!firstSync) loadSent().catch(report); // sends and receipts are live only: what came meanwhile comes from REST
   firstSync = false;
   refreshPresence().catch(() => {});
 });

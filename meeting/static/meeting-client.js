@@ -37,6 +37,8 @@ const REFUSED = new Map([
  *   status        {state: "connecting"|"connected"|"reconnecting"|"offline", delay?}
  *   error         {code, message}: what the user should know (session ended, 4029, ...)
  *   session       {user} after login/refresh/restore, {user: null} after logout or a dead session
+ *   sent          a message this user sent, from any device (message.sent; live only)
+ *   receipt       {message_id, read_count, recipient_count, readers} (message.receipt; live only)
  */
 export class MeetingClient extends SessionClient {
   constructor(options = {}) {
@@ -222,6 +224,12 @@ export class MeetingClient extends SessionClient {
       case "message.read":
         this._emit("read", { ids: p.ids, count: p.count });
         this._setCount(p.count);
+        break;
+      case "message.sent": // a message this user sent, from any device (no seq: not in the inbox)
+        this._emit("sent", p);
+        break;
+      case "message.receipt":
+        this._emit("receipt", p);
         break;
       case "token.expiring":
         this.refresh().then((token) => {

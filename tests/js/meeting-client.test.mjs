@@ -113,7 +113,7 @@ function makeClient({ routes = {}, storage = new Storage(), random = () => 0.5, 
     crypto: webcrypto, locks,
   });
   const events = [];
-  for (const type of ["message", "read", "unread-count", "status", "error", "synced", "session"]) {
+  for (const type of ["message", "read", "unread-count", "status", "error", "synced", "session", "sent", "receipt"]) {
     client.on(type, (detail) => events.push([type, detail]));
   }
   if (session) client.restore();
@@ -738,4 +738,19 @@ test("1008, 1011, 1013 and an unexpected 1000 from the server: reconnect with ba
     await clock.advance(250);
     assert.equal(sockets[1].url, "ws://app/ws/messages?since=4");
   }
+});
+
+test("message.sent and message.receipt: emitted as sent and receipt; not messages, not unread", () => {
+  const { client, sockets, events } = makeClient();
+  client.connect();
+  sockets[0].connect();
+  sockets[0].frame("message.synced", { seq: 0, count: 0 });
+  const mine = { id: 43, sender_id: 7, recipient_ids: [1, 3], recipient_count: 2, read_count: 0, content: "hi" };
+  sockets[0].frame("message.sent", mine);
+  sockets[0].frame("message.receipt", { message_id: 43, read_count: 1, recipient_count: 2, readers: [{ user_id: 1, read_at: "t" }] });
+  assert.deepEqual(of(events, "sent"), [mine]);
+  assert.deepEqual(of(events, "receipt").map((r) => [r.message_id, r.read_count]), [[43, 1]]);
+  assert.deepEqual(of(events, "message"), []);
+  assert.deepEqual(of(events, "unread-count"), [0]);
+  assert.equal(client.lastSeq, null);
 });
