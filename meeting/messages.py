@@ -145,14 +145,15 @@ def draft(sender_id: int, recipient_ids: Iterable[int], content: str, *, type_: 
 
 
 async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: Keys | None = None,
-                       onces: list[Once | None] | None = None) -> list[Message | DomainError | Response]:
+                       onces: list[Once | None] | None = None, look: bool = True) -> list[Message | DomainError | Response]:
     """Store what may be stored; answer a domain error for each draft that may not.
 
     With `onces` (an Idempotency-Key per draft, or None): a keyed draft whose key
     was used answers the stored response (or KeyReused) and stores nothing; a keyed
-    draft stored answers its rendered Response, recorded in this transaction."""
+    draft stored answers its rendered Response, recorded in this transaction. Without
+    `look`, the keys are not looked up first: one that was used raises KeyTaken."""
     asks = [None if o is None else (d.sender_id, o) for d, o in zip(drafts, onces or ())]
-    claims = await keys.claim(conn, asks) if keys is not None and any(asks) else Claims()
+    claims = await keys.claim(conn, asks, look) if keys is not None and any(asks) else Claims()
     claimed = claims.answers
     refused: dict[int, DomainError] = {}
     for i, d in enumerate(drafts):
@@ -298,7 +299,11 @@ class MessageService:
     async def _write(self, sends: list[Send]) -> list[Message | Response | Exception]:
         drafts, onces = [s.draft for s in sends], [s.once for s in sends]
         try:
-            results = await self._writer_conn.transaction(lambda conn: store_drafts(conn, drafts, self.keys, onces), self._attempts)
+            try:  # new keys are the rule: the first attempt skips their lookup (see meeting.idempotency)
+                results = await self._writer_conn.transaction(
+                    lambda conn: store_drafts(conn, drafts, self.keys, onces, look=False), self._attempts)
+            except KeyTaken:  # a key was stored before: nothing of this attempt was; look them up
+                results = await self._writer_conn.transaction(lambda conn: store_drafts(conn, drafts, self.keys, onces), self._attempts)
         except Unavailable as exc:  # a busy database: trying each draft alone would only take longer
             return [exc] * len(drafts)
         except CommitFailed as exc:

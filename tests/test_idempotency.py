@@ -101,6 +101,25 @@ async def test_concurrent_duplicates_store_one_message_and_answer_alike(api: Api
     assert len(await inbox(api, bob)) == 2
 
 
+async def test_a_replay_sharing_a_batch_with_new_sends_costs_them_nothing(api: Api, engine: Any) -> None:
+    """A batch is first written without looking its keys up; a replayed key in it rolls that
+    attempt back whole and the batch runs again with the lookup: the replay answers the first
+    bytes, every new send is stored once, and the recipient's seqs have no hole."""
+    alice, bob = await api.users(2)
+    first = await post(api, "/messages", alice, {"recipient_ids": [bob.id], "content": "first"}, "again")
+    assert first[0] == 201
+    sends = [post(api, "/messages", alice, {"recipient_ids": [bob.id], "content": "first"}, "again")]
+    sends += [post(api, "/messages", alice, {"recipient_ids": [bob.id], "content": f"new {i}"}, f"new-{i}") for i in range(4)]
+    sends += [post(api, "/messages", alice, {"recipient_ids": [bob.id], "content": "unkeyed"}, None)]
+    replay, *rest = await asyncio.gather(*sends)
+    assert replay[:2] == first[:2]
+    assert [a[0] for a in rest] == [201] * 5 and len({a[1] for a in rest}) == 5
+    received = (await api.call("GET", "/messages?after_seq=0", user=bob, expect=200))["messages"]
+    assert sorted(m["content"] for m in received) == sorted(["first", "unkeyed", *(f"new {i}" for i in range(4))])
+    assert [m["seq"] for m in received] == list(range(1, 7))
+    assert await key_rows(engine) == 5
+
+
 async def test_meetings_replay_without_a_second_meeting_or_invitation(api: Api) -> None:
     alice, bob = await api.users(2)
     body = {"title": "Design review", "participant_ids": [bob.id], "starts_at": "2026-12-01T09:30:00+08:00"}
