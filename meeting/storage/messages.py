@@ -20,14 +20,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..db import message_recipients as mr
 from ..db import messages as m
 from ..db import users, utcnow
-from . import attach_ids
+from . import attach_ids, driver
 
 MESSAGE_COLUMNS = (m.c.id, m.c.sender_id, m.c.type, m.c.content, m.c.meeting_id, m.c.created_at, m.c.recipient_count)
 RECEIVED_COLUMNS = (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
 SENT_COLUMNS = (*MESSAGE_COLUMNS, m.c.read_count)
 
 # The send path's statements, built once: building a statement costs about as
-# much as executing it (SQLAlchemy still caches the compiled form either way).
+# much as executing it (SQLAlchemy still caches the compiled form either way). On
+# MariaDB their twins in meeting.storage.driver run instead, past SQLAlchemy.
 _IDS = sa.bindparam("ids", expanding=True)
 #: Ids per locking statement. MariaDB turns an IN list of 1000 or more values into a
 #: join with a temporary table, which can scan (and lock) users outside the list.
@@ -81,7 +82,11 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
     rows = [{k: a[k] for k in ("sender_id", "type", "content", "meeting_id", "created_at", "recipient_count")} for a in stored]
     for message, message_id in zip(stored, await _insert_messages(conn, rows)):
         message["id"] = message_id
-    await conn.execute(_INSERT_RECIPIENTS, [{"message_id": a["id"], "recipient_id": r, "seq": s} for a in stored for r, s in a["seqs"].items()])
+    recipient_rows = [(a["id"], r, s) for a in stored for r, s in a["seqs"].items()]
+    if driver.available(conn):
+        await driver.insert_recipients(conn, recipient_rows)
+    else:
+        await conn.execute(_INSERT_RECIPIENTS, [{"message_id": m, "recipient_id": r, "seq": s} for m, r, s in recipient_rows])
     return answers
 
 
@@ -94,7 +99,8 @@ async def lock_users(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[int
     ids = sorted(set(user_ids))
     locked: dict[int, int] = {}
     for start in range(0, len(ids), _LOCK_CHUNK):
-        rows = await conn.execute(_LOCK_USERS, {"ids": ids[start:start + _LOCK_CHUNK]})
+        chunk = ids[start:start + _LOCK_CHUNK]
+        rows = await (driver.lock_users(conn, chunk) if driver.available(conn) else conn.execute(_LOCK_USERS, {"ids": chunk}))
         locked.update((user_id, seq) for user_id, seq in rows)
     return locked
 
@@ -105,12 +111,17 @@ async def _bump_seqs(conn: AsyncConnection, bumped: dict[int, int]) -> None:
     for user_id, step in bumped.items():
         by_step[step].append(user_id)
     for step, ids in sorted(by_step.items()):
-        await conn.execute(_BUMP_SEQS, {"ids": sorted(ids), "step": step})
+        if driver.available(conn):
+            await driver.bump_seqs(conn, step, sorted(ids))
+        else:
+            await conn.execute(_BUMP_SEQS, {"ids": sorted(ids), "step": step})
 
 
 async def _insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
     """Their ids, in order: one multi-row INSERT ... RETURNING where the database has it
     (SQLite, MariaDB >= 10.5), one INSERT per row elsewhere (MySQL)."""
+    if conn.dialect.insert_executemany_returning_sort_by_parameter_order and driver.available(conn):
+        return await driver.insert_messages(conn, rows)
     if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
         return list((await conn.execute(_INSERT_MESSAGES, rows)).scalars())
     return [(await conn.execute(_INSERT_MESSAGE, row)).inserted_primary_key[0] for row in rows]
