@@ -25,12 +25,14 @@ from collections import Counter
 from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 1.0
-REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# RedisClusterException is no RedisError: a cluster with no reachable node or an uncovered slot.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 Hook = Callable[[], Awaitable[None]]
 
 
@@ -38,7 +40,7 @@ class RedisBreaker:
     """Open after a failure, closed again by the background probe; failures are
     logged at most once per `log_interval`."""
 
-    def __init__(self, client: aioredis.Redis | None, log_interval: float, probe_timeout: float):
+    def __init__(self, client: aioredis.Redis | RedisCluster | None, log_interval: float, probe_timeout: float):
         self.client = client
         self.errors = 0         # every failure reported, whoever saw it
         self.failures: Counter[str] = Counter()  # the same, by who saw it (`what`)

@@ -37,21 +37,25 @@ from typing import Awaitable, Callable, Iterable, TypeVar
 
 from .breaker import REDIS_FAILURES, RedisBreaker
 from .config import RedisConfig
+from .redis_client import key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 WHAT = "the message cache"
 
+# KEYS: the user's gen and entry (one hash tag). The entry's stamp also carries the
+# global epoch (another shard in a cluster, so not checked here): an entry stored
+# after an epoch change is never served, since readers compare the whole stamp.
 _SET_IF_CURRENT = """
-local stamp = (redis.call('GET', KEYS[1]) or '') .. '|' .. (redis.call('GET', KEYS[2]) or '')
-if stamp ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 return 1
 """
 
 # KEYS: (gen, unread, inbox2) per user. One command however many users: a
 # pipeline of two commands per recipient cost the sender more CPU than its SQL.
+# (A cluster cannot run one script over many users' shards: there it is a pipeline.)
 _INVALIDATE = """
 for i = 1, #KEYS, 3 do
   redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
@@ -65,6 +69,7 @@ class MessageCache:
     def __init__(self, breaker: RedisBreaker, cfg: RedisConfig):
         self._breaker = breaker
         self._prefix = cfg.prefix
+        self._cluster = cfg.cluster
         self._ttl = cfg.cache_ttl
         self._dirty = False
         self.hits = 0
@@ -87,15 +92,19 @@ class MessageCache:
     async def _usable_now(self) -> None:
         await self._usable()
 
-    def _key(self, *parts: object) -> str:
-        return ":".join([self._prefix, "cache", *map(str, parts)])
+    def _key(self, user_id: int, kind: str) -> str:
+        return key(self._prefix, user_id, "cache", kind)
+
+    @property
+    def _epoch_key(self) -> str:
+        return f"{self._prefix}:cache:epoch"
 
     async def _usable(self) -> bool:
         if not self._breaker.available:
             return False
         if self._dirty:  # an invalidation was lost: orphan every entry before trusting any
             try:
-                await self._breaker.client.set(self._key("epoch"), uuid.uuid4().hex)  # type: ignore[union-attr]
+                await self._breaker.client.set(self._epoch_key, uuid.uuid4().hex)  # type: ignore[union-attr]
             except REDIS_FAILURES as exc:
                 self._failed(exc)
                 return False
@@ -108,9 +117,15 @@ class MessageCache:
         if not await self._usable():
             return await compute()
         client = self._breaker.client
-        keys = [self._key("epoch"), self._key("gen", user_id), self._key(kind, user_id)]
+        keys = [self._key(user_id, "gen"), self._key(user_id, kind)]
         try:
-            epoch, gen, entry = await client.mget(keys)  # type: ignore[union-attr]
+            if self._cluster:  # the epoch lives on another shard
+                async with client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
+                    pipe.get(self._epoch_key)
+                    pipe.mget(keys)
+                    epoch, (gen, entry) = await pipe.execute()
+            else:
+                epoch, gen, entry = await client.mget([self._epoch_key, *keys])  # type: ignore[union-attr]
         except REDIS_FAILURES as exc:
             self._failed(exc)
             return await compute()
@@ -123,7 +138,7 @@ class MessageCache:
         self.misses += 1
         value = await compute()
         try:
-            await self._script(keys=keys, args=[stamp, f"{stamp}\n{encode(value)}", self._ttl, 2 * self._ttl])  # type: ignore[misc]
+            await self._script(keys=keys, args=[(gen or b'').decode(), f"{stamp}\n{encode(value)}", self._ttl, 2 * self._ttl])  # type: ignore[misc]
         except REDIS_FAILURES as exc:
             self._failed(exc)
         return value
@@ -135,11 +150,20 @@ class MessageCache:
         if not self._breaker.available:
             self._dirty = True
             return
-        keys = [self._key(kind, user_id) for user_id in user_ids for kind in ("gen", "unread", "inbox2")]
-        if not keys:
+        users = list(user_ids)
+        if not users:
             return
-        try:  # one fresh token for all: it only has to differ from each user's previous one
-            await self._invalidate(keys=keys, args=[uuid.uuid4().hex, 2 * self._ttl])  # type: ignore[misc]
+        token = uuid.uuid4().hex  # one fresh token for all: it only has to differ from each user's previous one
+        try:
+            if self._cluster:
+                async with self._breaker.client.pipeline(transaction=False) as pipe:
+                    for user_id in users:
+                        pipe.set(self._key(user_id, "gen"), token, ex=2 * self._ttl)
+                        pipe.delete(self._key(user_id, "unread"), self._key(user_id, "inbox2"))
+                    await pipe.execute()
+            else:
+                keys = [self._key(user_id, kind) for user_id in users for kind in ("gen", "unread", "inbox2")]
+                await self._invalidate(keys=keys, args=[token, 2 * self._ttl])  # type: ignore[misc]
         except REDIS_FAILURES as exc:
             self._dirty = True
             self._failed(exc)

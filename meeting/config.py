@@ -53,6 +53,7 @@ class DatabaseConfig:
 @dataclass(frozen=True)
 class RedisConfig:
     url: str | None = None
+    cluster: bool = False  # url names one seed node of a Redis Cluster (7.0+: sharded pub/sub)
     prefix: str = _opt("meeting", validate.Length(min=1))
     socket_timeout: float = _opt(0.5, validate.Range(min=0.01))
     cache_ttl: int = _opt(300, validate.Range(min=1))
@@ -230,6 +231,8 @@ def build_config(data: Mapping[str, Any] | None = None, environ: Mapping[str, st
     config = Config(**built)
     if config.push.backlog_frame_bytes > config.push.queue_bytes // 2:
         raise ConfigError("push.backlog_frame_bytes: at most half of push.queue_bytes, or one backlog frame fills a socket's queue")
+    if config.redis.cluster and not config.redis.url:
+        raise ConfigError("redis.cluster: needs redis.url, the address of one node of the cluster (e.g. redis://10.0.0.5:6379/0)")
     if config.redis.url and not config.auth.secret and not config.auth.secret_file:
         raise ConfigError(
             "auth.secret: must be set when redis.url is (every instance must sign and check tokens with the same "

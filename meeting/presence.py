@@ -3,7 +3,7 @@
 With Redis, shared by every instance:
 - the seed plan's hash `online_users` (namespaced `<prefix>:online_users`):
   user id -> last-seen unix time, written on connect, disconnect and heartbeat;
-- `<prefix>:devices:<user id>`, a sorted set of that user's connection ids
+- `<prefix>:{u<user id>}:devices`, a sorted set of that user's connection ids
   scored by an expiry two heartbeats ahead, refreshed every heartbeat. A
   connection is counted while its entry has not expired, so the devices of an
   instance that dies without cleaning up (SIGKILL) go offline by themselves
@@ -26,6 +26,10 @@ is approximate in these ways, all documented in docs/websocket.md:
 
 Without Redis, or while the breaker is open, each process counts and answers
 from its own connections.
+
+On a Redis Cluster the hash and a user's set live on different shards: the
+admission script there touches the set alone and the last-seen time follows in
+a command of its own (it is not part of the cap, so it needs no atomicity).
 """
 
 from __future__ import annotations
@@ -36,17 +40,18 @@ from typing import Iterable
 
 from .breaker import REDIS_FAILURES, RedisBreaker
 from .config import RedisConfig
+from .redis_client import key
 
 Status = dict[str, object]
 WHAT = "presence"
 
-# KEYS: devices zset, online hash. ARGV: connection id, now, expiry, key ttl, max, user id.
+# KEYS: devices zset, online hash (standalone only). ARGV: connection id, now, expiry, key ttl, max, user id.
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[6], ARGV[2])
+if #KEYS > 1 then redis.call('HSET', KEYS[2], ARGV[6], ARGV[2]) end
 return 1
 """
 
@@ -55,6 +60,7 @@ class Presence:
     def __init__(self, breaker: RedisBreaker, cfg: RedisConfig, heartbeat: float):
         self._breaker = breaker
         self._prefix = cfg.prefix
+        self._cluster = cfg.cluster
         self._seen_key = f"{cfg.prefix}:online_users"
         self._lifetime = 2 * heartbeat
         self._local: dict[int, set[str]] = {}
@@ -62,7 +68,7 @@ class Presence:
         self._admit = breaker.client.register_script(_ADMIT) if breaker.client is not None else None
 
     def _devices_key(self, user_id: int) -> str:
-        return f"{self._prefix}:devices:{user_id}"
+        return key(self._prefix, user_id, "devices")
 
     async def admit(self, user_id: int, connection_id: str, limit: int) -> bool:
         """Count this connection in (and return True) unless the user already has `limit`
@@ -72,10 +78,12 @@ class Presence:
         now = time.time()
         self._local_seen[user_id] = now
         if self._breaker.available:
+            keys = [self._devices_key(user_id)] + ([] if self._cluster else [self._seen_key])
             try:
                 admitted = await self._admit(  # type: ignore[misc]
-                    keys=[self._devices_key(user_id), self._seen_key],
-                    args=[connection_id, f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1, limit, user_id])
+                    keys=keys, args=[connection_id, f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1, limit, user_id])
+                if admitted and self._cluster:
+                    await self._breaker.client.hset(self._seen_key, str(user_id), f"{now:.3f}")  # type: ignore[union-attr]
             except REDIS_FAILURES as exc:
                 self._breaker.failed(exc, WHAT)  # counted locally only; the heartbeat adds its entry later
             else:

@@ -11,6 +11,11 @@ Limits are named after their config keys in the `limits` section; `limits.enable
 false` turns every one off (benchmarks, trusted networks). The client address is
 the peer's, or, when the peer is a configured trusted proxy, the nearest address in
 X-Forwarded-For that is not one: a client cannot pick its own address.
+
+On a Redis Cluster (`redis.cluster`) the counts go through the library's cluster
+storage (`async+redis+cluster://`), a RedisCluster client of its own: `limits`
+cannot borrow ours. Each count is one key touched by one script, so any shard
+may hold it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import logging
 import math
 import time
 from typing import Iterable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from .breaker import REDIS_FAILURES, RedisBreaker
@@ -50,11 +56,22 @@ class RateLimits:
         self._shared = self._local
         self._guard = breaker
         client = breaker.client
-        if client is not None:
+        self._cluster_storage: RedisClusterStorage | None = None
+        if client is not None and redis_cfg.cluster:
+            url = urlsplit(redis_cfg.url)  # the seed node; a cluster has no database number
+            self._cluster_storage = RedisClusterStorage(
+                f"async+redis+cluster://{url.netloc}", implementation="redispy", key_prefix=f"{redis_cfg.prefix}:limits",
+                socket_timeout=redis_cfg.socket_timeout, socket_connect_timeout=redis_cfg.socket_timeout)
+            self._shared = MovingWindowRateLimiter(self._cluster_storage)
+        elif client is not None:
             storage = RedisStorage(f"async+{redis_cfg.url}", implementation="redispy", key_prefix=f"{redis_cfg.prefix}:limits",
                                    connection_pool=client.connection_pool)
             self._shared = MovingWindowRateLimiter(storage)
         self.refused = 0
+
+    async def close(self) -> None:
+        if self._cluster_storage is not None:
+            await self._cluster_storage.bridge.storage.aclose()
 
     async def hit(self, rule: str, *identity: object, shared: bool = True) -> None:
         """Count one event; TooManyRequests (with the seconds until the window frees a

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from .auth import AuthService, TokenCodec
     from .breaker import RedisBreaker
+    from .redis_client import Client
     from .cache import MessageCache
     from .config import Config
     from .meetings import MeetingService
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 config_key = web.AppKey("config", "Config")
 engine_key = web.AppKey("engine", "AsyncEngine")
-redis_key = web.AppKey("redis", "aioredis.Redis | None")
+redis_key = web.AppKey("redis", "Client | None")
 #: The one circuit breaker for every use of Redis in this process (meeting.breaker).
 redis_breaker_key = web.AppKey("redis_breaker", "RedisBreaker")
 tokens_key = web.AppKey("tokens", "TokenCodec")

@@ -20,6 +20,7 @@ from . import db, frontend
 from .auth import AuthService, TokenCodec
 from . import signing
 from .broker import RedisBroker
+from .cluster_broker import ClusterBroker
 from .config import Config, with_overrides
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
@@ -166,6 +167,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(poller, return_exceptions=True)
     await app[message_service_key].close()  # writes already accepted are finished, not dropped
     app[auth_service_key].close()
+    await app[limits_key].close()
 
 
 async def drain_then_close(app: web.Application) -> None:
@@ -195,7 +197,8 @@ async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     rooms = RoomManager()
     redis_cfg = app[config_key].redis
     if redis_cfg.url:  # one path per configuration, as for user push
-        rooms.broker = RedisBroker(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0), rooms.deliver_local,
+        kind = ClusterBroker if redis_cfg.cluster else RedisBroker
+        rooms.broker = kind(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0), rooms.deliver_local,
                                    None, rooms.wants, app[redis_breaker_key], kind="room")
     await rooms.broker.start()
     app[rooms_key] = rooms

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from meeting.config import Config, with_overrides
+from meeting.redis_client import key
 from meeting.typedefs import redis_key, ws_users
 from tests.conftest import base_config
 from tests.helpers import Api, Device
@@ -70,7 +71,7 @@ async def test_presence_is_kept_in_the_redis_hashes(make_client: Any, db_url: st
     assert client is not None
 
     async def devices() -> int:
-        return int(await client.zcard(f"{prefix}:devices:{bob.id}"))
+        return int(await client.zcard(key(prefix, bob.id, "devices")))  # `{u<id>}`: one shard per user in a cluster
 
     await _eventually(devices, lambda n: n == 1)
     assert await client.hget(f"{prefix}:online_users", str(bob.id)) is not None
