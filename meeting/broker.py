@@ -1,8 +1,10 @@
 """Deliver "this frame for user X" (or "for meeting room M") to X's connections, wherever they are.
 
-Two implementations of one interface, chosen by configuration, never both:
+Three implementations of one interface (`Broker`), chosen by configuration, one at a time;
+tests/test_broker_contract.py runs the same tests on each:
 
 - InProcessBroker: no Redis configured; delivery is a function call.
+- ClusterBroker (meeting.cluster_broker): `redis.cluster`; RedisBroker on sharded channels.
 - RedisBroker: per-key channels `<prefix>:<kind>:<id>` (kind `user` for the
   push hub, `room` for meeting rooms; one broker, one pub/sub connection and
   one reader task per kind and instance). An instance subscribes when its
@@ -40,7 +42,7 @@ import asyncio
 import logging
 import random
 import uuid
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, Protocol, runtime_checkable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -65,7 +67,40 @@ return #KEYS
 """
 
 
+@runtime_checkable
+class Broker(Protocol):
+    """What the push hub and the rooms rely on, whatever carries the frames."""
+
+    publishes: int
+
+    @property
+    def healthy(self) -> bool:
+        """No known trouble reaching the other instances (always, in process)."""
+
+    async def start(self) -> None:
+        """Begin following the channels of what `wants` says is here."""
+
+    async def want(self, key: int) -> None:
+        """Align the subscription to `key` with `wants(key)`; once it returns with `wants` true,
+        every frame published after that, from any instance, reaches `deliver` here."""
+
+    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
+        """Deliver (key, seq, frame) here at once (unless `local` is false) and to every other
+        instance that wants `key`, in order per key, without waiting on the network."""
+
+    def post(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
+        """`publish` without an await."""
+
+    async def flush(self, timeout: float) -> None:
+        """Return once everything published so far left this instance (or `timeout` passed)."""
+
+    async def close(self, flush: float = 0.0) -> None:
+        """Flush for up to `flush` seconds, then stop."""
+
+
 class InProcessBroker:
+    healthy = True  # nothing to lose touch with
+
     def __init__(self, deliver: Deliver):
         self._deliver = deliver
         self.publishes = 0
@@ -97,11 +132,7 @@ class InProcessBroker:
 class RedisBroker:
     def __init__(self, url: str, prefix: str, socket_timeout: float, deliver: Deliver, resync: Resync | None, wants: Wants,
                  breaker: RedisBreaker | None = None, kind: str = "user"):
-        # A client of its own with no retries: a dropped pub/sub connection must
-        # surface here (redis-py would otherwise reconnect it silently and the
-        # messages published meanwhile would be lost without a resync).
-        self._client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                                               health_check_interval=30, retry=Retry(NoBackoff(), 0))
+        self._client = self._connect(url, socket_timeout)
         self._prefix = prefix
         self._kind = kind
         self._timeout = socket_timeout
@@ -128,6 +159,13 @@ class RedisBroker:
         self.publishes = self.received = self.reconnects = self.echoes = 0
         if resync is not None:
             self._breaker.on_recovered.append(self._wake_publisher)
+
+    def _connect(self, url: str, socket_timeout: float) -> aioredis.Redis:
+        # A client of its own with no retries: a dropped pub/sub connection must
+        # surface here (redis-py would otherwise reconnect it silently and the
+        # messages published meanwhile would be lost without a resync).
+        return aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                       health_check_interval=30, retry=Retry(NoBackoff(), 0))
 
     def channel(self, user_id: int) -> str:
         return f"{self._prefix}:{self._kind}:{user_id}"
@@ -246,7 +284,7 @@ class RedisBroker:
         if not channels:
             return
         try:
-            await self._publish_all(keys=channels, args=payloads)
+            await self._transmit(channels, payloads)
             self._publish_lost = False
             self.publishes += len(batch)
         except REDIS_FAILURES as exc:
@@ -256,15 +294,18 @@ class RedisBroker:
             log.warning("broker: publish of %d frame(s) failed (%s); devices will be resynchronised",
                         len(batch), type(exc).__name__)
 
+    async def _transmit(self, channels: list[str], payloads: list[str]) -> None:
+        await self._publish_all(keys=channels, args=payloads)
+
     async def _read_forever(self) -> None:
         backoff = 0.1
         first = True
         while not self._closing:
-            pubsub = self._client.pubsub()
+            pubsub = self._new_pubsub()
             try:
                 async with self._lock:
                     # The resync channel also keeps a broker with nothing else to follow connected.
-                    await pubsub.subscribe(self._resync_channel, *[self.channel(u) for u in self._subscribed])
+                    await self._open(pubsub, [self._resync_channel, *[self.channel(u) for u in self._subscribed]])
                     self._late.clear()  # everything is subscribed afresh; the resync below covers the gap
                     self._pubsub = pubsub
                 self.connected.set()
@@ -275,7 +316,7 @@ class RedisBroker:
                         resynced = await self._resync(None)
                         log.info("broker: reconnected to Redis; %d connection(s) resynchronised", resynced)
                 if self._publish_lost and self._breaker.available:
-                    await self._client.publish(self._resync_channel, "lost")
+                    await self._transmit([self._resync_channel], ["lost"])
                     self._publish_lost = False
                 first, backoff = False, 0.1
                 await self._read(pubsub)
@@ -298,6 +339,13 @@ class RedisBroker:
             else:
                 await asyncio.sleep(delay)
             backoff = min(backoff * 2, 5.0)
+
+    def _new_pubsub(self) -> aioredis.client.PubSub:
+        return self._client.pubsub()
+
+    async def _open(self, pubsub: aioredis.client.PubSub, channels: list[str]) -> None:
+        """Connect and subscribe to `channels` (confirmations arrive through `_read`)."""
+        await pubsub.subscribe(*channels)
 
     async def _read(self, pubsub: aioredis.client.PubSub) -> None:
         """Dispatch until the connection fails. A frozen Redis leaves the socket open and

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine
 from aiohttp import web
 
 from . import frames
-from .broker import InProcessBroker, RedisBroker
+from .broker import Broker, InProcessBroker, RedisBroker
+from .cluster_broker import ClusterBroker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence
 from .receipts import ReceiptCoalescer
@@ -38,7 +39,7 @@ class PushHub:
         self.users = users
         self.presence = presence
         self.max_per_user = max_per_user
-        self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local)
+        self.broker: Broker = InProcessBroker(self.deliver_local)
         self.bodies = frames.MessageBodies()
         self.receipts: ReceiptCoalescer | None = None  # set by push_ctx
         self._background: set[asyncio.Task[Any]] = set()
@@ -162,8 +163,9 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = PushHub(app[ws_users], app[presence_key], cfg.max_connections_per_user)
     redis_cfg = app[config_key].redis
     if redis_cfg.url:  # one broker per configuration; RedisBroker delivers here itself and drops its own echoes
-        hub.broker = RedisBroker(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0),
-                                 hub.deliver_local, hub.resync, hub.wants, app[redis_breaker_key])
+        kind = ClusterBroker if redis_cfg.cluster else RedisBroker
+        hub.broker = kind(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0),
+                           hub.deliver_local, hub.resync, hub.wants, app[redis_breaker_key])
     await hub.broker.start()
     app[push_hub_key] = hub
     service = app[message_service_key]

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any, Coroutine
 
-from .broker import InProcessBroker, RedisBroker
+from .broker import Broker, InProcessBroker
 from .connection import CLOSE_GOING_AWAY, Connection
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class RoomManager:
     def __init__(self) -> None:
         self.rooms: dict[int, set[Connection]] = {}
         self.per_user: dict[int, int] = {}  # room sockets of each user on this instance (the cap)
-        self.broker: InProcessBroker | RedisBroker = InProcessBroker(self.deliver_local)
+        self.broker: Broker = InProcessBroker(self.deliver_local)
         self._background: set[asyncio.Task[Any]] = set()
 
     def wants(self, meeting_id: int) -> bool:
