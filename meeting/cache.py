@@ -121,9 +121,9 @@ class MessageCache:
         try:
             if self._cluster:  # the epoch lives on another shard
                 async with client.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
-                    pipe.get(self._epoch_key)
-                    pipe.mget(keys)
-                    epoch, (gen, entry) = await pipe.execute()
+                    for name in (self._epoch_key, *keys):  # (no MGET in a cluster pipeline)
+                        pipe.get(name)
+                    epoch, gen, entry = await pipe.execute()
             else:
                 epoch, gen, entry = await client.mget([self._epoch_key, *keys])  # type: ignore[union-attr]
         except REDIS_FAILURES as exc:

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 import pymysql
@@ -94,6 +101,108 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+class LocalCluster:
+    """A Redis Cluster of 3 masters and 3 replicas on loopback ports, for this session only.
+    A small cluster-node-timeout makes a replica take over a killed master within seconds."""
+
+    def __init__(self, ports: list[int], directory: Path):
+        self.ports = ports
+        self.dir = directory
+        self.url = f"redis://127.0.0.1:{ports[0]}/0"
+
+    def start(self, port: int) -> None:
+        subprocess.run([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                        "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                        "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0", "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+                        "--daemonize", "yes", "--pidfile", str(self.dir / f"{port}.pid"),
+                        "--logfile", str(self.dir / f"{port}.log")], check=True, timeout=10)
+
+    def cli(self, port: int, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
+
+    def pid(self, port: int) -> int:
+        return int((self.dir / f"{port}.pid").read_text())
+
+    def kill(self, port: int) -> None:
+        os.kill(self.pid(port), signal.SIGKILL)
+
+    def master_of(self, key: str) -> int:
+        """The port of the live master that owns `key`'s slot."""
+        slot = int(self.cli(self.ports[0] if self.alive(self.ports[0]) else self.ports[1], "cluster", "keyslot", key))
+        for port in self.ports:
+            if not self.alive(port):
+                continue
+            for line in self.cli(port, "cluster", "nodes").splitlines():
+                fields = line.split()
+                if "myself" in fields[2] and "master" in fields[2]:
+                    for span in fields[8:]:
+                        low, _, high = span.partition("-")
+                        if low.isdigit() and int(low) <= slot <= int(high or low):
+                            return port
+        raise AssertionError(f"no live master owns slot {slot}")
+
+    def _all_connected(self, port: int) -> bool:
+        nodes = [line.split() for line in self.cli(port, "cluster", "nodes").splitlines() if line.strip()]
+        return len(nodes) == len(self.ports) and all("fail" not in n[2] and n[7] == "connected" for n in nodes)
+
+    def _synced(self, port: int) -> bool:
+        info = self.cli(port, "info", "replication")
+        return "role:master" in info or "master_link_status:up" in info
+
+    def kill_pubsub(self) -> int:
+        """Close every pub/sub connection on every live node, as a network fault would."""
+        return sum(int(self.cli(p, "client", "kill", "type", "pubsub") or 0) for p in self.ports if self.alive(p))
+
+    def alive(self, port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Every live node says the cluster is ok and knows every other live node as connected, and
+        every replica has synchronised with its master (a replica that never did cannot take over)."""
+        deadline = time.monotonic() + timeout
+        live = [p for p in self.ports if self.alive(p)]
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in self.cli(p, "cluster", "info") and self._all_connected(p) and self._synced(p)
+                   for p in live):
+                return
+            time.sleep(0.1)
+        raise AssertionError("the local Redis Cluster did not become ok")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """3 masters + 3 replicas on MEETING_TEST_CLUSTER_PORTS (7101-7106), torn down at the end."""
+    ports = [int(p) for p in os.environ.get("MEETING_TEST_CLUSTER_PORTS", "7101,7102,7103,7104,7105,7106").split(",")]
+    if not shutil.which("redis-server") or not shutil.which("redis-cli"):
+        unavailable("redis-server and redis-cli are needed for the Redis Cluster tests")
+    cluster = LocalCluster(ports, Path(tempfile.mkdtemp(prefix="meeting-cluster-")))
+    busy = [p for p in ports if cluster.alive(p)]
+    if busy:
+        unavailable(f"ports {busy} are taken; set MEETING_TEST_CLUSTER_PORTS to six free ports")
+    try:
+        for port in ports:
+            cluster.start(port)
+        for port in ports:
+            deadline = time.monotonic() + 10
+            while not cluster.alive(port) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "1",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        cluster.wait_ok()
+        yield cluster
+    finally:
+        for port in ports:
+            try:
+                os.kill(cluster.pid(port), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(cluster.dir, ignore_errors=True)
 
 
 def base_config(**sections: dict[str, Any]) -> Config:

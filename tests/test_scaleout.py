@@ -1,4 +1,7 @@
-"""Two app instances sharing MariaDB and Redis: delivery, read sync, presence, broker faults."""
+"""Two app instances sharing MariaDB and Redis: delivery, read sync, presence, broker faults.
+
+Every test that uses instances `a` and `b` runs twice: on one Redis, and on the local
+Redis Cluster (`redis.cluster`, sharded pub/sub) where the same must hold."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from meeting.config import Config
 from meeting.typedefs import push_hub_key, ws_users
@@ -17,11 +21,20 @@ from tests.helpers import Api, Device, User
 from tests.test_ws import until
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def redis_setup(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """One Redis, or the local Redis Cluster; a fresh prefix either way."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    if request.param == "redis":
+        return {"url": request.getfixturevalue("redis_url"), "prefix": prefix}
+    return {"url": request.getfixturevalue("redis_cluster").url, "cluster": True, "prefix": prefix}
+
+
 @pytest.fixture
-def shared(mariadb_url: str, redis_url: str) -> Config:
+def shared(mariadb_url: str, redis_setup: dict[str, Any]) -> Config:
     """What two instances must share: the database, Redis and its prefix (and the JWT secret)."""
     _clean_mariadb(mariadb_url)
-    return base_config(database={"url": mariadb_url}, redis={"url": redis_url, "prefix": f"t{uuid.uuid4().hex[:10]}"})
+    return base_config(database={"url": mariadb_url}, redis=redis_setup)
 
 
 @pytest.fixture
@@ -110,23 +123,30 @@ async def test_resume_with_since_replays_exactly_what_was_missed(a: Api, b: Api)
     assert (await future.resume())["synced"]["seq"] == 8  # a cursor from the future is clamped, not trusted
 
 
-async def test_client_kill_of_the_pubsub_connection_loses_nothing(a: Api, b: Api, redis_url: str) -> None:
+async def _kill_pubsub(request: pytest.FixtureRequest, setup: dict[str, Any]) -> int:
+    if setup.get("cluster"):
+        return int(await asyncio.to_thread(request.getfixturevalue("redis_cluster").kill_pubsub))
+    killer = aioredis.Redis.from_url(setup["url"])
+    try:
+        return int(await killer.client_kill_filter(_type="pubsub"))
+    finally:
+        await killer.aclose()
+
+
+async def test_client_kill_of_the_pubsub_connection_loses_nothing(a: Api, b: Api, request: pytest.FixtureRequest,
+                                                                  redis_setup: dict[str, Any]) -> None:
     alice, bob = await a.users(2)
     on_a, on_b = await Device.connect(a, bob), await Device.connect(b, bob)
     await on_a.handshake()
     await on_b.handshake()
-    killer = aioredis.Redis.from_url(redis_url)
     total = 40
-    try:
-        for i in range(total):
-            await a.send(alice, [bob], f"m{i}")
-            if i in (10, 25):
-                brokers = [api.client.app[push_hub_key].broker for api in (a, b)]
-                await asyncio.wait_for(asyncio.gather(*(br.connected.wait() for br in brokers)), 10)
-                killed = await killer.client_kill_filter(_type="pubsub")
-                assert killed >= 2  # both instances' readers, while messages keep flowing
-    finally:
-        await killer.aclose()
+    for i in range(total):
+        await a.send(alice, [bob], f"m{i}")
+        if i in (10, 25):
+            brokers = [api.client.app[push_hub_key].broker for api in (a, b)]
+            await asyncio.wait_for(asyncio.gather(*(br.connected.wait() for br in brokers)), 10)
+            killed = await _kill_pubsub(request, redis_setup)
+            assert killed >= 2  # both instances' readers, while messages keep flowing
     for device in (on_a, on_b):
         seqs: list[int] = []
         await collect(device, total, seqs)
@@ -181,13 +201,17 @@ async def test_connection_maps_drain_on_both_instances(a: Api, b: Api) -> None:
         await until(lambda api=api: not api.client.app[ws_users])
 
 
-async def test_an_instance_subscribes_on_first_connection_and_unsubscribes_on_last(a: Api, redis_url: str) -> None:
+async def test_an_instance_subscribes_on_first_connection_and_unsubscribes_on_last(a: Api, redis_setup: dict[str, Any]) -> None:
     bob = await a.user()
     broker = a.client.app[push_hub_key].broker
     channel = broker.channel(bob.id)
-    probe = aioredis.Redis.from_url(redis_url)
+    cluster = redis_setup.get("cluster", False)
+    probe = (RedisCluster if cluster else aioredis.Redis).from_url(redis_setup["url"])
 
     async def subscribers() -> int:
+        if cluster:  # a shard channel: counted by the master that owns its slot
+            node = (await probe.initialize()).get_node_from_key(channel)
+            return int(dict(await probe.execute_command("PUBSUB SHARDNUMSUB", channel, target_nodes=node))[channel.encode()])
         return int(dict(await probe.pubsub_numsub(channel))[channel.encode()])
 
     try:
