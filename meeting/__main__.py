@@ -1,10 +1,12 @@
-"""`python -m meeting` serves; `python -m meeting migrate` applies the schema and exits."""
+"""`python -m meeting` serves; `python -m meeting migrate` applies the schema and exits.
+`--workers N` runs N serving processes on one port under a supervisor (meeting.workers)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from aiohttp import web
@@ -24,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="YAML config file (default: ./config.yaml if present)")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="run N server processes on the same port (SO_REUSEPORT), restarted if they die; "
+                        "N > 1 needs redis.url (the workers are instances like any other)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
     return parser
 
 
@@ -47,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if server:
         config = with_overrides(config, server=server)
-    logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    who = "" if args.worker is None else f"worker {args.worker} "
+    logging.basicConfig(level=config.logging.level, format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     if args.command == "migrate":
         asyncio.run(_migrate(config))
         return 0
+    if args.workers is not None and args.worker is None:
+        return _supervise(args, config, argv if argv is not None else sys.argv[1:])
     from .web import AccessLogger, create_app
 
     try:
@@ -59,9 +68,44 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meeting: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.worker is not None:
+        from .workers import orphan_watch
+
+        app.cleanup_ctx.append(orphan_watch(os.getppid()))
     web.run_app(app, host=config.server.host, port=config.server.port, backlog=config.server.backlog,
-                access_log_class=AccessLogger, shutdown_timeout=config.server.shutdown_timeout, loop=_event_loop())
+                access_log_class=AccessLogger, shutdown_timeout=config.server.shutdown_timeout, loop=_event_loop(),
+                reuse_port=args.worker is not None)
     return 0
+
+
+def _supervise(args: argparse.Namespace, config, argv: list[str]) -> int:  # type: ignore[no-untyped-def]
+    from .workers import supervise
+
+    if args.workers < 1:
+        print("meeting: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and not config.redis.url:
+        print(f"meeting: --workers {args.workers} needs redis.url (MEETING_REDIS_URL): each worker is an instance of "
+              "its own, and without Redis a message reaches only the devices connected to the worker that stored it. "
+              "Configure Redis (and auth.secret, shared by every worker), or run one worker.", file=sys.stderr)
+        return 2
+    worker_argv = _without_workers(argv)
+    logging.getLogger(__name__).info("supervising %d worker(s) on %s:%d", args.workers, config.server.host, config.server.port)
+    return supervise(args.workers, worker_argv, config.server.shutdown_timeout, _event_loop)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """The supervisor's own arguments, minus --workers: what each worker is started with."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

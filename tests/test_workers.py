@@ -1,0 +1,165 @@
+"""`python -m meeting --workers 2`: two real worker processes on one port (SO_REUSEPORT) under
+a supervisor, sharing MariaDB and Redis. Which worker serves a socket is read from /proc
+(the server-side end of the TCP connection and the process holding it), not guessed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+
+from tests.conftest import _clean_mariadb
+from tests.helpers import Device
+from tests.test_main import _free_port
+from tests.test_processes import _send, _user, instance_env
+from tests.test_scaleout import collect
+
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets' owners from Linux /proc")
+
+
+class Supervised:
+    """The supervisor process, its output, and the workers it says it started."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int):
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.output: list[str] = []
+        self.workers: dict[int, int] = {}  # worker index -> its current pid
+        self.changed = asyncio.Event()
+
+    async def read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := (await self.proc.stdout.readline()).decode():
+            self.output.append(line)
+            if started := re.search(r"worker (\d+) started \(pid (\d+)\)", line):
+                self.workers[int(started[1])] = int(started[2])
+            self.changed.set()
+
+    async def until(self, condition: Any, timeout: float = 30) -> None:
+        async def wait() -> None:
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError("supervisor output:\n" + "".join(self.output)) from None
+
+    def serving(self) -> int:
+        return sum(f"http://127.0.0.1:{self.port}" in line for line in self.output)
+
+
+def server_pid(ws: aiohttp.ClientWebSocketResponse, port: int, pids: list[int]) -> int:
+    """The worker holding the server end of this WebSocket's TCP connection."""
+    client_port = ws.get_extra_info("sockname")[1]
+    inode = None
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if int(fields[1].split(":")[1], 16) == port and int(fields[2].split(":")[1], 16) == client_port:
+            inode = fields[9]
+    assert inode is not None, "the server end of the socket is not in /proc/net/tcp"
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        for fd in fds.iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError(f"no worker of {pids} holds socket {inode}")
+
+
+@pytest.fixture
+async def supervised(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncIterator[Supervised]:
+    _clean_mariadb(mariadb_url)
+    env = instance_env(mariadb_url, redis_url, heartbeat=30.0) | {"MEETING_PUSH_MAX_CONNECTIONS_PER_USER": "100"}
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting", "--workers", "2", "--port", str(port),
+                                                cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    server = Supervised(proc, port)
+    reader = asyncio.create_task(server.read())
+    await server.until(lambda: server.serving() >= 2 and len(server.workers) == 2)
+    yield server
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+    for pid in server.workers.values():  # never leave a worker behind, whatever the test did
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    await reader
+
+
+async def test_two_workers_one_port_every_message_once_and_a_killed_worker_costs_nothing(supervised: Supervised) -> None:
+    server = supervised
+    # force_close: a pooled keep-alive connection to a worker that is killed would fail the next POST.
+    async with aiohttp.ClientSession(server.url, connector=aiohttp.TCPConnector(force_close=True)) as http:
+        alice, bob = await _user(http, "alice"), await _user(http, "bob")
+        devices: list[tuple[Device, int]] = []
+        while len({pid for _, pid in devices}) < 2:  # the kernel spreads connections; connect until both serve
+            assert len(devices) < 40, "every connection went to one worker"
+            ws = await http.ws_connect("/ws/messages", params={"token": bob["token"]})
+            devices.append((Device(ws).pump(), server_pid(ws, server.port, list(server.workers.values()))))
+        for device, _ in devices:
+            await device.handshake()
+        for i in range(10):
+            await _send(http, alice, bob, f"m{i}")
+        seen: dict[int, list[int]] = {}
+        for n, (device, _) in enumerate(devices):
+            seen[n] = []
+            await collect(device, 10, seen[n])
+            assert seen[n] == list(range(1, 11))
+
+        victim = devices[0][1]
+        os.kill(victim, signal.SIGKILL)
+        for i in range(10, 20):  # the surviving worker takes every new connection meanwhile
+            await _send(http, alice, bob, f"m{i}")
+        for n, (device, pid) in enumerate(devices):
+            if pid == victim:  # dropped with its worker: reconnect with `since`, as the client does
+                assert await device.closed(timeout=10) is not None
+                ws = await http.ws_connect("/ws/messages", params={"token": bob["token"], "since": str(seen[n][-1])})
+                device = Device(ws).pump()
+                replay = await device.resume()
+                seen[n].extend(m["seq"] for m in replay["messages"])
+                devices[n] = (device, pid)
+            await collect(device, 20, seen[n])
+            assert seen[n] == list(range(1, 21))  # nothing missed, nothing twice
+
+        index = next(i for i, pid in server.workers.items() if pid == victim)
+        await server.until(lambda: server.workers[index] != victim and server.serving() >= 3)
+        fresh = server.workers[index]
+        for _ in range(40):  # the restarted worker serves again: connect until a socket lands on it
+            ws = await http.ws_connect("/ws/messages", params={"token": bob["token"], "since": "20"})
+            if server_pid(ws, server.port, list(server.workers.values())) == fresh:
+                break
+            await ws.close()
+        else:
+            raise AssertionError("no connection reached the restarted worker")
+        newcomer = Device(ws).pump()
+        assert (await newcomer.resume())["synced"]["seq"] == 20
+        await _send(http, alice, bob, "after the restart")
+        for device, _ in [*devices, (newcomer, fresh)]:
+            assert (await device.expect("message.new"))["seq"] == 21
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(server.proc.wait(), 40) == 0
+    for pid in server.workers.values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+async def test_more_than_one_worker_without_redis_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from tests.test_main import _run
+
+    code, out = await _run(tmp_path, "--workers", "2")
+    assert code == 2
+    assert "--workers 2 needs redis.url" in out and "Traceback" not in out
