@@ -48,6 +48,7 @@ async def test_cache_presence_and_limits_work_across_instances_on_a_cluster(make
                    "sends_per_user")  # the count of sends lives in the cluster, not per instance
     status = await a.call("GET", f"/users/{bob.id}/presence", user=alice, expect=200)
     assert status["online"] and status["devices"] == 1  # the device on b, seen from a
+    assert (await a.call("GET", "/healthz", expect=200)) == {"status": "ok", "database": "ok", "redis": "ok"}
     for api in (a, b):  # no script or command crossed slots: nothing ever failed
         assert api.client.app[redis_breaker_key].errors == 0, api.client.app[redis_breaker_key].failures
 
