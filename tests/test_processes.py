@@ -1,4 +1,5 @@
-"""Two real `python -m meeting` processes behind no proxy, sharing MariaDB and Redis; one is SIGKILLed."""
+"""Two real `python -m meeting` processes behind no proxy, sharing MariaDB and Redis (or a Redis
+Cluster); one is SIGKILLed, one gets SIGTERM mid-burst."""
 
 from __future__ import annotations
 
@@ -69,10 +70,15 @@ def heartbeat() -> float:
     return HEARTBEAT
 
 
-@pytest.fixture
-async def instances(tmp_path: Path, mariadb_url: str, redis_url: str, heartbeat: float) -> AsyncIterator[list[Instance]]:
+@pytest.fixture(params=["redis", "cluster"])
+async def instances(request: pytest.FixtureRequest, tmp_path: Path, mariadb_url: str,
+                    heartbeat: float) -> AsyncIterator[list[Instance]]:
+    """Two processes on one Redis, then on the local Redis Cluster (sharded pub/sub)."""
     _clean_mariadb(mariadb_url)
-    env = instance_env(mariadb_url, redis_url, heartbeat)
+    if request.param == "redis":
+        env = instance_env(mariadb_url, request.getfixturevalue("redis_url"), heartbeat)
+    else:
+        env = instance_env(mariadb_url, request.getfixturevalue("redis_cluster").url, heartbeat) | {"MEETING_REDIS_CLUSTER": "true"}
     started = list(await asyncio.gather(_start(tmp_path, env), _start(tmp_path, env)))  # both migrate at once
     yield started
     for instance in started:
