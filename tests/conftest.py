@@ -128,9 +128,25 @@ class LocalCluster:
     def kill(self, port: int) -> None:
         os.kill(self.pid(port), signal.SIGKILL)
 
+    def slot_of(self, key: str) -> int:
+        return int(self.cli(next(p for p in self.ports if self.alive(p)), "cluster", "keyslot", key))
+
+    def masters(self) -> list[int]:
+        return [p for p in self.ports if self.alive(p) and "role:master" in self.cli(p, "info", "replication")]
+
+    def move_slot(self, slot: int, source: int, target: int) -> None:
+        """Reshard one slot (with its keys) from one master to another, as redis-cli --cluster does."""
+        source_id, target_id = (self.cli(p, "cluster", "myid").strip() for p in (source, target))
+        self.cli(target, "cluster", "setslot", str(slot), "importing", source_id)
+        self.cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
+        while keys := self.cli(source, "cluster", "getkeysinslot", str(slot), "100").split():
+            self.cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+        for port in self.masters():
+            self.cli(port, "cluster", "setslot", str(slot), "node", target_id)
+
     def master_of(self, key: str) -> int:
         """The port of the live master that owns `key`'s slot."""
-        slot = int(self.cli(self.ports[0] if self.alive(self.ports[0]) else self.ports[1], "cluster", "keyslot", key))
+        slot = self.slot_of(key)
         for port in self.ports:
             if not self.alive(port):
                 continue

@@ -90,3 +90,47 @@ async def test_a_master_killed_mid_stream_loses_and_doubles_nothing(make_client:
     await a.send(alice, [bob], "after the failover")
     for device in (on_a, on_b):
         assert (await device.expect("message.new", timeout=15))["seq"] == total + 1
+
+
+async def test_a_slot_moved_to_another_master_is_followed_there_and_resynced(redis_cluster: LocalCluster) -> None:
+    """Resharding: the old owner unsubscribes the broker from the channels of the slot it gave
+    away; the broker subscribes again on the new owner and brings its devices up to date."""
+    from meeting.cluster_broker import ClusterBroker
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    got: list[tuple[int, str]] = []
+    resyncs: list[list[int] | None] = []
+
+    async def resync(user_ids: list[int] | None) -> int:
+        resyncs.append(user_ids)
+        return 1
+
+    here = ClusterBroker(redis_cluster.url, prefix, 2.0, lambda u, seq, frame, at: got.append((seq, frame)), resync,
+                         lambda u: u == 7)
+    there = ClusterBroker(redis_cluster.url, prefix, 2.0, lambda *_: None, resync, lambda u: False)
+    try:
+        for broker in (here, there):
+            await broker.start()
+            await asyncio.wait_for(broker.connected.wait(), 10)
+        await here.want(7)
+        await there.publish([(7, 1, "before")], 0.0)
+        await _until(lambda: got == [(1, "before")])
+        channel = here.channel(7)
+        source = redis_cluster.master_of(channel)
+        target = next(p for p in redis_cluster.masters() if p != source)
+        await asyncio.to_thread(redis_cluster.move_slot, redis_cluster.slot_of(channel), source, target)
+        await _until(lambda: here.reconnects >= 1 and here.connected.is_set() and resyncs != [])
+        assert redis_cluster.master_of(channel) == target
+        await there.publish([(7, 2, "after")], 0.0)  # its client follows the MOVED to the new owner
+        await _until(lambda: got[-1:] == [(2, "after")])
+        assert got == [(1, "before"), (2, "after")]
+    finally:
+        for broker in (here, there):
+            await broker.close()
+
+
+async def _until(condition: Any, timeout: float = 15.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(poll(), timeout)
