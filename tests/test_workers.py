@@ -89,15 +89,18 @@ async def supervised(tmp_path: Path, mariadb_url: str, redis_url: str) -> AsyncI
     reader = asyncio.create_task(server.read())
     await server.until(lambda: server.serving() >= 2 and len(server.workers) == 2)
     yield server
+    workers = set(server.workers.values())  # never leave a worker behind, whatever the test did
     if proc.returncode is None:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        workers.update(int(pid) for pid in (children.read_text().split() if children.exists() else []))
         proc.kill()
         await proc.wait()
-    for pid in server.workers.values():  # never leave a worker behind, whatever the test did
+    for pid in workers:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    await reader
+    await asyncio.wait_for(reader, 30)  # EOF once no worker holds the pipe
 
 
 async def test_two_workers_one_port_every_message_once_and_a_killed_worker_costs_nothing(supervised: Supervised) -> None:
@@ -122,6 +125,10 @@ async def test_two_workers_one_port_every_message_once_and_a_killed_worker_costs
 
         victim = devices[0][1]
         os.kill(victim, signal.SIGKILL)
+        # Until it is dead its listening socket still takes a share of new connections, which
+        # the kernel then resets (a client retries those); the test sends once the supervisor
+        # reaped it, when its sockets are certainly closed.
+        await server.until(lambda: any(f"(pid {victim}) exited" in line for line in server.output))
         for i in range(10, 20):  # the surviving worker takes every new connection meanwhile
             await _send(http, alice, bob, f"m{i}")
         for n, (device, pid) in enumerate(devices):
