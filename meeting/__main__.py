@@ -89,6 +89,13 @@ def _supervise(args: argparse.Namespace, config, argv: list[str]) -> int:  # typ
               "its own, and without Redis a message reaches only the devices connected to the worker that stored it. "
               "Configure Redis (and auth.secret, shared by every worker), or run one worker.", file=sys.stderr)
         return 2
+    from .signing import resolve
+
+    try:  # a bad secret stops the supervisor now, not each worker in a restart loop
+        resolve(config)  # (and a first start's generated key exists before any worker reads it)
+    except ConfigError as exc:
+        print(f"meeting: configuration error: {exc}", file=sys.stderr)
+        return 2
     worker_argv = _without_workers(argv)
     logging.getLogger(__name__).info("supervising %d worker(s) on %s:%d", args.workers, config.server.host, config.server.port)
     return supervise(args.workers, worker_argv, config.server.shutdown_timeout, _event_loop)

@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import key_slot
 from redis.exceptions import RedisError
 
+from .breaker import REDIS_FAILURES
 from .broker import RedisBroker
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,20 @@ class Shards:
         return groups
 
     async def subscribe(self, *channels: str) -> None:
-        """One SSUBSCRIBE per slot (a command may not span slots), on the slot's master."""
-        for (name, _), group in self._groups(channels).items():
-            pubsub = self.pubsubs.get(name)
-            if pubsub is None:
-                self.fail(TopologyChanged(f"{len(group)} channel(s) now live on {name}, unknown to this reader"))
-                raise TopologyChanged(name)
-            await pubsub.ssubscribe(*group)
-            self.where.update(dict.fromkeys(group, name))
+        """One SSUBSCRIBE per slot (a command may not span slots), on the slot's master.
+        Any failure (an uncovered slot mid-failover, a master this reader does not know, a
+        dropped connection) also ends this generation: the reader reconnects and resubscribes
+        everything, so no channel stays unsubscribed until some later reconnect."""
+        try:
+            for (name, _), group in self._groups(channels).items():
+                pubsub = self.pubsubs.get(name)
+                if pubsub is None:
+                    raise TopologyChanged(f"{len(group)} channel(s) now live on {name}, unknown to this reader")
+                await pubsub.ssubscribe(*group)
+                self.where.update(dict.fromkeys(group, name))
+        except Exception as exc:
+            self.fail(exc)
+            raise
 
     async def unsubscribe(self, *channels: str) -> None:
         by_node: dict[str, list[str]] = {}
@@ -107,11 +114,17 @@ class Shards:
             name = self.where.pop(channel, None)
             if name is not None:
                 by_node.setdefault(name, []).append(channel)
-        for name, group in by_node.items():
-            self.leaving.update(group)
-            await self.pubsubs[name].sunsubscribe(*group)
+        try:
+            for name, group in by_node.items():
+                self.leaving.update(group)
+                await self.pubsubs[name].sunsubscribe(*group)
+        except Exception as exc:
+            self.fail(exc)
+            raise
 
     def fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, REDIS_FAILURES):  # a failure the reader reconnects after, whatever it was
+            exc = TopologyChanged(f"{type(exc).__name__}: {exc}")
         if not self.trouble.done():
             self.trouble.set_exception(exc)
             self.trouble.exception()  # retrieved here: whoever reads on raises it again
