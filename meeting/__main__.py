@@ -89,6 +89,12 @@ def _supervise(args: argparse.Namespace, config, argv: list[str]) -> int:  # typ
               "its own, and without Redis a message reaches only the devices connected to the worker that stored it. "
               "Configure Redis (and auth.secret, shared by every worker), or run one worker.", file=sys.stderr)
         return 2
+    if args.workers > 1 and config.database.url.startswith("sqlite"):
+        print(f"meeting: --workers {args.workers} needs MariaDB/MySQL (database.url, MEETING_DATABASE_URL), not SQLite: "
+              "an in-memory SQLite database would be a different database in each worker (same user ids, one secret: "
+              "one user's token would open another's account), and a SQLite file is written by one process at a "
+              "time, so the workers would queue on its lock. Use MariaDB, or run one worker.", file=sys.stderr)
+        return 2
     from .signing import resolve
 
     try:  # a bad secret stops the supervisor now, not each worker in a restart loop

@@ -175,3 +175,15 @@ async def test_more_than_one_worker_without_redis_is_refused_with_the_reason(tmp
                            MEETING_AUTH_SECRET_FILE=str(tmp_path / "missing.secret"))
     assert code == 2
     assert "auth.secret_file: cannot read" in out and "worker 0 started" not in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("database", ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///shared.db"])
+async def test_more_than_one_worker_on_sqlite_is_refused_with_the_reason(tmp_path: Path, database: str) -> None:
+    """In memory, each worker would have its own users sharing one secret and Redis (ids collide: one
+    user's token opens another's account); a file would be written by several processes untested."""
+    from tests.test_main import _run
+
+    code, out = await _run(tmp_path, "--workers", "2", MEETING_REDIS_URL="redis://127.0.0.1:1/0",
+                           MEETING_DATABASE_URL=database)
+    assert code == 2, out
+    assert "--workers 2 needs MariaDB/MySQL" in out and "worker 0 started" not in out and "Traceback" not in out
