@@ -19,7 +19,10 @@ The supervisor:
   doubling to 10 s while a worker keeps dying within 5 s of its start);
 - on SIGTERM or SIGINT forwards one SIGTERM to every worker, which drains
   (`server.shutdown_timeout`) and exits; workers still running after twice that
-  (plus 5 s) are killed. It exits 0 when every worker did.
+  (plus 5 s) are killed. It exits 0 when every worker did (a worker waiting to be
+  restarted when the stop came counts as stopped: the stop was asked for);
+- logs a worker it cannot start at all (fork or exec failing) and tries again, with
+  the same backoff as after a crash.
 Workers run in their own session, so a terminal's Ctrl-C reaches them once,
 through the supervisor; a worker whose supervisor died (SIGKILL) shuts itself
 down gracefully (`orphan_watch`), so no worker outlives it for long.
@@ -77,21 +80,26 @@ class Supervisor:
         delay = 0.5
         while True:
             started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "meeting", *self.argv, "--worker", str(index), start_new_session=True)
-            self.procs[index] = proc
-            log.info("worker %d started (pid %d)", index, proc.pid)
-            if self.stopping.is_set():  # a signal arrived while it was being started
-                proc.send_signal(signal.SIGTERM)
-            code = await self._wait(proc)
-            if self.stopping.is_set():
-                return code
-            log.warning("worker %d (pid %d) exited with %s; restarting it", index, proc.pid,
-                        f"signal {-code}" if code < 0 else f"code {code}")
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "meeting", *self.argv, "--worker", str(index), start_new_session=True)
+            except OSError as exc:  # out of processes or memory: say so, and try again like after a crash
+                log.error("cannot start worker %d (%s: %s); trying again", index, type(exc).__name__, exc)
+                code = 1
+            else:
+                self.procs[index] = proc
+                log.info("worker %d started (pid %d)", index, proc.pid)
+                if self.stopping.is_set():  # a signal arrived while it was being started
+                    proc.send_signal(signal.SIGTERM)
+                code = await self._wait(proc)
+                if self.stopping.is_set():
+                    return code
+                log.warning("worker %d (pid %d) exited with %s; restarting it", index, proc.pid,
+                            f"signal {-code}" if code < 0 else f"code {code}")
             delay = min(delay * 2, 10.0) if time.monotonic() - started < FAST_EXIT else 0.5
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
-                return code
+                return 0  # stopped as asked: no worker was running to fail the stop
             except asyncio.TimeoutError:
                 pass
 

@@ -187,3 +187,27 @@ async def test_more_than_one_worker_on_sqlite_is_refused_with_the_reason(tmp_pat
                            MEETING_DATABASE_URL=database)
     assert code == 2, out
     assert "--workers 2 needs MariaDB/MySQL" in out and "worker 0 started" not in out and "Traceback" not in out
+
+
+async def test_a_stop_while_a_crashed_worker_waits_for_its_restart_exits_0(tmp_path: Path) -> None:
+    """SIGTERM during the restart backoff is a requested stop like any other: exit 0, not the
+    dead worker's code. (The worker crashes at start: its database does not answer.)"""
+    from tests.test_main import _env
+
+    env = _env(tmp_path, MEETING_DATABASE_URL="mysql+aiomysql://root@127.0.0.1:1/meeting", MEETING_DATABASE_CONNECT_TIMEOUT="1")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meeting", "--workers", "1", "--port", str(_free_port()),
+                                                cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    server = Supervised(proc, 0)
+    reader = asyncio.create_task(server.read())
+    try:
+        # The first restart waits 1 s: the stop lands in it.
+        await server.until(lambda: any("restarting it" in line for line in server.output))
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, "".join(server.output)
+        await asyncio.wait_for(reader, 10)
+        assert sum("worker 0 started" in line for line in server.output) == 1  # the stop came in the backoff
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
