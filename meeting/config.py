@@ -54,7 +54,10 @@ class DatabaseConfig:
 class RedisConfig:
     url: str | None = None
     cluster: bool = False  # url names one seed node of a Redis Cluster (7.0+: sharded pub/sub)
-    prefix: str = _opt("meeting", validate.Length(min=1))
+    # No braces: a `{` in the prefix would become every key's hash tag on a cluster, putting every
+    # user's keys on one shard (meeting.redis_client.key).
+    prefix: str = _opt("meeting", validate.Length(min=1),
+                       validate.Regexp(r"^[^{}]*$", error="must not contain {{ or }} (they set a key's cluster hash tag)"))
     socket_timeout: float = _opt(0.5, validate.Range(min=0.01))
     cache_ttl: int = _opt(300, validate.Range(min=1))
     error_log_interval: float = _opt(30.0, validate.Range(min=0))

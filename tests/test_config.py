@@ -44,6 +44,7 @@ def test_environment_overrides_file_with_typed_values() -> None:
         ({"push": {"receipt_window": -1}}, {}, "push.receipt_window"),
         ({}, {"MEETING_PUSH_RECEIPT_WINDOW": "61"}, "push.receipt_window"),
         ({"push": {"receipt_pending_max": 0}}, {}, "push.receipt_pending_max"),
+        ({}, {"MEETING_REDIS_PREFIX": "app{1}"}, "redis.prefix"),  # would be every key's cluster hash tag
     ],
 )
 def test_bad_settings_fail_loudly_naming_the_key(data: dict, environ: dict, named: str) -> None:
