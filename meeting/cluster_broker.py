@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 
 from .breaker import REDIS_FAILURES
 from .broker import RedisBroker
+from .redis_client import no_cluster_retry
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class ClusterBroker(RedisBroker):
     def _connect(self, url: str, socket_timeout: float) -> RedisCluster:  # type: ignore[override]
         self._url = url
         return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                                     retry=Retry(NoBackoff(), 0))
+                                     retry=no_cluster_retry())
 
     async def _transmit(self, channels: list[str], payloads: list[str]) -> None:
         """A batch in one pipeline: one round trip per shard, in order on each (so per user)."""

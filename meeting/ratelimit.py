@@ -35,6 +35,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from .breaker import REDIS_FAILURES, RedisBreaker
 from .config import LimitsConfig, RedisConfig
 from .errors import TooManyRequests
+from .redis_client import no_cluster_retry
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class RateLimits:
             url = urlsplit(redis_cfg.url)  # the seed node; a cluster has no database number
             self._cluster_storage = RedisClusterStorage(
                 f"async+redis+cluster://{url.netloc}", implementation="redispy", key_prefix=f"{redis_cfg.prefix}:limits",
-                socket_timeout=redis_cfg.socket_timeout, socket_connect_timeout=redis_cfg.socket_timeout)
+                socket_timeout=redis_cfg.socket_timeout, socket_connect_timeout=redis_cfg.socket_timeout,
+                retry=no_cluster_retry())  # a timed-out hit retried could count twice
             self._shared = MovingWindowRateLimiter(self._cluster_storage)
         elif client is not None:
             storage = RedisStorage(f"async+{redis_cfg.url}", implementation="redispy", key_prefix=f"{redis_cfg.prefix}:limits",

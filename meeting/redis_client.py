@@ -41,16 +41,24 @@ def key(prefix: str, user_id: int, *parts: object) -> str:
     return ":".join([prefix, f"{{u{user_id}}}", *map(str, parts)])
 
 
+def no_cluster_retry() -> Retry:
+    """For every RedisCluster we create: no retry at all. redis-py's cluster (8.x) takes only the
+    count from its `retry` and retries a TimeoutError too, whatever `supported_errors` says (a GET
+    on a frozen master cost two socket timeouts), and its pipeline retry closes the whole shared
+    client. A timed-out script may also have run: retried, a rate-limit hit would count twice.
+    The price: the first command on a connection a failover made stale fails (the breaker opens
+    until its probe gets an answer, about a second) instead of being retried."""
+    return Retry(NoBackoff(), 0)
+
+
 def connect(url: str, cluster: bool, socket_timeout: float) -> Client:
     # One immediate retry of a pooled connection gone stale (a connection error),
     # never of a timeout: a hung Redis must cost one socket_timeout, not two,
-    # before the breaker opens and callers use the database. (In a cluster the
-    # retry follows a topology refresh: the shard may have failed over.)
-    options = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, health_check_interval=30,
-                   retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    # before the breaker opens and callers use the database.
+    options = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, health_check_interval=30)
     if cluster:
-        return RedisCluster.from_url(url, **options)
-    return aioredis.Redis.from_url(url, **options)
+        return RedisCluster.from_url(url, retry=no_cluster_retry(), **options)
+    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **options)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

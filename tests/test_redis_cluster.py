@@ -135,3 +135,58 @@ async def _until(condition: Any, timeout: float = 15.0) -> None:
         while not condition():
             await asyncio.sleep(0.02)
     await asyncio.wait_for(poll(), timeout)
+
+
+async def test_a_frozen_master_costs_one_socket_timeout_not_two(redis_cluster: LocalCluster, healed: LocalCluster) -> None:
+    """redis-py's cluster client retries a timeout whatever supported_errors says (a GET took two
+    socket timeouts, a pipeline two and a pause, and closed the shared client); a rate-limit hit
+    retried after a timeout could count twice. Every cluster client of ours retries nothing."""
+    import os
+    import signal
+    import time
+
+    from meeting.breaker import REDIS_FAILURES, RedisBreaker
+    from meeting.config import LimitsConfig, RedisConfig
+    from meeting.ratelimit import RateLimits
+    from meeting.redis_client import connect
+
+    timeout = 0.5
+    # One client per call, each initialised before the freeze: after a failure a client re-reads
+    # the topology first, which costs a timeout of its own when it asks the frozen node.
+    getter, piper = connect(redis_cluster.url, True, timeout), connect(redis_cluster.url, True, timeout)
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    limits = RateLimits(LimitsConfig(), RedisBreaker(getter, 30.0, timeout),
+                        RedisConfig(url=redis_cluster.url, cluster=True, prefix=prefix, socket_timeout=timeout))
+    storage = limits._cluster_storage.bridge.storage  # type: ignore[union-attr]
+    key = f"{prefix}:frozen"
+    try:
+        victim = redis_cluster.master_of(key)
+        limited = next(f"{prefix}:limits/{n}" for n in range(1000) if redis_cluster.master_of(f"{prefix}:limits/{n}") == victim)
+        for client in (getter, piper, storage):
+            await client.set(key, "1")  # connected to the victim
+        os.kill(redis_cluster.pid(victim), signal.SIGSTOP)
+        try:
+            elapsed = {}
+            for what, call in (("get", lambda: getter.get(key)), ("pipeline", lambda: _pipeline_get(piper, key)),
+                               ("limit", lambda: storage.incr(limited))):
+                started = time.monotonic()
+                with pytest.raises(REDIS_FAILURES):
+                    await call()
+                elapsed[what] = time.monotonic() - started
+        finally:
+            os.kill(redis_cluster.pid(victim), signal.SIGCONT)
+        assert all(seconds < 1.7 * timeout for seconds in elapsed.values()), elapsed
+        await asyncio.to_thread(redis_cluster.wait_ok, 60)  # the frozen master ran what it had queued by now
+        # Each client works again (and closes: redis-py's aclose skips a client that awaits re-initialising).
+        assert [await client.get(key) for client in (getter, piper, storage)] == [b"1"] * 3
+        assert int(await storage.get(limited) or 0) <= 1  # a hit that timed out was sent once
+    finally:
+        await limits.close()
+        await getter.aclose()
+        await piper.aclose()
+
+
+async def _pipeline_get(client: Any, key: str) -> None:
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(key)
+        await pipe.execute()
