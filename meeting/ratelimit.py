@@ -15,7 +15,9 @@ X-Forwarded-For that is not one: a client cannot pick its own address.
 On a Redis Cluster (`redis.cluster`) the counts go through the library's cluster
 storage (`async+redis+cluster://`), a RedisCluster client of its own: `limits`
 cannot borrow ours. Each count is one key touched by one script, so any shard
-may hold it.
+may hold it. The breaker is per process, not per shard: one shard failing (a
+failover) opens it, and until its probe gets an answer every limit of this
+process, on every shard, is counted in this process alone.
 """
 
 from __future__ import annotations
@@ -60,10 +62,11 @@ class RateLimits:
         self._cluster_storage: RedisClusterStorage | None = None
         if client is not None and redis_cfg.cluster:
             url = urlsplit(redis_cfg.url)  # the seed node; a cluster has no database number
+            # The library's URL has no TLS scheme of its own: `rediss://` becomes ssl=True.
             self._cluster_storage = RedisClusterStorage(
                 f"async+redis+cluster://{url.netloc}", implementation="redispy", key_prefix=f"{redis_cfg.prefix}:limits",
                 socket_timeout=redis_cfg.socket_timeout, socket_connect_timeout=redis_cfg.socket_timeout,
-                retry=no_cluster_retry())  # a timed-out hit retried could count twice
+                ssl=url.scheme == "rediss", retry=no_cluster_retry())  # a timed-out hit retried could count twice
             self._shared = MovingWindowRateLimiter(self._cluster_storage)
         elif client is not None:
             storage = RedisStorage(f"async+{redis_cfg.url}", implementation="redispy", key_prefix=f"{redis_cfg.prefix}:limits",

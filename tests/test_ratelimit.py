@@ -161,3 +161,23 @@ async def test_origin_allowlist_refuses_other_browser_origins_with_403(make_clie
     await api.client.ws_connect(url, params={"token": bob.token}, headers={"Origin": "https://app.example.com"})
     await api.client.ws_connect(url, params={"token": bob.token}, headers={"Origin": "https://APP.Example.com:443"})
     await api.client.ws_connect(url, params={"token": bob.token})  # no Origin: not a browser
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+async def test_the_cluster_storage_keeps_the_urls_tls(scheme: str) -> None:
+    """`limits` takes the cluster as async+redis+cluster://host:port; a rediss:// seed must still
+    mean TLS to every node. (No TLS cluster here: this checks the client the library was given.)"""
+    from redis.asyncio.connection import Connection, SSLConnection
+
+    from meeting.breaker import RedisBreaker
+    from meeting.config import LimitsConfig, RedisConfig
+    from meeting.ratelimit import RateLimits
+    from meeting.redis_client import connect
+
+    url = f"{scheme}://127.0.0.1:1"
+    client = connect(url, True, 0.2)  # never connects: construction only
+    limits = RateLimits(LimitsConfig(), RedisBreaker(client, 30.0, 0.2), RedisConfig(url=url, cluster=True))
+    storage = limits._cluster_storage.bridge.storage  # type: ignore[union-attr]
+    wanted = SSLConnection if scheme == "rediss" else Connection
+    assert storage.nodes_manager.connection_kwargs["connection_class"] is wanted
+    assert client.nodes_manager.connection_kwargs.get("connection_class", Connection) is wanted  # as the shared client
