@@ -302,13 +302,22 @@ class RedisBroker:
         first = True
         while not self._closing:
             pubsub = self._new_pubsub()
+            reading: asyncio.Task[None] | None = None
             try:
                 async with self._lock:
                     # The resync channel also keeps a broker with nothing else to follow connected.
-                    await self._open(pubsub, [self._resync_channel, *[self.channel(u) for u in self._subscribed]])
+                    channels = [self._resync_channel, *[self.channel(u) for u in self._subscribed]]
+                    loop = asyncio.get_running_loop()
+                    confirmed = [self._confirmations.setdefault(c, loop.create_future()) for c in channels]
+                    await self._open(pubsub, channels)
                     self._late.clear()  # everything is subscribed afresh; the resync below covers the gap
                     self._pubsub = pubsub
                 self.connected.set()
+                reading = asyncio.create_task(self._read(pubsub), name="broker-read")
+                # Resync only once Redis confirmed the subscriptions: a message committed after the
+                # resync read the database but published before a subscription took effect would
+                # reach neither way.
+                await self._confirmed(confirmed, reading)
                 self._reader_down = False
                 if not first:
                     self.reconnects += 1
@@ -319,7 +328,7 @@ class RedisBroker:
                     await self._transmit([self._resync_channel], ["lost"])
                     self._publish_lost = False
                 first, backoff = False, 0.1
-                await self._read(pubsub)
+                await reading
             except asyncio.CancelledError:
                 raise
             except REDIS_FAILURES as exc:
@@ -332,6 +341,7 @@ class RedisBroker:
             finally:
                 self.connected.clear()
                 self._pubsub = None
+                await _stop(reading)
                 await asyncio.shield(pubsub.aclose())
             delay = backoff * (1 + random.random())
             if self._breaker.open:  # reconnect as soon as the probe sees Redis answer again
@@ -339,6 +349,20 @@ class RedisBroker:
             else:
                 await asyncio.sleep(delay)
             backoff = min(backoff * 2, 5.0)
+
+    async def _confirmed(self, confirmed: list[asyncio.Future[None]], reading: asyncio.Task[None]) -> None:
+        """Wait for these subscriptions' confirmations (read by `reading`); raise what ended
+        `reading` first, or TimeoutError after SUBSCRIBE_TIMEOUT (the reader reconnects)."""
+        every = asyncio.ensure_future(asyncio.shield(asyncio.gather(*confirmed)))
+        try:
+            done, _ = await asyncio.wait([every, reading], timeout=SUBSCRIBE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            every.cancel()
+        if reading in done:
+            reading.result()
+            raise TimeoutError("the pub/sub reader stopped before its subscriptions were confirmed")
+        if every not in done:
+            raise TimeoutError(f"subscriptions not confirmed in {SUBSCRIBE_TIMEOUT:.1f} s")
 
     def _new_pubsub(self) -> aioredis.client.PubSub:
         return self._client.pubsub()

@@ -130,6 +130,7 @@ class PubSubCutter:
     reader). `cut()` aborts the tagged connections and holds every connection made
     from then on (accepted, never forwarded: the client's handshake waits for its
     timeout); connections made before it keep working. `release()` ends the hold.
+    `cut(hold=False)` only aborts the tagged connections.
     """
 
     def __init__(self, host: str, port: int, mark: bytes):
@@ -141,14 +142,27 @@ class PubSubCutter:
         self._held: set[asyncio.StreamWriter] = set()
         self._open: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
+        self.gated = False                     # hold_subscribes(): SUBSCRIBEs naming `mark` wait at the proxy
+        self.held = asyncio.Event()            # one of them is waiting
+        self._gate = asyncio.Event()
+
+    def hold_subscribes(self) -> None:
+        """From now on a SUBSCRIBE naming `mark` (and whatever its connection sends after it) is
+        held at the proxy, unsent to Redis, until `open_gate()`: a subscription in flight."""
+        self.gated, self.held = True, asyncio.Event()
+        self._gate.clear()
+
+    def open_gate(self) -> None:
+        self.gated = False
+        self._gate.set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    def cut(self) -> None:
-        self.holding = True
+    def cut(self, hold: bool = True) -> None:
+        self.holding = hold
         for writer in list(self.tagged):
             writer.transport.abort()
 
@@ -181,6 +195,9 @@ class PubSubCutter:
                 while chunk := await reader.read(65536):
                     if watch and b"SUBSCRIBE" in chunk.upper() and self.mark in chunk:
                         self.tagged.add(client_w)
+                        if self.gated:
+                            self.held.set()
+                            await self._gate.wait()
                     writer.write(chunk)
                     await writer.drain()
             writer.transport.abort()
