@@ -156,6 +156,9 @@ class RedisBroker:
         self._publish_all = self._client.register_script(_PUBLISH_ALL)
         self._aligner: Combiner[int, None] = Combiner(self._align, max_batch=5000)
         self.connected = asyncio.Event()
+        # Run after a reconnect, before the resync: Redis may have failed over or restarted and
+        # lost acknowledged writes (the message cache orphans its entries, meeting.cache).
+        self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self.publishes = self.received = self.reconnects = self.echoes = 0
         if resync is not None:
             self._breaker.on_recovered.append(self._wake_publisher)
@@ -321,6 +324,8 @@ class RedisBroker:
                 self._reader_down = False
                 if not first:
                     self.reconnects += 1
+                    for hook in self.on_reconnect:
+                        await hook()
                     if self._resync is not None:
                         resynced = await self._resync(None)
                         log.info("broker: reconnected to Redis; %d connection(s) resynchronised", resynced)

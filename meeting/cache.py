@@ -4,29 +4,35 @@ Only those: the sender's reads (the sent box, receipts) are not cached, since
 every recipient's read changes them; they are always read from the database,
 so they cannot be stale.
 
-The database is the source of truth; a client must never see a stale value
-after its send or read returned. Two mechanisms make that hold:
+The database is the source of truth; the cache must not serve a value older than
+a send or read that returned. What makes that hold, and where it stops:
 
 - Every entry is stamped with `<epoch>|<generation>`. A writer commits and then
   replaces the user's generation token. A reader stores what it computed only if
-  the stamp it read *before* querying the database is still current (checked
+  the generation it read *before* querying the database is still current (checked
   atomically in a Lua script), so a value computed from pre-commit data can
   never be cached after the commit.
-- If an invalidation fails (Redis down, timeout, or the breaker open), this
-  instance bypasses the cache until it has replaced the global epoch
-  `<prefix>:cache:epoch`, which orphans every entry on every instance (they all
-  read the epoch with each entry). It does so as soon as Redis answers again:
-  on the breaker's recovery, not on this instance's next cache read, so another
-  instance stops serving a suspect entry even if this one serves no reads.
+- The global epoch `<prefix>:cache:epoch` is an integer; bumping it (to one more
+  than both its value and the highest this instance has seen) orphans every entry
+  on every instance, which read it with each entry. An instance bumps it when an
+  invalidation of its own failed (before it trusts the cache again), when the
+  breaker closes after any Redis trouble, and when a broker reconnects (a failover,
+  a restart, a resharding: an acknowledged write may have been lost with a master,
+  since replication is asynchronous). An instance that reads an epoch lower than
+  one it has seen knows that a bump was lost the same way, and bumps again.
+
+What does not hold: between a failover that lost an invalidation and the moment
+an instance notices it (its next failed command or reconnect: about a second,
+`cluster-node-timeout` plus the probe), an instance may serve the entry the lost
+invalidation deleted; so may an instance that started after the lost bump (it
+has seen no higher epoch) until some instance notices. Entries live at most
+`cache_ttl` seconds in any case. And if the instance whose invalidation failed
+dies before it reaches Redis again, nobody bumps for it: other instances may
+serve the entries it could not invalidate for up to `cache_ttl`.
 
 Redis trouble never fails a request: it is reported to the process's one
 circuit breaker (meeting.breaker), and while the breaker is open the answer
 comes from the database without a round trip to Redis.
-
-What stays per instance: between the lost invalidation and this instance's
-next contact with Redis, other instances (which reach Redis) may still serve
-the entries it could not invalidate, for at most `cache_ttl` seconds; and if
-this instance dies before it reaches Redis again, nobody bumps the epoch.
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 return 1
+"""
+
+# KEYS: the epoch. ARGV: the highest epoch this instance has seen. Strictly larger than both, so
+# an epoch that went back in a failover never returns to a value some entry was stamped with.
+_BUMP = """
+local epoch = math.max(tonumber(redis.call('GET', KEYS[1]) or '0') or 0, tonumber(ARGV[1])) + 1
+redis.call('SET', KEYS[1], epoch)
+return epoch
 """
 
 # KEYS: (gen, unread, inbox2) per user. One command however many users: a
@@ -78,7 +92,9 @@ class MessageCache:
         client = breaker.client
         self._script = client.register_script(_SET_IF_CURRENT) if client is not None else None
         self._invalidate = client.register_script(_INVALIDATE) if client is not None else None
-        breaker.on_recovered.append(self._usable_now)
+        self._bump = client.register_script(_BUMP) if client is not None else None
+        self.epoch = 0  # the highest epoch seen here
+        breaker.on_recovered.append(self.suspect)
 
     @property
     def available(self) -> bool:
@@ -89,8 +105,12 @@ class MessageCache:
         self.errors += 1
         self._breaker.failed(exc, WHAT)
 
-    async def _usable_now(self) -> None:
-        await self._usable()
+    async def suspect(self) -> None:
+        """Redis may have lost acknowledged writes (it was unreachable, failed over, restarted):
+        orphan every entry now, or before the next read if Redis does not answer."""
+        if self._breaker.client is not None:
+            self._dirty = True
+            await self._usable()
 
     def _key(self, user_id: int, kind: str) -> str:
         return key(self._prefix, user_id, "cache", kind)
@@ -104,12 +124,13 @@ class MessageCache:
             return False
         if self._dirty:  # an invalidation was lost: orphan every entry before trusting any
             try:
-                await self._breaker.client.set(self._epoch_key, uuid.uuid4().hex)  # type: ignore[union-attr]
+                epoch = int(await self._bump(keys=[self._epoch_key], args=[self.epoch]))  # type: ignore[misc]
             except REDIS_FAILURES as exc:
                 self._failed(exc)
                 return False
             self._dirty = False
-            log.info("message cache flushed after a lost invalidation")
+            self.epoch = max(self.epoch, epoch)
+            log.info("message cache flushed (epoch %d): a write to Redis may have been lost", epoch)
         return True
 
     async def get(self, kind: str, user_id: int, compute: Callable[[], Awaitable[T]],
@@ -129,6 +150,12 @@ class MessageCache:
         except REDIS_FAILURES as exc:
             self._failed(exc)
             return await compute()
+        number = _number(epoch)
+        if number < self.epoch:  # went back: a failover lost a bump, and with it maybe invalidations
+            log.warning("message cache epoch went back from %d to %d; flushing", self.epoch, number)
+            await self.suspect()
+            return await compute()
+        self.epoch = number
         stamp = f"{(epoch or b'').decode()}|{(gen or b'').decode()}"
         if entry is not None:
             entry_stamp, _, payload = entry.decode().partition("\n")
@@ -167,3 +194,11 @@ class MessageCache:
         except REDIS_FAILURES as exc:
             self._dirty = True
             self._failed(exc)
+
+
+def _number(epoch: bytes | None) -> int:
+    """The epoch as an integer; 0 when absent (or a pre-integer random token)."""
+    try:
+        return int(epoch or 0)
+    except ValueError:
+        return 0

@@ -26,7 +26,8 @@ from .cluster_broker import ClusterBroker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence
 from .receipts import ReceiptCoalescer
-from .typedefs import config_key, message_service_key, presence_key, push_hub_key, redis_breaker_key, sessions_key, ws_users
+from .typedefs import (cache_key, config_key, message_service_key, presence_key, push_hub_key, redis_breaker_key,
+                       sessions_key, ws_users)
 
 if TYPE_CHECKING:
     from .ws import UserConnection
@@ -166,6 +167,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
         kind = ClusterBroker if redis_cfg.cluster else RedisBroker
         hub.broker = kind(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0),
                            hub.deliver_local, hub.resync, hub.wants, app[redis_breaker_key])
+        hub.broker.on_reconnect.append(app[cache_key].suspect)  # a failover may have lost invalidations
     await hub.broker.start()
     app[push_hub_key] = hub
     service = app[message_service_key]

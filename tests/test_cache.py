@@ -110,3 +110,27 @@ async def test_a_hung_redis_costs_bounded_time_and_logs_once(api: Api, raw_redis
     assert len(warnings) == 1
     assert api.client.app[cache_key].errors >= 1
     assert await api.unread_count(bob) == 2
+
+
+async def test_an_epoch_and_invalidation_lost_in_a_failover_serve_nothing_stale(raw_redis: aioredis.Redis) -> None:
+    """Replication is asynchronous: a failover can bring back an older epoch, gen and entry
+    together, under which the old entry matches its stamp again. An instance that saw a higher
+    epoch treats the lower one as a lost bump: it bumps past both and serves from the database."""
+    from meeting.redis_client import key
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    here, there = _cache(raw_redis, prefix), _cache(raw_redis, prefix)
+    names = [f"{prefix}:cache:epoch", key(prefix, 5, "cache", "gen"), key(prefix, 5, "cache", "unread")]
+    assert await here.get("unread", 5, _const({"count": 1}), str, int) == 1
+    replica = [await raw_redis.get(name) for name in names]  # what a replica still holds after the failover
+    await there.suspect()       # a bump (the other instance saw Redis trouble) ...
+    await there.invalidate([5])  # ... and a send to user 5, both acknowledged by the master only
+    assert await here.get("unread", 5, _const({"count": 2}), str, int) == 2
+    seen = here.epoch
+    assert seen > 0
+    for name, value in zip(names, replica):  # the master dies; its replica takes over
+        await (raw_redis.set(name, value) if value is not None else raw_redis.delete(name))
+    assert await here.get("unread", 5, _const({"count": 2}), str, int) == 2  # not the stale 1
+    assert int(await raw_redis.get(names[0])) > seen and here.epoch > seen
+    assert await there.get("unread", 5, _const({"count": 2}), str, int) == 2
+    assert await here.get("unread", 5, _const({"count": 99}), str, int) == 2  # cached again, under the new epoch

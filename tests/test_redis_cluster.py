@@ -93,6 +93,23 @@ async def test_a_master_killed_mid_stream_loses_and_doubles_nothing(make_client:
         assert (await device.expect("message.new", timeout=15))["seq"] == total + 1
 
 
+async def test_a_broker_reconnect_orphans_every_cache_entry(make_client: Any, on_cluster: Config,
+                                                            redis_cluster: LocalCluster) -> None:
+    """A reconnect may follow a failover that lost acknowledged invalidations (replication is
+    asynchronous): the cache epoch is bumped, so no entry cached before it is served again."""
+    api = Api(await make_client(on_cluster))
+    alice, bob = await api.users(2)
+    await api.send(alice, [bob])
+    assert await api.unread_count(bob) == 1
+    cache, broker = api.client.app[cache_key], api.client.app[push_hub_key].broker
+    hits, before = cache.hits, cache.epoch
+    assert await api.unread_count(bob) == 1 and cache.hits == hits + 1  # cached
+    assert await asyncio.to_thread(redis_cluster.kill_pubsub) >= 1
+    await _until(lambda: broker.reconnects >= 1 and cache.epoch > before)  # bumped by the reconnect
+    misses = cache.misses
+    assert await api.unread_count(bob) == 1 and cache.misses == misses + 1  # from the database, under the new epoch
+
+
 async def test_a_slot_moved_to_another_master_is_followed_there_and_resynced(redis_cluster: LocalCluster) -> None:
     """Resharding: the old owner unsubscribes the broker from the channels of the slot it gave
     away; the broker subscribes again on the new owner and brings its devices up to date."""
