@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -105,28 +104,47 @@ def redis_url() -> str:
 
 class LocalCluster:
     """A Redis Cluster of 3 masters and 3 replicas on loopback ports, for this session only.
-    A small cluster-node-timeout makes a replica take over a killed master within seconds."""
+    A small cluster-node-timeout makes a replica take over a killed master within seconds.
+    The servers are this process's children (not daemons): teardown waits for their exit."""
 
     def __init__(self, ports: list[int], directory: Path):
         self.ports = ports
         self.dir = directory
         self.url = f"redis://127.0.0.1:{ports[0]}/0"
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, port: int) -> None:
-        subprocess.run([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                        "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                        "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0", "--dir", str(self.dir), "--save", "", "--appendonly", "no",
-                        "--daemonize", "yes", "--pidfile", str(self.dir / f"{port}.pid"),
-                        "--logfile", str(self.dir / f"{port}.log")], check=True, timeout=10)
+        old = self.procs.get(port)
+        if old is not None:
+            old.wait(10)  # reaped before it is replaced
+        self.procs[port] = subprocess.Popen(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+             "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--logfile", str(self.dir / f"{port}.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        """SIGTERM every server, wait for each (SIGKILL after 10 s)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
     def cli(self, port: int, *args: str) -> str:
         return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
 
     def pid(self, port: int) -> int:
-        return int((self.dir / f"{port}.pid").read_text())
+        return self.procs[port].pid
 
     def kill(self, port: int) -> None:
-        os.kill(self.pid(port), signal.SIGKILL)
+        self.procs[port].kill()
+        self.procs[port].wait(10)
 
     def slot_of(self, key: str) -> int:
         return int(self.cli(next(p for p in self.ports if self.alive(p)), "cluster", "keyslot", key))
@@ -191,16 +209,48 @@ class LocalCluster:
         raise AssertionError("the local Redis Cluster did not become ok")
 
 
+def _free_cluster_ports(count: int) -> list[int]:
+    """`count` ports P, each with its cluster bus port P + 10000 free too (bound, then released)."""
+    ports: list[int] = []
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port > 55535 or port in ports:
+            continue
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    unavailable("no free ports (with free bus ports) for a local Redis Cluster")
+    raise AssertionError("unreachable")
+
+
+def _redis_server_major() -> int:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
+    version = next((word[2:] for word in out.split() if word.startswith("v=")), "0")
+    return int(version.split(".")[0] or 0)
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[LocalCluster]:
-    """3 masters + 3 replicas on MEETING_TEST_CLUSTER_PORTS (7101-7106), torn down at the end."""
-    ports = [int(p) for p in os.environ.get("MEETING_TEST_CLUSTER_PORTS", "7101,7102,7103,7104,7105,7106").split(",")]
+    """3 masters + 3 replicas on free ports (or MEETING_TEST_CLUSTER_PORTS), torn down at the end.
+    (CI's .ci/run installs redis-server; this fixture starts the cluster.)"""
     if not shutil.which("redis-server") or not shutil.which("redis-cli"):
         unavailable("redis-server and redis-cli are needed for the Redis Cluster tests")
+    if _redis_server_major() < 7:
+        unavailable("the Redis Cluster tests need Redis 7.0 or later (sharded pub/sub)")
+    fixed = os.environ.get("MEETING_TEST_CLUSTER_PORTS")
+    ports = [int(p) for p in fixed.split(",")] if fixed else _free_cluster_ports(6)
     cluster = LocalCluster(ports, Path(tempfile.mkdtemp(prefix="meeting-cluster-")))
-    busy = [p for p in ports if cluster.alive(p)]
+    busy = [p for p in ports if cluster.alive(p)]  # (a leftover of a killed run, on fixed ports)
     if busy:
-        unavailable(f"ports {busy} are taken; set MEETING_TEST_CLUSTER_PORTS to six free ports")
+        unavailable(f"ports {busy} are taken; unset MEETING_TEST_CLUSTER_PORTS or name six free ports")
     try:
         for port in ports:
             cluster.start(port)
@@ -213,11 +263,7 @@ def redis_cluster() -> Iterator[LocalCluster]:
         cluster.wait_ok()
         yield cluster
     finally:
-        for port in ports:
-            try:
-                os.kill(cluster.pid(port), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
+        cluster.stop()
         shutil.rmtree(cluster.dir, ignore_errors=True)
 
 
