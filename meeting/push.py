@@ -44,6 +44,7 @@ class PushHub:
         self.bodies = frames.MessageBodies()
         self.receipts: ReceiptCoalescer | None = None  # set by push_ctx
         self._background: set[asyncio.Task[Any]] = set()
+        self.resynced = 0  # connections sent to the database by `resync` (broker trouble), ever
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Fire-and-forget that survives handler cancellation and is awaited at shutdown."""
@@ -105,6 +106,7 @@ class PushHub:
             conns = [c for user_id in user_ids for c in list(self.users.get(user_id, ()))]
         for conn in conns:
             conn.request_catch_up()
+        self.resynced += len(conns)
         return len(conns)
 
     async def on_stored(self, message: dict[str, Any]) -> None:

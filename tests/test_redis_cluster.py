@@ -72,7 +72,8 @@ async def test_a_master_killed_mid_stream_loses_and_doubles_nothing(make_client:
         Device(await b.client.ws_connect("/ws/messages", params={"token": bob.token})).pump()
     await on_a.handshake()
     await on_b.handshake()
-    brokers = [api.client.app[push_hub_key].broker for api in (a, b)]
+    hubs = [api.client.app[push_hub_key] for api in (a, b)]
+    brokers = [hub.broker for hub in hubs]
     victim = healed.master_of(brokers[0].channel(bob.id))  # the shard carrying bob's frames
     total = 40
     for i in range(total):
@@ -85,9 +86,10 @@ async def test_a_master_killed_mid_stream_loses_and_doubles_nothing(make_client:
         assert seqs == list(range(1, total + 1))  # in order, each once (collect checks each step)
         await device.ws.send_json({"type": "ping"})
         assert (await device.next(timeout=10))["type"] == "pong"  # and nothing after it: no duplicate
-    # Both readers lost the master and subscribe again on its successor (a device may have
-    # caught up before that: a gap in its seqs alone sends it to the database).
+    # Both readers lost the master, subscribed again on its successor and sent their devices to the
+    # database (the broker's resync, not only a device noticing a gap in its seqs).
     await _until(lambda: all(broker.reconnects >= 1 and broker.connected.is_set() for broker in brokers), 30)
+    await _until(lambda: all(hub.resynced >= 1 for hub in hubs), 30)
     await a.send(alice, [bob], "after the failover")
     for device in (on_a, on_b):
         assert (await device.expect("message.new", timeout=15))["seq"] == total + 1
