@@ -5,6 +5,7 @@ a supervisor, sharing MariaDB and Redis. Which worker serves a socket is read fr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -158,10 +159,51 @@ async def test_two_workers_one_port_every_message_once_and_a_killed_worker_costs
         for device, _ in [*devices, (newcomer, fresh)]:
             assert (await device.expect("message.new"))["seq"] == 21
 
-    server.proc.send_signal(signal.SIGTERM)
+        # SIGTERM with sends in flight. A worker drains: the sends it took finish and reach its own
+        # devices, then 1001. (A frame from the other worker can come after this worker closed:
+        # that device resumes it with `since` on its next connection.) Both workers hold devices.
+        answered: list[int] = []
+
+        async def keep_sending() -> None:
+            for i in range(200):
+                try:
+                    await _send(http, alice, bob, f"late {i}")
+                except (aiohttp.ClientError, AssertionError):  # refused once the workers drain
+                    return
+                answered.append(i)
+
+        sender = asyncio.create_task(keep_sending())
+        deadline = asyncio.get_running_loop().time() + 30
+        while not answered:  # sends are flowing
+            assert asyncio.get_running_loop().time() < deadline and not sender.done(), "no send was answered"
+            await asyncio.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(sender, 60)
+        last = 21 + len(answered)
+        got: set[int] = set()
+        for device, _ in [*devices, (newcomer, fresh)]:
+            seqs, code = await _until_closed(device)
+            assert code == 1001
+            assert seqs == list(range(22, 22 + len(seqs)))  # in order, once, no gap
+            got.update(seqs)
+        assert set(range(22, last + 1)) <= got, (sorted(got), last)  # every answered send reached a device
+
     assert await asyncio.wait_for(server.proc.wait(), 40) == 0
     for pid in server.workers.values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+async def _until_closed(device: Device) -> tuple[list[int], int]:
+    """The seqs of the message.new frames a device reads until the server closes it, and the code."""
+    seqs: list[int] = []
+    while True:
+        msg = await asyncio.wait_for(device._receive(), 30)
+        if msg.type == aiohttp.WSMsgType.CLOSE:
+            return seqs, int(msg.data)
+        assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data)
+        frame = json.loads(msg.data)
+        if frame["type"] == "message.new":
+            seqs.append(frame["payload"]["seq"])
 
 
 async def test_more_than_one_worker_without_redis_is_refused_with_the_reason(tmp_path: Path) -> None:
