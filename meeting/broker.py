@@ -1,9 +1,9 @@
 """Deliver "this frame for user X" (or "for meeting room M") to X's connections, wherever they are.
 
-Three implementations of one interface (`Broker`), chosen by configuration, one at a time;
-tests/test_broker_contract.py runs the same tests on each:
+Three implementations of one interface (`Broker`, meeting.broker_protocol), chosen by
+configuration, one at a time; tests/test_broker_contract.py runs the same tests on each:
 
-- InProcessBroker: no Redis configured; delivery is a function call.
+- InProcessBroker (meeting.broker_protocol): no Redis configured; delivery is a function call.
 - ClusterBroker (meeting.cluster_broker): `redis.cluster`; RedisBroker on sharded channels.
 - RedisBroker: per-key channels `<prefix>:<kind>:<id>` (kind `user` for the
   push hub, `room` for meeting rooms; one broker, one pub/sub connection and
@@ -42,20 +42,18 @@ import asyncio
 import logging
 import random
 import uuid
-from typing import Awaitable, Callable, Iterable, Protocol, runtime_checkable
+from typing import Awaitable, Callable, Iterable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .breaker import REDIS_FAILURES, RedisBreaker
+from .broker_protocol import Deliver, Resync, Wants
 from .combine import Combiner
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[int, int, str, float], None]  # user (room) id, seq (<= 0: follows seq -seq), encoded frame, commit time
-Resync = Callable[[list[int] | None], Awaitable[int]]  # those users' (None: all) connections catch up; how many
-Wants = Callable[[int], bool]              # does this instance have a connection of that user (room) now
 SUBSCRIBE_TIMEOUT = 2.0
 IDLE_PING = 1.0                            # seconds of silence on the pub/sub connection before a PING
 
@@ -65,68 +63,6 @@ _PUBLISH_ALL = """
 for i = 1, #KEYS do redis.call('PUBLISH', KEYS[i], ARGV[i]) end
 return #KEYS
 """
-
-
-@runtime_checkable
-class Broker(Protocol):
-    """What the push hub and the rooms rely on, whatever carries the frames."""
-
-    publishes: int
-
-    @property
-    def healthy(self) -> bool:
-        """No known trouble reaching the other instances (always, in process)."""
-
-    async def start(self) -> None:
-        """Begin following the channels of what `wants` says is here."""
-
-    async def want(self, key: int) -> None:
-        """Align the subscription to `key` with `wants(key)`; once it returns with `wants` true,
-        every frame published after that, from any instance, reaches `deliver` here."""
-
-    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
-        """Deliver (key, seq, frame) here at once (unless `local` is false) and to every other
-        instance that wants `key`, in order per key, without waiting on the network."""
-
-    def post(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
-        """`publish` without an await."""
-
-    async def flush(self, timeout: float) -> None:
-        """Return once everything published so far left this instance (or `timeout` passed)."""
-
-    async def close(self, flush: float = 0.0) -> None:
-        """Flush for up to `flush` seconds, then stop."""
-
-
-class InProcessBroker:
-    healthy = True  # nothing to lose touch with
-
-    def __init__(self, deliver: Deliver):
-        self._deliver = deliver
-        self.publishes = 0
-
-    async def start(self) -> None:
-        pass
-
-    async def flush(self, timeout: float) -> None:
-        pass  # delivery happened in publish()
-
-    async def close(self, flush: float = 0.0) -> None:
-        pass
-
-    async def want(self, user_id: int) -> None:
-        pass
-
-    async def publish(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
-        self.post(items, committed_at, local)
-
-    def post(self, items: Iterable[tuple[int, int, str]], committed_at: float, local: bool = True) -> None:
-        """`publish` without an await (safe in a finally block under cancellation).
-        `local=False`: the caller delivered to this instance's connections itself."""
-        for user_id, seq, frame in items:
-            self.publishes += 1
-            if local:
-                self._deliver(user_id, seq, frame, committed_at)
 
 
 class RedisBroker:

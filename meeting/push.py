@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine
 from aiohttp import web
 
 from . import frames
-from .broker import Broker, InProcessBroker, RedisBroker
+from .broker import RedisBroker
+from .broker_protocol import Broker, InProcessBroker
 from .cluster_broker import ClusterBroker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence

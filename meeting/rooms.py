@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any, Coroutine
 
-from .broker import Broker, InProcessBroker
+from .broker_protocol import Broker, InProcessBroker
 from .connection import CLOSE_GOING_AWAY, Connection
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from meeting.broker import Broker, InProcessBroker, RedisBroker
+from meeting.broker import RedisBroker
+from meeting.broker_protocol import Broker, InProcessBroker
 from meeting.cluster_broker import ClusterBroker
 from tests.conftest import LocalCluster
 from tests.faults import PubSubCutter
