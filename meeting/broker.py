@@ -293,17 +293,19 @@ class RedisBroker:
 
     async def _confirmed(self, confirmed: list[asyncio.Future[None]], reading: asyncio.Task[None]) -> None:
         """Wait for these subscriptions' confirmations (read by `reading`); raise what ended
-        `reading` first, or TimeoutError after SUBSCRIBE_TIMEOUT (the reader reconnects)."""
+        `reading` first, or TimeoutError when they take longer than SUBSCRIBE_TIMEOUT plus a
+        second per 5,000 channels (tens of thousands after a reconnect: the reader reconnects)."""
+        timeout = SUBSCRIBE_TIMEOUT + len(confirmed) / 5000
         every = asyncio.ensure_future(asyncio.shield(asyncio.gather(*confirmed)))
         try:
-            done, _ = await asyncio.wait([every, reading], timeout=SUBSCRIBE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([every, reading], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             every.cancel()
         if reading in done:
             reading.result()
             raise TimeoutError("the pub/sub reader stopped before its subscriptions were confirmed")
         if every not in done:
-            raise TimeoutError(f"subscriptions not confirmed in {SUBSCRIBE_TIMEOUT:.1f} s")
+            raise TimeoutError(f"{len(confirmed)} subscription(s) not confirmed in {timeout:.1f} s")
 
     def _new_pubsub(self) -> aioredis.client.PubSub:
         return self._client.pubsub()
