@@ -214,7 +214,8 @@ async def test_more_than_one_worker_without_redis_is_refused_with_the_reason(tmp
     assert "--workers 2 needs redis.url" in out and "Traceback" not in out
     # A secret the workers could not read stops the supervisor itself, before any worker starts.
     code, out = await _run(tmp_path, "--workers", "2", MEETING_REDIS_URL="redis://127.0.0.1:1/0", MEETING_AUTH_SECRET="",
-                           MEETING_AUTH_SECRET_FILE=str(tmp_path / "missing.secret"))
+                           MEETING_AUTH_SECRET_FILE=str(tmp_path / "missing.secret"),
+                           MEETING_DATABASE_URL="mysql+aiomysql://root@127.0.0.1:1/unused")  # (SQLite is refused first)
     assert code == 2
     assert "auth.secret_file: cannot read" in out and "worker 0 started" not in out and "Traceback" not in out
 
