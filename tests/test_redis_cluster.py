@@ -198,7 +198,9 @@ async def test_a_frozen_master_costs_one_socket_timeout_not_two(redis_cluster: L
         await asyncio.to_thread(redis_cluster.wait_ok, 60)  # the frozen master ran what it had queued by now
         # Each client works again (and closes: redis-py's aclose skips a client that awaits re-initialising).
         # Not retrying, a client may fail once more on a connection the freeze (or a failover) made stale.
-        assert [await _answered(lambda: client.get(key)) for client in (getter, piper, storage)] == [b"1"] * 3
+        # (A freeze past cluster-node-timeout fails the master over: the key may not have reached its replica.)
+        for client in (getter, piper, storage):
+            assert await _answered(lambda: client.get(key)) in (b"1", None)
         assert int(await storage.get(limited) or 0) <= 1  # a hit that timed out was sent once
     finally:
         await limits.close()
