@@ -18,12 +18,13 @@ to retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -105,14 +106,8 @@ def _write_op(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]
 
     @functools.wraps(method)
     async def tracked(self: "MessageService", *args: Any, **kwargs: Any) -> T:
-        self._writing += 1
-        self._settled.clear()
-        try:
+        async with self.writing():
             return await method(self, *args, **kwargs)
-        finally:
-            self._writing -= 1
-            if not self._writing:
-                self._settled.set()
 
     return tracked
 
@@ -244,6 +239,20 @@ class MessageService:
     @recipients.setter
     def recipients(self, lists: RecipientLists) -> None:
         self.reading.recipients = lists
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Count a write while it runs: a service write (`_write_op`), or a whole write
+        request (web.writes_middleware), which may still be authenticating when shutdown
+        begins and would otherwise commit after the sockets it should reach were closed."""
+        self._writing += 1
+        self._settled.clear()
+        try:
+            yield
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._settled.set()
 
     async def settle(self, timeout: float) -> bool:
         """Wait until no write is in flight and the group-commit writer is idle: every

@@ -116,6 +116,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
+async def writes_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request that may write is counted from its arrival to its answer, so that on
+    SIGTERM `drain_then_close` waits for it (aiohttp takes no new requests by then) and
+    every 201 it answers reached this instance's sockets before they are told 1001."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return await handler(request)
+    async with request.app[message_service_key].writing():
+        return await handler(request)
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Routes need a bearer token unless their handler is marked `@public`."""
     route_handler = request.match_info.handler
@@ -177,10 +188,11 @@ async def drain_then_close(app: web.Application) -> None:
     write what is queued for it, and only then tell each client 1001 (reconnect
     elsewhere). The three waits share one budget, `server.shutdown_timeout`.
 
-    A request that had not reached the MessageService yet when `settle` returned still
-    commits (aiohttp lets it finish) and is published before the broker closes (see
-    push_ctx), but this instance's own devices then learn of it only when they reconnect
-    to another instance with `since`."""
+    By now aiohttp takes no new requests, not even on kept-alive connections, and
+    `settle` also waits for every write request under way (writes_middleware), so each
+    one answered 201 was handed to push before the sockets close. One that outlasts the
+    budget still commits and is published before the broker closes (see push_ctx), but
+    this instance's own devices then learn of it only when they reconnect with `since`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + app[config_key].server.shutdown_timeout
     await app[message_service_key].settle(deadline - loop.time())
@@ -214,7 +226,7 @@ def create_app(config: Config) -> web.Application:
     """Raises ConfigError when there is no usable JWT secret (see meeting.signing)."""
     config = with_overrides(config, auth={"secret": signing.resolve(config)})
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[writes_middleware, error_middleware, auth_middleware],
         client_max_size=config.server.max_body_size,
     )
     app[config_key] = config
