@@ -128,9 +128,17 @@ class Connection:
         if room is not None and not room.done():
             room.set_result(None)
 
-    def push(self, frame: str, committed_at: float | None = None) -> bool:
-        """Queue an encoded frame; False if the connection is (now) closing."""
+    def push(self, frame: str, committed_at: float | None = None, droppable: bool = False) -> bool:
+        """Queue an encoded frame; False if the connection is (now) closing, or if the frame
+        was `droppable` (live only: message.sent, message.receipt) and did not fit. Such a
+        frame may fill the queue only as far as a bulk sender may (see `fits`): a burst of
+        them (a receipt flush of thousands of messages) is dropped, never a reason to close,
+        and leaves a quarter of the queue to the frames that must not be lost."""
         if self.closed:
+            return False
+        if droppable and not self.fits(frame):
+            if self.stats is not None:
+                self.stats.live_frames_dropped += 1
             return False
         size = frame_bytes(frame)
         if self._queue is None:

@@ -32,6 +32,7 @@ class PushStats:
         self.frames_sent: Counter[str] = Counter()
         self.messages_stored = 0
         self.slow_consumer_closes = 0
+        self.live_frames_dropped = 0  # message.sent / message.receipt that did not fit a queue
         self.heartbeat_timeouts = 0
         self.queue_high_water = 0
         self.push_latency = Histogram("meeting_push_latency_seconds", "From the commit of a message to its frame written to a socket",
@@ -59,6 +60,8 @@ class AppCollector(Collector):
         yield frames
         yield _counter("meeting_messages_stored", "Messages committed", stats.messages_stored)
         yield _counter("meeting_slow_consumer_closes", "Connections closed with 1013 for falling behind", stats.slow_consumer_closes)
+        yield _counter("meeting_live_frames_dropped", "Live-only frames (message.sent, message.receipt) dropped for a full "
+                       "queue; the client re-reads the sent box and receipts", stats.live_frames_dropped)
         yield _counter("meeting_heartbeat_timeouts", "Connections dropped for not answering pings", stats.heartbeat_timeouts)
         writer = app[message_service_key].writer
         yield _counter("meeting_write_batches", "Transactions of the send path (group commit)", writer.batches)

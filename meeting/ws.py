@@ -43,7 +43,7 @@ from .typedefs import config_key, message_service_key, push_hub_key, sessions_ke
 log = logging.getLogger(__name__)
 PAGE = 200
 Fetch = Callable[[int, int, int], Awaitable[list[dict[str, Any]]]]  # user id, after seq, limit
-Item = tuple[str, "float | None"]  # an encoded frame and its message's commit time
+Item = tuple[str, "float | None", bool]  # an encoded frame, its message's commit time, live only (droppable)
 
 
 class UserConnection(Connection):
@@ -55,7 +55,9 @@ class UserConnection(Connection):
     give way when frames are held: before `message.synced` at most half the queue of
     them waits (the rest are dropped, as they are when the gate's followers are full),
     since the device re-reads the sent box and receipts anyway and a socket closed for
-    them would cost a whole resync.
+    them would cost a whole resync; after it, one that does not fit the queue is dropped
+    too (`Connection.push(droppable=True)`). Every drop counts in
+    `meeting_live_frames_dropped`.
     """
 
     __slots__ = ("gate", "page", "_live", "_early", "_early_live", "_early_known", "_fetch", "_encode", "_catching_up",
@@ -83,16 +85,18 @@ class UserConnection(Connection):
         if not self._live or self.gate is None:
             if seq == 0:  # live only: dropped rather than let it crowd the queue at go_live
                 if len(self._early) < self._queue_limit and self._early_live < self._queue_limit // 2:
-                    self._early.append((seq, (frame, committed_at)))
+                    self._early.append((seq, (frame, committed_at, True)))
                     self._early_live += 1
+                else:
+                    self._dropped()
             elif len(self._early) < self._queue_limit:
-                self._early.append((seq, (frame, committed_at)))
+                self._early.append((seq, (frame, committed_at, False)))
             elif seq > 0:  # stored: the catch-up after message.synced fetches it
                 self._early_known = max(self._early_known, seq)
             else:
                 self._too_slow()
             return
-        self._offer(seq, (frame, committed_at))
+        self._offer(seq, (frame, committed_at, seq == 0))
         if self.gate.waiting:
             self.request_catch_up()
 
@@ -104,11 +108,17 @@ class UserConnection(Connection):
         elif gate.followers >= self._queue_limit:
             if seq < 0:  # a read sync must not be lost; a live-only frame may be
                 self._too_slow()
+            else:
+                self._dropped()
             return
         else:
             ready = gate.follow(-seq, item)
         for frame in ready:
             self.push(*frame)
+
+    def _dropped(self) -> None:
+        if self.stats is not None:
+            self.stats.live_frames_dropped += 1
 
     def _too_slow(self) -> None:
         log.info("closing connection %s of user %s: too many frames held", self.id, self.user_id)
@@ -157,7 +167,7 @@ class UserConnection(Connection):
                 frame = self._encode(row)
                 if not self.fits(frame) and not await self.room(frame):  # bytes, not only frames, bound a page
                     return
-                self._offer(row["seq"], (frame, None))
+                self._offer(row["seq"], (frame, None, False))
             if len(rows) == self.page or self._again:
                 continue
             if not gate.waiting:
