@@ -382,12 +382,14 @@ export class MeetingClient extends SessionClient {
 
   /** "refreshed", "ok" (token fine or server unreachable: back off) or "dead". */
   async _checkToken(expired) {
+    const generation = this._generation;
     try {
       if (!expired) {
         try {
           await this._request("GET", "/users/me", undefined, this.session.accessToken);
           return "ok";
         } catch (error) {
+          if (generation !== this._generation) return "dead"; // about a session logged out meanwhile
           if (!(error instanceof ApiError) || error.status !== 401) return "ok";
           if (error.code !== "token_expired") {
             this._sessionEnded(error);

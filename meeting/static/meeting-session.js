@@ -194,9 +194,13 @@ export class SessionClient extends EventTarget {
   async api(method, path, body, { auth = true, idempotencyKey, signal } = {}) {
     if (!auth) return this._request(method, path, body, null, idempotencyKey, signal);
     if (!this.session) throw new ApiError(401, "not_logged_in", "Not logged in.");
+    // A 401 answered after a logout (and perhaps a new login) is about the session that
+    // sent the request: it must neither end the current one nor refresh it.
+    const generation = this._generation;
     try {
       return await this._request(method, path, body, this.session.accessToken, idempotencyKey, signal);
     } catch (error) {
+      if (generation !== this._generation) throw error;
       if (!(error instanceof ApiError && error.status === 401 && error.code === "token_expired")) {
         if (error instanceof ApiError && error.status === 401) this._sessionEnded(error);
         throw error;

@@ -508,6 +508,51 @@ test("a refresh answered after logout is dropped: the session stays ended, in me
   }
 });
 
+/** Logout, then a login as the same user, while `pending[0]` (a call of the old session) is out. */
+async function logoutThenLogin(client, pending) {
+  const logout = client.logout();
+  pending[1].answer(204);
+  await logout;
+  const login = client.login("bob", "pw");
+  await settle();
+  pending[2].answer(200, { access_token: "access-new", refresh_token: "refresh-new", user: USER });
+  await login;
+}
+
+test("a REST call answered 401 after logout and a new login: the new session goes on", async () => {
+  const { client, events, sessionStorage } = makeClient();
+  const pending = deferredFetch(client);
+  const call = client.api("GET", "/messages");
+  await settle();
+  await logoutThenLogin(client, pending);
+  assert.deepEqual(pending.map((p) => p.url.replace("http://app", "")), ["/messages", "/auth/logout", "/auth/login"]);
+  pending[0].answer(401, { error: { code: "session_revoked", message: "revoked" } });
+  await assert.rejects(call, (e) => e instanceof ApiError && e.status === 401);
+  await settle();
+  assert.equal(client.user.username, "bob");
+  assert.equal(JSON.parse(sessionStorage.getItem("meeting.session")).accessToken, "access-new");
+  assert.deepEqual(of(events, "session"), [{ user: USER }, { user: null }, { user: USER }]);
+  assert.deepEqual(of(events, "error"), []);
+  assert.equal(pending.length, 3); // no refresh of the new session on the old call's behalf
+});
+
+test("a token check answered 401 after logout and a new login: the new session goes on, the old stream stays stopped", async () => {
+  const { client, clock, events, sessionStorage, sockets } = makeClient();
+  const pending = deferredFetch(client);
+  client.connect();
+  sockets[0].drop(CLOSE.ABNORMAL); // closed before connected: the client asks GET /users/me
+  await settle();
+  await logoutThenLogin(client, pending);
+  assert.equal(pending[0].url, "http://app/users/me");
+  pending[0].answer(401, { error: { code: "session_revoked", message: "revoked" } });
+  await settle();
+  assert.equal(client.user.username, "bob");
+  assert.equal(JSON.parse(sessionStorage.getItem("meeting.session")).accessToken, "access-new");
+  assert.deepEqual(of(events, "session"), [{ user: USER }, { user: null }, { user: USER }]);
+  assert.deepEqual(of(events, "error"), []);
+  assert.deepEqual([sockets.length, clock.pending(), pending.length], [1, [], 3]);
+});
+
 test("a REST call answered 401 token_expired is refreshed and sent once more", async () => {
   const { client, calls } = makeClient({
     routes: { "GET /messages/unread/count": (_, call) => (call.headers.Authorization === "Bearer access-1"
