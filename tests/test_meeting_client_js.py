@@ -19,10 +19,11 @@ SUITE = ROOT / "tests" / "js" / "meeting-client.test.mjs"
 
 # --test-reporter came in 18.15 (Debian bookworm has 18.19); older nodes cannot run the suite.
 MIN_NODE = (18, 15)
-# What Node 18 lacks and later versions have (globalThis.crypto, CustomEvent): on a newer node
-# the suite runs once more without them, so CI's Debian node 18 cannot fail where we passed.
-NODE18_FLAGS = ["--no-experimental-global-webcrypto", "--no-experimental-global-customevent"]
-
+# What Node 18 lacks and later versions have (globalThis.crypto, CustomEvent): the suite runs once
+# more with a preload that deletes them, so CI's Debian node 18 cannot fail where we passed.
+# --import came in 18.18 (bookworm has 18.19).
+NODE18_PRELOAD = ROOT / "tests" / "js" / "node18-globals.mjs"
+NODE18_FLAGS = ["--import", NODE18_PRELOAD.as_uri()]
 
 def _node() -> str:
     node = shutil.which("node")
@@ -49,6 +50,9 @@ def test_meeting_client_js_unit_tests_pass_under_node() -> None:
 
 def test_meeting_client_js_unit_tests_pass_without_what_node_18_lacks() -> None:
     node = _node()
-    if subprocess.run([node, *NODE18_FLAGS, "-e", "0"], capture_output=True).returncode != 0:
-        pytest.skip("this node has no flags to turn off globalThis.crypto and CustomEvent (node 18 itself, or 23+)")
+    probe = subprocess.run([node, *NODE18_FLAGS, "-e", "console.log(typeof globalThis.crypto, typeof globalThis.CustomEvent)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0 and "--import" in probe.stderr:
+        pytest.skip("this node has no --import (before 18.18) to preload the removal of crypto and CustomEvent")
+    assert probe.stdout.split() == ["undefined", "undefined"], probe.stdout + probe.stderr  # the imitation is real
     _run(node, *NODE18_FLAGS)
