@@ -99,6 +99,7 @@ class PushConfig:
     token_expiry_notice: float = _opt(60.0, validate.Range(min=0))
     receipt_window: float = _opt(1.0, validate.Range(0, 60))
     receipt_pending_max: int = _opt(10_000, validate.Range(min=1))
+    receipt_readers_max: int = _opt(100, validate.Range(1, 1000))
     compress: bool = False
     allowed_origins: str = _opt("", _origins)
 

@@ -175,7 +175,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     app[push_hub_key] = hub
     service = app[message_service_key]
     hub.receipts = ReceiptCoalescer(cfg.receipt_window, service.read_counts, hub.broker.publish, cfg.receipt_pending_max,
-                                    hub.may_reach)
+                                    hub.may_reach, cfg.receipt_readers_max)
     service.on_stored.append(hub.on_stored)
     service.on_read.append(hub.on_read)
     service.on_receipts.append(hub.receipts.on_receipts)

@@ -551,3 +551,61 @@ async def test_a_flood_of_receipts_drops_what_does_not_fit_and_never_closes_the_
     assert [f["type"] for f in sender.frames] == ["connected", "message.unread", "message.synced",
                                                  *["message.receipt"] * len(got), "pong", "message.new", "pong"]
     assert (await api.call("GET", f"/messages/{ids[-1]}/receipts", user=alice, expect=200))["read_count"] == 1
+
+
+async def test_a_receipt_names_the_latest_readers_up_to_the_limit_and_counts_them_all(make_client: Any, db_url: str) -> None:
+    """push.receipt_readers_max 3, five readers in one window: one frame naming the last three,
+    with read_count 5; the receipts endpoint lists all five."""
+    api = Api(await make_client(base_config(database={"url": db_url},
+                                            push={"receipt_window": 60.0, "receipt_readers_max": 3})))
+    coalescer = api.client.app[push_hub_key].receipts
+    alice, *people = await api.users(6)
+    sender = await Device.connect(api, alice)
+    await sender.handshake()
+    sent = await api.send(alice, people, "a notice")
+    await sender.expect("message.sent")
+    for user in people:
+        await read(api, user, sent["id"])
+    coalescer.flush_soon()
+    receipt = await sender.expect("message.receipt", timeout=10)
+    assert (receipt["read_count"], receipt["recipient_count"]) == (5, 5)
+    assert [r["user_id"] for r in receipt["readers"]] == [u.id for u in people[2:]]
+    await sender.ws.send_json({"type": "ping"})
+    assert (await sender.next())["type"] == "pong"  # one frame
+    listed = await api.call("GET", f"/messages/{sent['id']}/receipts", user=alice, expect=200)
+    assert [r["user_id"] for r in listed["recipients"] if r["read_at"]] == sorted(u.id for u in people)
+
+
+async def test_the_pending_bound_holds_while_a_flush_is_under_way(make_client: Any, db_url: str) -> None:
+    """push.receipt_pending_max 2: the first window fills and its flush hangs on its counts; the
+    next window fills too; a read of a fifth message then waits (after its commit) instead of
+    growing the window, and goes on once the flush is done. Every frame arrives, in order."""
+    api = Api(await make_client(base_config(database={"url": db_url},
+                                            push={"receipt_window": 60.0, "receipt_pending_max": 2})))
+    coalescer = api.client.app[push_hub_key].receipts
+    held = coalescer._counts = Held(coalescer._counts)
+    alice, bob = await api.users(2)
+    sender = await Device.connect(api, alice)
+    await sender.handshake()
+    sent = [await api.send(alice, [bob], f"m{i}") for i in range(5)]
+    for message in sent:
+        assert (await sender.expect("message.sent"))["id"] == message["id"]
+    await read(api, bob, sent[0]["id"])
+    await read(api, bob, sent[1]["id"])  # the window is full: its flush starts and waits for its counts
+    await asyncio.wait_for(held.started.wait(), 10)
+    await read(api, bob, sent[2]["id"])
+    await read(api, bob, sent[3]["id"])  # the next window is full as well
+    fifth = asyncio.ensure_future(read(api, bob, sent[4]["id"]))
+    try:
+        await until(lambda: getattr(coalescer, "waiting", False) or fifth.done())
+        assert not fifth.done() and len(coalescer._pending) == 2  # it waits: the bound holds
+    finally:
+        held.release.set()  # (also on failure: a flush hanging on its counts would hang the shutdown)
+    await asyncio.wait_for(fifth, 10)
+    frames = [await sender.expect("message.receipt", timeout=10) for _ in range(4)]
+    coalescer.flush_soon()  # the fifth read opened a window of its own
+    frames.append(await sender.expect("message.receipt", timeout=10))
+    assert [(f["message_id"], f["read_count"], [r["user_id"] for r in f["readers"]]) for f in frames] == \
+        [(m["id"], 1, [bob.id]) for m in sent]
+    await sender.ws.send_json({"type": "ping"})
+    assert (await sender.next())["type"] == "pong"
