@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from typing import Any
 
@@ -298,6 +299,43 @@ def test_sent_messages_show_their_read_receipts_live(server: Server, tabs: Any) 
     expect(tab.page.locator(f'[data-testid="sent-message"][data-message-id="{other["id"]}"]')).to_have_count(1, timeout=WAIT)
     expect(tab.page.get_by_test_id("sent-message")).to_have_count(2)
     assert tab.console_errors == []
+
+
+def test_who_read_it_asks_for_a_hundred_people_a_few_at_a_time(server: Server, tabs: Any) -> None:
+    """A notice to 12 people: the page names them (sent box, then "Who read it") with GET
+    /users/{id}, each id once, never more than 4 in flight (it used to send them all at once)."""
+    people = [server.user("p") for _ in range(12)]
+    bob = server.user("bob")
+    notice = server.call("POST", "/messages", bob["token"], expect=201,
+                         json={"recipient_ids": [p["id"] for p in people], "content": "all hands"})
+    server.call("POST", f"/messages/{notice['id']}/read", people[0]["token"])
+    tab = tabs()
+    in_flight, most, asked = 0, 0, []
+
+    def started(request: Any) -> None:
+        nonlocal in_flight, most
+        if re.search(r"/users/\d+$", request.url):
+            in_flight += 1
+            most = max(most, in_flight)
+            asked.append(int(request.url.rsplit("/", 1)[1]))
+
+    def ended(request: Any) -> None:
+        nonlocal in_flight
+        if re.search(r"/users/\d+$", request.url):
+            in_flight -= 1
+
+    tab.page.on("request", started)
+    tab.page.on("requestfinished", ended)
+    tab.page.on("requestfailed", ended)
+    log_in(tab, server, bob["username"])
+    item = tab.page.locator(f'[data-testid="sent-message"][data-message-id="{notice["id"]}"]')
+    expect(item.get_by_test_id("sent-receipts")).to_have_text("Read by 1 of 12", timeout=WAIT)
+    item.get_by_text("Who read it").click()
+    expect(item.get_by_test_id("receipt")).to_have_count(12)
+    expect(item.get_by_test_id("receipt").filter(has_text=people[0]["username"])).to_have_attribute("data-read", "true")
+    expect(item).to_contain_text(people[-1]["username"])
+    assert sorted(asked) == sorted(p["id"] for p in people)  # each once: the cache
+    assert 1 <= most <= 4, most
 
 
 def test_what_was_sent_from_another_device_while_disconnected_is_in_order(server: Server, tabs: Any) -> None:

@@ -35,9 +35,31 @@ function describe(error) {
   return "The server cannot be reached; try again.";
 }
 
+// At most this many GET /users/{id} in flight: "Who read it" and a sent box may name a hundred
+// people at once, and the server (and the browser's six connections) should not get them in one burst.
+const USER_LOOKUPS = 4;
+let lookups = 0;
+const lookupQueue = [];
+
+function limited(task) {
+  return new Promise((resolve, reject) => {
+    const run = () => {
+      lookups += 1;
+      task().then(resolve, reject).finally(() => {
+        lookups -= 1;
+        lookupQueue.shift()?.();
+      });
+    };
+    if (lookups < USER_LOOKUPS) run();
+    else lookupQueue.push(run);
+  });
+}
+
+/** A user by id, asked once per session (the `users` cache), at most USER_LOOKUPS at a time. */
 function userById(id) {
   if (!users.has(id)) {
-    users.set(id, client.api("GET", `/users/${id}`).catch(() => ({ id, username: `#${id}`, display_name: `#${id}` })));
+    users.set(id, limited(() => client.api("GET", `/users/${id}`))
+      .catch(() => ({ id, username: `#${id}`, display_name: `#${id}` })));
   }
   return users.get(id);
 }
@@ -106,6 +128,7 @@ function leave(message) {
   }
   known.clear();
   users.clear();
+  earlyReceipts.clear();
   show($("inbox-empty"), true);
   show($("sent-empty"), true);
   setError(byTestId("login-error"), message || "");
@@ -229,7 +252,7 @@ async function onCompose(event) {
     byTestId("compose-content").value = "";
     $("compose-done").textContent = "Sent.";
     ids.forEach(knowPerson);
-    renderSent(message);
+    renderSent(message).catch(report);
   } catch (e) {
     setError(error, describe(e));
   } finally {
@@ -242,7 +265,10 @@ async function loadSent() {
   for (const m of page.messages) renderSent(m);
 }
 
-const earlyReceipts = new Map(); // message id -> read_count, for a receipt that overtook its message.sent
+// message id -> read_count, for a receipt that overtook its message.sent; emptied at logout and
+// kept to the newest EARLY_RECEIPTS (a receipt of a message this page never shows waits here).
+const earlyReceipts = new Map();
+const EARLY_RECEIPTS = 200;
 
 /** A sent message in the sent box, newest (highest id) first wherever it comes from: the
  *  compose form, message.sent, or the sent page read again after a reconnect (which brings
@@ -292,7 +318,12 @@ function setReceipt(li, readCount, recipientCount) {
 function onReceipt({ message_id: id, read_count: readCount, recipient_count: recipientCount }) {
   const li = $("sent-list").querySelector(`[data-message-id="${id}"]`);
   if (li) setReceipt(li, readCount, recipientCount);
-  else earlyReceipts.set(id, Math.max(readCount, earlyReceipts.get(id) ?? 0));
+  else {
+    const count = Math.max(readCount, earlyReceipts.get(id) ?? 0);
+    earlyReceipts.delete(id); // re-inserted as the newest
+    earlyReceipts.set(id, count);
+    if (earlyReceipts.size > EARLY_RECEIPTS) earlyReceipts.delete(earlyReceipts.keys().next().value);
+  }
 }
 
 /** Who read a sent message, asked when opened (GET /messages/{id}/receipts). */
