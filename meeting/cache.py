@@ -46,6 +46,12 @@ from .config import RedisConfig
 from .redis_client import key
 
 log = logging.getLogger(__name__)
+
+#: The kinds of per-user entry a write invalidates. The inbox kind is renamed whenever
+#: the shape of a cached row changes (recipient_ids -> recipient_count: "inbox2"), so
+#: no instance decodes another version's rows.
+UNREAD = "unread"
+INBOX = "inbox2"
 T = TypeVar("T")
 WHAT = "the message cache"
 
@@ -186,10 +192,10 @@ class MessageCache:
                 async with self._breaker.client.pipeline(transaction=False) as pipe:
                     for user_id in users:
                         pipe.set(self._key(user_id, "gen"), token, ex=2 * self._ttl)
-                        pipe.delete(self._key(user_id, "unread"), self._key(user_id, "inbox2"))
+                        pipe.delete(self._key(user_id, UNREAD), self._key(user_id, INBOX))
                     await pipe.execute()
             else:
-                keys = [self._key(user_id, kind) for user_id in users for kind in ("gen", "unread", "inbox2")]
+                keys = [self._key(user_id, kind) for user_id in users for kind in ("gen", UNREAD, INBOX)]
                 await self._invalidate(keys=keys, args=[token, 2 * self._ttl])  # type: ignore[misc]
         except REDIS_FAILURES as exc:
             self._dirty = True

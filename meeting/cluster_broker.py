@@ -191,3 +191,10 @@ class ClusterBroker(RedisBroker):
                 return
             raise TopologyChanged(f"{channel} was unsubscribed by the server: its slot moved")
         await super()._dispatch(message)
+
+
+def redis_broker(redis_cfg: Any, deliver: Any, resync: Any, wants: Any, breaker: Any, kind: str = "user") -> RedisBroker:
+    """The broker for a configured Redis: sharded pub/sub on a cluster, classic otherwise
+    (user push and rooms build theirs here, so the two cannot drift apart)."""
+    cls = ClusterBroker if redis_cfg.cluster else RedisBroker
+    return cls(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0), deliver, resync, wants, breaker, kind=kind)

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .cache import MessageCache
+from .cache import INBOX, UNREAD, MessageCache
 from .combine import Combiner, OutcomeUnknown
 from .db import CommitFailed, readers, transaction
 from .errors import DomainError, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
@@ -48,9 +48,6 @@ MEETING_INVITE = "meeting.invite"
 MAX_RECIPIENTS = 1000
 MAX_CONTENT = 10_000
 PAGE_SIZE = 50
-#: The cache kind of inbox first pages; renamed when the shape of a cached row changed
-#: (recipient_ids -> recipient_count), so no instance decodes another version's rows.
-INBOX = "inbox2"
 
 Message = dict[str, Any]
 T = TypeVar("T")
@@ -439,7 +436,7 @@ class MessageService:
             async with self._reads.connect() as conn:
                 return await store.count_unread(conn, user_id)
 
-        return await self._cache.get("unread", user_id, fetch, str, int)
+        return await self._cache.get(UNREAD, user_id, fetch, str, int)
 
     async def get(self, user_id: int, message_id: int) -> Message:
         """Its sender gets the sender's view (`recipient_ids`, `read_count`), a recipient only

@@ -23,7 +23,7 @@ from aiohttp import web
 from . import frames
 from .broker import RedisBroker
 from .broker_protocol import Broker, InProcessBroker
-from .cluster_broker import ClusterBroker
+from .cluster_broker import redis_broker
 from .connection import CLOSE_GOING_AWAY
 from .presence import Presence
 from .receipts import ReceiptCoalescer
@@ -167,9 +167,7 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = PushHub(app[ws_users], app[presence_key], cfg.max_connections_per_user)
     redis_cfg = app[config_key].redis
     if redis_cfg.url:  # one broker per configuration; RedisBroker delivers here itself and drops its own echoes
-        kind = ClusterBroker if redis_cfg.cluster else RedisBroker
-        hub.broker = kind(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0),
-                           hub.deliver_local, hub.resync, hub.wants, app[redis_breaker_key])
+        hub.broker = redis_broker(redis_cfg, hub.deliver_local, hub.resync, hub.wants, app[redis_breaker_key])
         hub.broker.on_reconnect.append(app[cache_key].suspect)  # a failover may have lost invalidations
     await hub.broker.start()
     app[push_hub_key] = hub

@@ -19,8 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from . import db, frontend
 from .auth import AuthService, TokenCodec
 from . import signing
-from .broker import RedisBroker
-from .cluster_broker import ClusterBroker
+from .cluster_broker import redis_broker
 from .config import Config, with_overrides
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
@@ -209,9 +208,7 @@ async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     rooms = RoomManager()
     redis_cfg = app[config_key].redis
     if redis_cfg.url:  # one path per configuration, as for user push
-        kind = ClusterBroker if redis_cfg.cluster else RedisBroker
-        rooms.broker = kind(redis_cfg.url, redis_cfg.prefix, max(redis_cfg.socket_timeout, 2.0), rooms.deliver_local,
-                                   None, rooms.wants, app[redis_breaker_key], kind="room")
+        rooms.broker = redis_broker(redis_cfg, rooms.deliver_local, None, rooms.wants, app[redis_breaker_key], kind="room")
     await rooms.broker.start()
     app[rooms_key] = rooms
     app[sessions_key].on_revoked.append(rooms.sessions_revoked)

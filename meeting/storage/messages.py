@@ -79,7 +79,7 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
     if not stored:
         return answers
     await _bump_seqs(conn, bumped)
-    rows = [{k: a[k] for k in ("sender_id", "type", "content", "meeting_id", "created_at", "recipient_count")} for a in stored]
+    rows = [{k: a[k] for k in driver.MESSAGE_FIELDS} for a in stored]  # both paths insert these
     for message, message_id in zip(stored, await _insert_messages(conn, rows)):
         message["id"] = message_id
     recipient_rows = [(a["id"], r, s) for a in stored for r, s in a["seqs"].items()]

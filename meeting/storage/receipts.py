@@ -14,15 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import message_recipients as mr
 from ..db import messages as m
-from .messages import SENT_COLUMNS
-
-_IDS = sa.bindparam("ids", expanding=True)
-#: Ids per statement: MariaDB turns an IN list of 1000 or more into a temporary-table join.
-_CHUNK = 500
-
-
-def _dicts(result: Any) -> list[dict[str, Any]]:
-    return [r._asdict() for r in result]
+from .messages import _IDS, SENT_COLUMNS, _dicts
+from .messages import _LOCK_CHUNK as _CHUNK  # ids per statement, for the same reason (MariaDB's IN lists)
 
 
 _BUMP_READS = m.update().where(m.c.id.in_(_IDS)).values(read_count=m.c.read_count + 1)
