@@ -40,12 +40,13 @@ def _handler(path: str, name: str, content_type: str) -> Handler:
     headers = {"Content-Type": content_type, "ETag": etag, "Cache-Control": "no-cache"}
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        if etag in request.headers.get("If-None-Match", ""):
+        if_none_match = request.headers.get("If-None-Match", "")
+        if etag in if_none_match or if_none_match.strip() == "*":  # "*": any current version (RFC 9110)
             return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
         return web.Response(body=body, headers=headers)
 
     summary = "The web client page" if path == "/" else f"The web client's {name}"
-    return doc(summary, tag="web", database=False)(public(serve))
+    return doc(summary, tag="web", database=False, media=content_type.split(";")[0])(public(serve))
 
 
 def routes() -> list[web.RouteDef]:

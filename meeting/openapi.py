@@ -55,6 +55,9 @@ def _operation(handler: Any, info: dict[str, Any], path: str) -> dict[str, Any]:
     status, schema = info["response"]
     op: dict[str, Any] = {"summary": info["summary"], "tags": [info["tag"]] if info["tag"] else [],
                           "responses": {str(status): {"description": "Success"} | ({"content": {"application/json": {"schema": schema}}} if schema else {})}}
+    if info["media"]:
+        op["responses"] = {str(status): {"description": "Success", "content": {info["media"]: {}}},
+                           "304": {"description": "Not modified: the If-None-Match ETag is current"}}
     if info["description"]:
         op["description"] = info["description"]
     if not getattr(handler, "public", False):

@@ -36,6 +36,8 @@ async def test_the_page_and_its_files_are_served_with_a_strict_csp(api: Api) -> 
         assert await resp.read() == (ROOT / "meeting" / "static" / name).read_bytes()
         again = await api.client.get(path, headers={"If-None-Match": resp.headers["ETag"]})
         assert again.status == 304 and await again.read() == b""
+        assert (await api.client.get(path, headers={"If-None-Match": "*"})).status == 304, path
+        assert (await api.client.get(path, headers={"If-None-Match": '"other"'})).status == 200, path
     assert "default-src 'self'" in PAGE_CSP and "unsafe-inline" not in PAGE_CSP and "unsafe-eval" not in PAGE_CSP
 
 

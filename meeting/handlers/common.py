@@ -67,17 +67,18 @@ def _check_text(value: str, path: str) -> None:
 def doc(summary: str, *, body: type[Schema] | None = None, query: type[Schema] | None = None,
         response: tuple[int, type[Schema] | dict[str, Any] | None] = (200, None), errors: tuple[int, ...] = (),
         also: tuple[tuple[int, type[Schema], str], ...] = (), tag: str = "", idempotent: bool = False,
-        database: bool = True) -> Callable[[H], H]:
+        database: bool = True, media: str | None = None) -> Callable[[H], H]:
     """Describe a handler for the OpenAPI document (see meeting.openapi). `errors` are
     the statuses it may answer with an Error body besides those every route of its kind
     has; `also`, other statuses with a body of their own: (status, schema, description);
     `idempotent`: it takes an Idempotency-Key header (see handlers.idempotency);
-    `database`: it may reach the database, so it answers 503 while that is down."""
+    `database`: it may reach the database, so it answers 503 while that is down;
+    `media`: the 200 is a file of this media type, not JSON, revalidated by ETag (304)."""
 
     def mark(handler: H) -> H:
         handler.apidoc = {"summary": summary, "body": body, "query": query, "response": response,  # type: ignore[attr-defined]
                           "errors": errors, "also": also, "tag": tag, "description": (handler.__doc__ or "").strip(),
-                          "idempotent": idempotent, "database": database}
+                          "idempotent": idempotent, "database": database, "media": media}
         return handler
 
     return mark
