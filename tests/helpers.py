@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 _names = itertools.count(1)
 
@@ -157,3 +158,12 @@ class Device:
                 return int(msg.data)  # what the server said, even if our reply could not be sent
             if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
                 return self.ws.close_code
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for server-side state to settle: poll a condition, with a deadline (a
+    failure after `timeout` seconds, never a sleep that hopes the state has arrived)."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(poll(), timeout)

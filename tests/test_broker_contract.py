@@ -24,6 +24,7 @@ from meeting.broker_protocol import Broker, InProcessBroker
 from meeting.cluster_broker import ClusterBroker
 from tests.conftest import LocalCluster
 from tests.faults import PubSubCutter
+from tests.helpers import until
 
 
 class Instance:
@@ -125,13 +126,6 @@ async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Deployment
     if proxy is not None:
         proxy.open_gate()
         await proxy.close()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def fenced(sender: Instance, receiver: Instance, user_id: int, seq: int) -> list[tuple[int, str]]:

@@ -25,7 +25,7 @@ from meeting.receipts import ReceiptCoalescer
 from meeting.typedefs import config_key, engine_key, message_service_key, push_hub_key, stats_key
 from meeting.web import create_app
 from tests.conftest import _clean_mariadb, _mysql_connect, base_config
-from tests.helpers import Api, Device, Held, User
+from tests.helpers import Api, Device, Held, User, until
 
 SENT_VIEW = {"id", "sender_id", "recipient_ids", "recipient_count", "read_count", "content", "type", "meeting_id", "created_at"}
 RECEIVED_VIEW = {"id", "sender_id", "recipient_count", "content", "type", "meeting_id", "created_at", "read_at", "seq"}
@@ -350,14 +350,6 @@ async def test_nothing_is_built_for_a_sender_with_no_device(make_client: Any, db
     assert [(f["type"], f["payload"].get("id", f["payload"].get("message_id"))) for f in frames] == \
         [("message.sent", again["id"]), ("message.receipt", sent["id"])]
     assert frames[1]["payload"]["read_count"] == 2 and [r["user_id"] for r in frames[1]["payload"]["readers"]] == [carol.id]
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Poll a condition with a deadline (not a sleep as synchronisation: it ends when it holds)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_concurrent_reads_count_each_reader_once(make_client: Any, db_url: str) -> None:

@@ -23,15 +23,7 @@ from meeting.config import Config, with_overrides
 from meeting.web import AccessLogger, create_app
 from meeting.typedefs import message_service_key, push_hub_key, ws_users
 from meeting.ws import UserConnection
-from tests.helpers import Api, Device, User
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for server-side state (polling a condition, with a deadline)."""
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(poll(), timeout)
+from tests.helpers import Api, Device, User, until
 
 
 def server_conn(api: Api, user: User) -> UserConnection | None:

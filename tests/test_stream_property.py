@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from meeting.config import Config, with_overrides
 from meeting.frames import validate_frame
 from meeting.typedefs import push_hub_key
-from tests.helpers import Api, User
+from tests.helpers import Api, User, until
 
 USERS = 2                    # bob and carol; alice sends
 DEVICES = (0, 0, 1)          # device index -> user index: bob has two devices, carol one
@@ -97,13 +97,6 @@ class LostPublishes:
 
     def remove(self) -> None:
         self.broker._deliver = self._deliver
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(poll(), timeout)
 
 
 def check_order(conn: Conn, seq_of: dict[int, int], complete: bool) -> None:

@@ -7,7 +7,7 @@ import datetime as dt
 import gc
 import socket
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import jwt
@@ -20,7 +20,7 @@ from meeting.typedefs import message_service_key, push_hub_key, rooms_key, stats
 from meeting.ws import UserConnection
 from meeting.web import create_app
 from tests.conftest import TEST_SECRET
-from tests.helpers import Api, Device, Held, User, session_of
+from tests.helpers import Api, Device, Held, User, session_of, until
 
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
@@ -32,14 +32,6 @@ def config(config: Config, request: pytest.FixtureRequest) -> Config:
     if request.param == "redis-off":
         return config
     return with_overrides(config, redis={"url": request.getfixturevalue("redis_url"), "prefix": f"t{uuid.uuid4().hex[:10]}"})
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for server-side state to settle (polling a condition, with a deadline)."""
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(poll(), timeout)
 
 
 def connections(api: Api) -> dict[int, set[UserConnection]]:
