@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from meeting.bench.__main__ import _parser, main
+from meeting.bench.cpu import CpuMeter
 from meeting.bench.servers import ToyMissing, find_toy
 from meeting.bench.suite import ENTRY_NAMES, entries, report, run_entries
 
@@ -133,3 +137,52 @@ def test_the_cli_defaults() -> None:
     assert one.baseline == "none" and one.runs is None and one.keys is True
     assert _parser().parse_args(["throughput", "--spawn", "--no-keys", "--baseline", "toy"]).keys is False
     assert _parser().parse_args(["latency", "--spawn"]).rate == 200.0
+
+
+def _cpu(**ms_per_op: float) -> dict[str, Any]:
+    """A run's CPU figures: ms per operation by group, over a 1 s phase of 1,000 operations."""
+    out: dict[str, Any] = {"cpu_per": "message", "cpu_ops": 1000, "cpu_phase_seconds": 1.0, "cpu_cores": 2}
+    for group, value in ms_per_op.items():
+        out.update({f"cpu_{group}_ms": value * 1000, f"cpu_{group}_ms_per_op": value, f"cpu_{group}_cores": value})
+    return out
+
+
+def test_the_cpu_table_shows_ms_per_operation_cores_used_and_the_ceilings_that_cost_allows() -> None:
+    chosen = [e for e in entries() if e.name in ("throughput", "fanout")]
+    toy = _cpu(server=0.4, mariadbd=0.2, redis=0.0, sender=0.3, receiver=0.1, machine=1.2, other=0.2)
+    ours = _cpu(server=1.2, mariadbd=0.3, redis=0.1, sender=0.3, receiver=0.1, machine=2.0, other=0.0)
+    results = {("throughput", "toy"): [_result("delivered_per_second", 2000.0, **toy)],
+               ("throughput", "meeting"): [_result("delivered_per_second", 800.0, **ours)],
+               ("fanout", "meeting"): [_result("delivered_per_second", 800.0)]}  # no /proc: no CPU figures
+    text, _ = report(chosen, results, _args(runs=1))
+    header = next(line for line in text.splitlines() if line.startswith("| scenario | side"))
+    assert header.split(" | ")[4:11] == ["server", "mariadbd", "redis-server", "sender", "receiver", "other load", "machine busy"]
+    [toy_row] = _rows(text, "`throughput` | toy")
+    # The toy uses no database or Redis: mariadbd's 0.2 is someone else's, outside its ceiling.
+    assert toy_row == ("| `throughput` | toy | message | 1 | 0.4 [0.40] | 0.2 [0.20] | 0 [0.00] | 0.3 [0.30] | 0.1 [0.10] | "
+                       "0.2 [0.20] | 1.2 [1.20] | 2,500 | 2,500 |")
+    [ours_row] = _rows(text, "`throughput` | meeting")
+    assert "| 1.2 [1.20] = 3.0x toy | 0.3 [0.30] |" in ours_row and ours_row.endswith("| 833 | 1,000 |")  # 2 cores / 2 ms
+    [blind] = _rows(text, "`fanout` | meeting")
+    assert blind == "| `fanout` | meeting | - | n/a |" + " n/a [n/a] |" * 7 + " n/a | n/a |"
+    assert not _rows(text, "`fanout` | toy")  # a side that did not run has no row
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the CPU meter reads Linux /proc")
+def test_the_cpu_meter_reads_each_process_over_the_phase_only() -> None:
+    meter = CpuMeter(os.getpid(), None)  # this process as the server (and, always, the sender)
+    started = time.process_time()
+    while time.process_time() - started < 0.1:  # CPU spent before the phase is not counted
+        pass
+    meter.start()
+    started = time.process_time()
+    while time.process_time() - started < 0.3:
+        pass
+    meter.stop()
+    meter.stop()  # the first stop counts
+    figures = meter.figures(100, "message")
+    assert 250 <= figures["cpu_sender_ms"] <= 400 and figures["cpu_server_ms"] == figures["cpu_sender_ms"]
+    assert figures["cpu_server_ms_per_op"] == pytest.approx(figures["cpu_server_ms"] / 100)
+    assert figures["cpu_receiver_ms"] is None  # no receiver process: not measured, not zero
+    assert figures["cpu_machine_ms"] >= 0.8 * figures["cpu_sender_ms"] and figures["cpu_other_ms"] >= 0
+    assert 0 < figures["cpu_sender_cores"] <= 1.05 and figures["cpu_cores"] >= 1  # one thread: at most a core

@@ -95,7 +95,8 @@ def runner(args: argparse.Namespace, toy: Path | None, progress: Any = lambda n:
         try:
             if scenario == "conns":
                 return await conns(server.url, **kwargs, server_pid=server.pid, progress=progress, dialect=server.dialect)
-            return await FUNCTIONS[scenario](server.url, **kwargs, progress=progress, keys=args.keys, dialect=server.dialect)
+            return await FUNCTIONS[scenario](server.url, **kwargs, server_pid=server.pid, progress=progress, keys=args.keys,
+                                             dialect=server.dialect)
         finally:
             await server.stop()
 

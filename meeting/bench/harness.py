@@ -12,7 +12,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import aiohttp
 
@@ -45,20 +45,54 @@ DIALECTS: dict[str, tuple[str, str]] = {"meeting": ("subprotocol", "message.sync
 
 # -- receiving devices, in their own process ---------------------------------------------
 
+class Devices:
+    """Our end of the receiver process: its pid (the CPU meter reads it) and the conversation
+    with it, one step per method, in the order a scenario uses them."""
+
+    def __init__(self, pipe: Connection, pid: int | None) -> None:
+        self.pipe, self.pid = pipe, pid
+
+    async def ready(self, timeout: float, on_start: Callable[[], None] = lambda: None) -> dict[str, Any]:
+        """Let every device connect and wait until all are synced (or failed). `on_start` runs
+        just before the receiver starts its connect timer (`connect_seconds`)."""
+        await self._expect("connecting", timeout)
+        on_start()
+        self.pipe.send(("go",))
+        return (await self._expect("ready", timeout))[1]
+
+    async def ping(self, timeout: float = 60) -> int:
+        """Every device pings; how many pongs came back within 30 s."""
+        self.pipe.send(("ping",))
+        return int((await self._expect("pinged", timeout))[1])
+
+    async def collect(self, expected: int, timeout: float,
+                      on_delivered: Callable[[], None] = lambda: None) -> tuple[list[tuple[int, int, float]], dict[str, float]]:
+        """Wait until `expected` message.new frames arrived (or `timeout` passed): `on_delivered`
+        runs then, before the devices disconnect; returns [(message_id, device, received_at)] and
+        the receiver's health."""
+        self.pipe.send((expected, timeout))
+        await self._expect("delivered", timeout + 60)
+        on_delivered()
+        _, frames, health = await self._expect("frames", 120)
+        return frames, health
+
+    async def _expect(self, kind: str, timeout: float) -> tuple[Any, ...]:
+        message = await wait_pipe(self.pipe, timeout)
+        assert message[0] == kind, (kind, message[0])
+        return message
+
+
 @contextmanager
-def receivers(url: str, tokens: list[str], dialect: str = "meeting") -> Iterator[Connection]:
+def receivers(url: str, tokens: list[str], dialect: str = "meeting") -> Iterator[Devices]:
     """Device i connects with tokens[i], in a separate process, which is reaped on exit.
-    Yields our end of its pipe: it sends ("ready", {...}) once every device is synced (or has
-    failed: counted in "failed", so its copies show as lost instead of hanging the run); after
-    we send (expected, timeout) it waits until `expected` message.new frames arrived (or the
-    timeout passed) and sends ("frames", [(message_id, device, received_at), ...], its health).
-    Sending ("ping",) first makes every device ping and answers ("pinged", pongs)."""
+    Yields a Devices: the way to talk to that process. A device that cannot connect is counted
+    in "failed", so its copies show as lost instead of hanging the run."""
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=_receiver_main, args=(url, tokens, theirs, dialect), daemon=True)
     proc.start()
     try:
-        yield ours
+        yield Devices(ours, proc.pid)
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -79,8 +113,8 @@ async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) 
     health.start()
     gate = asyncio.Semaphore(200)
     loop = asyncio.get_running_loop()
-    order = loop.create_future()
-    loop.add_reader(pipe.fileno(), lambda: order.done() or order.set_result(pipe.recv()))
+    commands: asyncio.Queue[Any] = asyncio.Queue()
+    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
     enough = asyncio.Event()
     expected = [float("inf")]
     handshakes: list[float] = []
@@ -91,6 +125,8 @@ async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(url, connector=connector) as http:
         synced: list[asyncio.Future[None]] = [loop.create_future() for _ in tokens]
+        pipe.send(("connecting",))  # the sender starts its CPU meter, then says go
+        assert await commands.get() == ("go",)
         started = time.monotonic()
 
         failures: list[str] = []
@@ -142,15 +178,14 @@ async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) 
             print(f"{len(failures)} device(s) failed, e.g. {failures[:3]}", file=sys.stderr)
         pipe.send(("ready", {"devices": len(tokens), "connect_seconds": time.monotonic() - started, "handshakes": handshakes,
                              "failed": len(failures), "bytes": received[0]}))
-        if (command := await order) == ("ping",):  # does every socket still answer?
+        if (command := await commands.get()) == ("ping",):  # does every socket still answer?
             await asyncio.gather(*(ws.send_str('{"type":"ping"}') for ws in sockets), return_exceptions=True)
             try:
                 await asyncio.wait_for(all_ponged.wait(), 30)
             except asyncio.TimeoutError:
                 pass
             pipe.send(("pinged", pongs[0]))
-            order = loop.create_future()
-            command = await order
+            command = await commands.get()
         expected[0], timeout = command
         if len(frames) >= expected[0]:
             enough.set()
@@ -158,6 +193,7 @@ async def _receive(url: str, tokens: list[str], pipe: Connection, dialect: str) 
             await asyncio.wait_for(enough.wait(), timeout)
         except asyncio.TimeoutError:
             pass  # what is missing is reported as lost
+        pipe.send(("delivered", len(frames)))  # the sender stops its CPU meter: the rest is teardown
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from .cpu_table import cpu_table, run_line
 from .scenarios import LostOrDoubled, check
 
 Met = Callable[[float, "float | None"], "bool | None"]  # (meeting, toy or None) -> met; None: cannot tell
@@ -128,7 +129,8 @@ async def run_entries(chosen: list[Entry], sides: tuple[str, ...], runs: int,
                 result.pop("_delivery_seconds", None)
                 figures = ", ".join(f"{h.key} {result.get(h.key)}" for h in entry.headlines)
                 print(f"# {entry.name} run {i + 1}/{runs} {side}: {figures}, lost {result['lost']}, "
-                      f"doubled {result['duplicated']} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+                      f"doubled {result['duplicated']} ({time.monotonic() - began:.0f} s); {run_line(result)}",
+                      file=sys.stderr, flush=True)
                 results.setdefault((entry.name, side), []).append(result)
     return results
 
@@ -161,8 +163,12 @@ def table(chosen: list[Entry], results: dict[tuple[str, str], list[dict[str, Any
 
 
 def report(chosen: list[Entry], results: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Namespace) -> tuple[str, str | None]:
-    """The table, and what was lost or doubled (None when nothing): a benchmark that lost a copy has no result."""
-    text = table(chosen, results, args)
+    """The tables (results, then CPU), and what was lost or doubled (None when nothing): a
+    benchmark that lost a copy has no result."""
+    sides = ("toy", "meeting")
+    cpu = cpu_table([(f"`{e.name}`", side, results.get((e.name, side), [])) for e in chosen for side in sides],
+                    dict(kv.split("=", 1) for kv in args.env), _fmt)
+    text = f"{table(chosen, results, args)}\n\n{cpu}"
     problems = []
     for (name, side), runs in results.items():
         for result in runs:
