@@ -147,13 +147,16 @@ async def test_side_by_side_suite_smoke_against_the_yardstick() -> None:
     assert progress == [f"# {name} run 1/1 {side}" for name in ENTRY_NAMES for side in ("toy", "meeting")]
     # The CPU table: a row per scenario and side, every group's ms per operation [cores], none
     # negative; the server's above zero (the toy's may round to no tick in a phase this short).
+    # mariadbd and redis-server are n/a where none runs in sight (e.g. in another container).
     cpu_rows = [line.strip("| ").split(" | ") for line in cpu.splitlines() if line.startswith("| `")]
     assert [(name, side) for name, side, *_ in cpu_rows] == [(f"`{n}`", s) for n in ENTRY_NAMES for s in ("toy", "meeting")]
     number = r"(\d[\d,]*(\.\d+)?(e-\d+)?)"
     toy_server = 0.0
     for name, side, per, phase, *groups, server_ceiling, machine_ceiling in cpu_rows:
         assert per in ("message", "frame", "connect", "synced device") and float(phase) > 0, name
-        assert len(groups) == 7 and all(re.fullmatch(rf"{number} \[{number}\]( = {number}x toy)?", g) for g in groups), groups
+        cell = rf"{number} \[{number}\]( = {number}x toy)?"
+        assert len(groups) == 7, groups
+        assert all(re.fullmatch(cell, g) or (i in (1, 2) and g == "n/a [n/a]") for i, g in enumerate(groups)), groups
         server = float(groups[0].split()[0])
         if side == "meeting":
             assert server > 0 and re.fullmatch(number, server_ceiling) and re.fullmatch(number, machine_ceiling), (name, groups)
