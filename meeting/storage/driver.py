@@ -81,9 +81,20 @@ def stored(value: Any) -> Any:
     return value
 
 
+async def pooled(conn: AsyncConnection) -> Any:
+    """The pooled DBAPI connection under `conn`. While `conn` is connected it is a plain
+    attribute: `get_raw_connection` reads the same one through a greenlet hop (a switch
+    there and back, per statement), kept only for a closed or invalidated `conn`, where
+    SQLAlchemy raises what it always raised."""
+    sync = conn.sync_connection
+    if sync is not None and not sync.closed and not sync.invalidated:
+        return sync.connection
+    return await conn.get_raw_connection()
+
+
 async def execute(conn: AsyncConnection, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Run one statement in `conn`'s transaction; its rows (none for a write)."""
-    fairy = await conn.get_raw_connection()
+    fairy = await pooled(conn)
     cursor = None
     try:
         cursor = await fairy.driver_connection.cursor()
