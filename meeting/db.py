@@ -268,21 +268,24 @@ class CommitFailed(Exception):
         self.result = result
 
 
+#: A transaction's own runner on a connection: `work`'s result, CommitFailed if its COMMIT failed.
+Run = Callable[[AsyncConnection, Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
 #: Where a transaction gets its connection: `engine.connect` unless told otherwise (meeting.writer).
 Connect = Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]]
 
 
 async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], attempts: int,
-                      connect: Connect | None = None) -> T:
+                      connect: Connect | None = None, run: Run | None = None) -> T:
     """Run `work` in one transaction, and run it again, whole, when the database picked it
     as a deadlock victim or it timed out waiting for a lock: nothing of it was committed,
     so a retry is safe (and `work` must do nothing outside the transaction). Writers lock
     users rows in one order, so this is the rare case; when it keeps happening the caller
     gets a retryable 503, never a 500. A failed COMMIT raises CommitFailed, never retried
-    here (see meeting.messages for how it is settled)."""
+    here (see meeting.messages for how it is settled). `run` replaces SQLAlchemy's
+    transaction around `work` (meeting.storage.packets.run, which raises CommitFailed itself)."""
     for attempt in range(1, attempts + 1):
         try:
-            return await _once(connect or engine.connect, work)
+            return await _once(connect or engine.connect, work, run)
         except DBAPIError as exc:
             if not lock_conflict(exc):
                 raise
@@ -292,9 +295,11 @@ async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awa
     raise Unavailable("The database is busy; nothing was stored. Try again.", code="database_busy")
 
 
-async def _once(connect: Connect, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+async def _once(connect: Connect, work: Callable[[AsyncConnection], Awaitable[T]], run: Run | None) -> T:
     """`engine.begin()` around `work`, except that a failure of the COMMIT raises CommitFailed."""
     async with connect() as conn:
+        if run is not None:
+            return await run(conn, work)
         tx = await conn.begin()
         try:
             result = await work(conn)

@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .db import utcnow
 from .errors import Conflict, DomainError, Invalid
 from .storage import idempotency as store
+from .storage.packets import Packets
 from .typedefs import config_key, engine_key
 
 log = logging.getLogger(__name__)
@@ -145,17 +146,20 @@ class Keys:
         return outcome  # the same refusal: nothing was stored for either
 
     @staticmethod
-    async def record(conn: AsyncConnection, done: list[tuple[int, Once, Response]], claims: Claims) -> None:
+    async def record(conn: AsyncConnection, done: list[tuple[int, Once, Response]], claims: Claims,
+                     packets: Packets | None = None) -> None:
         """Store the responses of first requests: the transaction's last statements (after
         every users lock), deleting first the expired rows of the keys used again.
-        Raises storage.idempotency.KeyTaken if a concurrent request took a key meanwhile."""
+        Raises storage.idempotency.KeyTaken if a concurrent request took a key meanwhile.
+        With `packets`, the rows go with the COMMIT (a packed batch never looked, so it
+        has no expired rows to delete)."""
         reused = {(user_id, once.key) for user_id, once, _ in done}.intersection(claims.expired)
         if reused and claims.cutoff is not None:
             await store.forget(conn, reused, claims.cutoff)
         now = utcnow()
         await store.insert(conn, [{"user_id": user_id, "idempotency_key": once.key, "fingerprint": once.fingerprint,
                                    "status": response.status, "response": response.body, "created_at": now}
-                                  for user_id, once, response in done])
+                                  for user_id, once, response in done], packets)
 
 
 async def prune_once(engine: AsyncEngine, ttl: float) -> int:

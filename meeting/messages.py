@@ -39,6 +39,7 @@ from .storage import meetings as meeting_store
 from .storage import messages as store
 from .storage import outcomes
 from .storage.idempotency import KeyTaken
+from .storage.packets import Packets
 from .writer import WriterConnection
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,15 @@ def draft(sender_id: int, recipient_ids: Iterable[int], content: str, *, type_: 
 
 
 async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: Keys | None = None,
-                       onces: list[Once | None] | None = None, look: bool = True) -> list[Message | DomainError | Response]:
+                       onces: list[Once | None] | None = None, look: bool = True,
+                       packets: Packets | None = None) -> list[Message | DomainError | Response]:
     """Store what may be stored; answer a domain error for each draft that may not.
 
     With `onces` (an Idempotency-Key per draft, or None): a keyed draft whose key
     was used answers the stored response (or KeyReused) and stores nothing; a keyed
     draft stored answers its rendered Response, recorded in this transaction. Without
-    `look`, the keys are not looked up first: one that was used raises KeyTaken."""
+    `look`, the keys are not looked up first: one that was used raises KeyTaken. With
+    `packets` (`packable`), its statements go as packets (meeting.storage.packets)."""
     asks = [None if o is None else (d.sender_id, o) for d, o in zip(drafts, onces or ())]
     claims = await keys.claim(conn, asks, look) if keys is not None and any(asks) else Claims()
     claimed = claims.answers
@@ -156,7 +159,7 @@ async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: K
             if members != {d.sender_id, *d.recipient_ids}:
                 refused[i] = Forbidden("The sender and every recipient must take part in that meeting.", code="not_a_participant")
     allowed = [d for i, d in enumerate(drafts) if i not in refused and i not in claimed]
-    answers = iter(await store.insert_many(conn, allowed) if allowed else [])
+    answers = iter(await store.insert_many(conn, allowed, packets) if allowed else [])
     results: list[Any] = []
     done: list[tuple[int, Once, Response]] = []
     for i in range(len(drafts)):
@@ -175,8 +178,14 @@ async def store_drafts(conn: AsyncConnection, drafts: list[store.Draft], keys: K
     for i, claim in claimed.items():
         results[i] = Keys.duplicate(asks, i, claim, results[claim]) if isinstance(claim, int) else claim
     if done:
-        await Keys.record(conn, done, claims)
+        await Keys.record(conn, done, claims, packets)
     return results
+
+
+def packable(drafts: list[store.Draft], look: bool) -> bool:
+    """Whether `store_drafts` can run as packets: every statement it would run has a packed
+    form (a key lookup and a meeting's participants check have not: both are rare)."""
+    return not look and all(d.meeting_id is None for d in drafts)
 
 
 def _unknown(sender_id: int, unknown: list[int]) -> DomainError:
@@ -220,7 +229,8 @@ class MessageService:
         self.on_read: list[ReadListener] = []
         self.on_receipts: list[ReceiptListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
-        self._writer_conn = WriterConnection(engine)  # the group commit's kept connection
+        # The group commit's kept connection; on aiomysql it sends packets of statements (meeting.storage.packets).
+        self._writer_conn = WriterConnection(engine, packs=engine.dialect.driver == "aiomysql")
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
         self._settled.set()
@@ -306,8 +316,7 @@ class MessageService:
         drafts, onces = [s.draft for s in sends], [s.once for s in sends]
         try:
             try:  # new keys are the rule: the first attempt skips their lookup (see meeting.idempotency)
-                results = await self._writer_conn.transaction(
-                    lambda conn: store_drafts(conn, drafts, self.keys, onces, look=False), self._attempts)
+                results = await self._first_attempt(drafts, onces)
             except KeyTaken:  # a key was stored before: nothing of this attempt was; look them up
                 results = await self._writer_conn.transaction(lambda conn: store_drafts(conn, drafts, self.keys, onces), self._attempts)
         except Unavailable as exc:  # a busy database: trying each draft alone would only take longer
@@ -319,6 +328,19 @@ class MessageService:
                 return [commit_unknown() if _needs_commit(r) else r for r in results]
         await self._after_commit(fresh(results))
         return list(results)
+
+    async def _first_attempt(self, drafts: list[store.Draft], onces: list[Once | None]) -> list[Any]:
+        """Packed where it can be (meeting.storage.packets); a packed batch that named an
+        unknown user was rolled back, and runs again unpacked, which answers it per draft."""
+        writer = self._writer_conn
+        if writer.packs and packable(drafts, look=False):
+            try:
+                return await writer.transaction(
+                    lambda packets: store_drafts(packets.conn, drafts, self.keys, onces, look=False, packets=packets),
+                    self._attempts, packed=True)
+            except store.UnknownUsers as exc:
+                log.info("a packed batch named unknown users %s; running it unpacked", exc)
+        return await writer.transaction(lambda conn: store_drafts(conn, drafts, self.keys, onces, look=False), self._attempts)
 
     async def _settle(self, exc: CommitFailed, proof: Proof | None, unknown_ok: bool = False) -> bool:
         """After a failed COMMIT: True if the transaction was applied, or wrote nothing (carry

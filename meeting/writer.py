@@ -15,33 +15,38 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .db import transaction
+from .storage import packets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 class WriterConnection:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, packs: bool = False):
         self._engine = engine
+        #: Whether its connections take packets of statements (meeting.storage.packets).
+        self.packs = packs
         self._kept: AsyncConnection | None = None
         self._closed = False
 
-    async def transaction(self, work: Callable[[AsyncConnection], Awaitable[T]], attempts: int) -> T:
-        """`db.transaction` on the kept connection (see the module's docstring)."""
+    async def transaction(self, work: Callable[[Any], Awaitable[T]], attempts: int, packed: bool = False) -> T:
+        """`db.transaction` on the kept connection (see the module's docstring); `packed`,
+        `work` gets a storage.packets.Packets instead of the connection."""
+        run = packets.run if packed else None
         if self._kept is not None:
             try:
-                return await transaction(self._engine, work, attempts, self._connection)
+                return await transaction(self._engine, work, attempts, self._connection, run)
             except DBAPIError as exc:
                 if not exc.connection_invalidated:
                     raise
                 log.info("the writer's kept connection was gone (%s); running the transaction on a fresh one", exc.orig)
-        return await transaction(self._engine, work, attempts, self._connection)
+        return await transaction(self._engine, work, attempts, self._connection, run)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection]:

@@ -2,8 +2,8 @@
 at its COMMIT; PubSubCutter in front of Redis cuts one kind of pub/sub reader.
 
 CommitCutter: the client (the app's aiomysql connections) talks to the proxy, the proxy to the
-server. Armed, it watches the client's MySQL packets; at the first `COMMIT` of a
-transaction that inserted into (or, armed so, updated) the watched table it either
+server. Armed, it watches the client's MySQL packets; at the first `COMMIT` (alone, or
+the last of a packet of statements) of a transaction that inserted into (or, armed so, updated) the watched table it either
 
 - "before": drops the connection without forwarding the COMMIT (the server rolls the
   transaction back when it sees the socket close: not applied), or
@@ -83,13 +83,15 @@ class CommitCutter:
                 header = await reader.readexactly(4)
                 payload = await reader.readexactly(int.from_bytes(header[:3], "little"))
                 if payload[:1] == bytes([COM_QUERY]):
-                    sql = payload[1:].lstrip().upper()
+                    sql = payload[1:].strip().upper()
+                    # a COMMIT alone, or ending a packet of statements (meeting.storage.packets)
+                    commits = sql.startswith(b"COMMIT") or sql.endswith(b"; COMMIT")
                     if self.mode and self.watch in payload[1:]:
                         state["wrote"] = True
-                    elif self.mode and state["wrote"] and sql.startswith(b"COMMIT"):
+                    if self.mode and state["wrote"] and commits:
                         await self._cut(header + payload, server_w, client_w, state)
                         return
-                    elif sql.startswith((b"COMMIT", b"ROLLBACK")):
+                    if commits or sql.startswith(b"ROLLBACK"):
                         state["wrote"] = False
                 server_w.write(header + payload)
                 await server_w.drain()

@@ -38,30 +38,49 @@ RECIPIENT_CHUNK = 10_000
 MESSAGE_FIELDS = ("sender_id", "type", "content", "meeting_id", "created_at", "recipient_count")
 
 
-async def lock_users(conn: AsyncConnection, ids: list[int]) -> list[tuple[Any, ...]]:
+Statement = tuple[str, Sequence[Any]]
+
+
+def lock_statement(ids: list[int]) -> Statement:
     """storage.messages' _LOCK_USERS: ascending ids, FOR UPDATE."""
-    return await execute(conn, f"SELECT id, last_seq FROM users WHERE id IN ({_marks(len(ids))}) ORDER BY id FOR UPDATE", ids)
+    return f"SELECT id, last_seq FROM users WHERE id IN ({_marks(len(ids))}) ORDER BY id FOR UPDATE", ids
+
+
+def bump_statement(step: int, ids: list[int]) -> Statement:
+    return f"UPDATE users SET last_seq = last_seq + %s WHERE id IN ({_marks(len(ids))})", [step, *ids]
+
+
+def insert_messages_statement(rows: list[dict[str, Any]]) -> Statement:
+    """Its rows are the ids, in order: MariaDB (>= 10.5) returns the rows of a multi-row
+    INSERT ... RETURNING in the order it inserted them."""
+    sql = f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES {_rows(len(rows), len(MESSAGE_FIELDS))} RETURNING id"
+    return sql, [stored(row[f]) for row in rows for f in MESSAGE_FIELDS]
+
+
+def insert_recipients_statements(rows: list[tuple[int, int, int]]) -> list[Statement]:
+    """(message_id, recipient_id, seq) rows, RECIPIENT_CHUNK per statement."""
+    return [(f"INSERT INTO message_recipients (message_id, recipient_id, seq) VALUES {_rows(len(chunk), 3)}",
+             [value for row in chunk for value in row])
+            for chunk in (rows[start:start + RECIPIENT_CHUNK] for start in range(0, len(rows), RECIPIENT_CHUNK))]
+
+
+async def lock_users(conn: AsyncConnection, ids: list[int]) -> list[tuple[Any, ...]]:
+    return await execute(conn, *lock_statement(ids))
 
 
 async def bump_seqs(conn: AsyncConnection, step: int, ids: list[int]) -> None:
-    await execute(conn, f"UPDATE users SET last_seq = last_seq + %s WHERE id IN ({_marks(len(ids))})", [step, *ids])
+    await execute(conn, *bump_statement(step, ids))
 
 
 async def insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
-    """Their ids, in order: MariaDB (>= 10.5) returns the rows of a multi-row
-    INSERT ... RETURNING in the order it inserted them."""
-    sql = f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES {_rows(len(rows), len(MESSAGE_FIELDS))} RETURNING id"
-    ids = [message_id for (message_id,) in await execute(conn, sql, [stored(row[f]) for row in rows for f in MESSAGE_FIELDS])]
+    ids = [message_id for (message_id,) in await execute(conn, *insert_messages_statement(rows))]
     assert len(ids) == len(rows)
     return ids
 
 
 async def insert_recipients(conn: AsyncConnection, rows: list[tuple[int, int, int]]) -> None:
-    """(message_id, recipient_id, seq) rows."""
-    for start in range(0, len(rows), RECIPIENT_CHUNK):
-        chunk = rows[start:start + RECIPIENT_CHUNK]
-        await execute(conn, f"INSERT INTO message_recipients (message_id, recipient_id, seq) VALUES {_rows(len(chunk), 3)}",
-                      [value for row in chunk for value in row])
+    for statement in insert_recipients_statements(rows):
+        await execute(conn, *statement)
 
 
 def _marks(count: int) -> str:
@@ -103,11 +122,21 @@ async def execute(conn: AsyncConnection, sql: str, args: Sequence[Any]) -> list[
         await cursor.close()
         return rows
     except Exception as exc:
-        dialect = conn.dialect
-        if not isinstance(exc, dialect.loaded_dbapi.Error):
+        error = await wrapped(conn, fairy, cursor, sql, exc)
+        if error is exc:
             raise
-        invalidated = dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
-        if invalidated:
-            await conn.invalidate(exc)
-        raise DBAPIError.instance(sql, args, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
-                                  connection_invalidated=invalidated, dialect=dialect) from exc
+        raise error from exc
+
+
+async def wrapped(conn: AsyncConnection, fairy: Any, cursor: Any, sql: str, exc: Exception) -> Exception:
+    """`exc` as SQLAlchemy would raise it (a DBAPIError, `conn` invalidated if it was a
+    disconnect); anything not from the driver, as it is. The parameters are never part
+    of it (they are the messages' content)."""
+    dialect = conn.dialect
+    if not isinstance(exc, dialect.loaded_dbapi.Error):
+        return exc
+    invalidated = dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
+    if invalidated:
+        await conn.invalidate(exc)
+    return DBAPIError.instance(sql, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
+                               connection_invalidated=invalidated, dialect=dialect)

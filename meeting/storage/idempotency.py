@@ -15,6 +15,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import idempotency_keys as ik
+from . import driver
+from .packets import Packets
 
 Pair = tuple[int, str]
 
@@ -50,14 +52,26 @@ async def forget(conn: AsyncConnection, pairs: Iterable[Pair], before: dt.dateti
         await conn.execute(ik.delete().where(sa.tuple_(ik.c.user_id, ik.c.idempotency_key).in_(pairs), ik.c.created_at < before))
 
 
-async def insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """Rows with user_id, idempotency_key, fingerprint, status, response, created_at."""
+_FIELDS = ("user_id", "idempotency_key", "fingerprint", "status", "response", "created_at")
+
+
+async def insert(conn: AsyncConnection, rows: list[dict[str, Any]], packets: Packets | None = None) -> None:
+    """Rows with user_id, idempotency_key, fingerprint, status, response, created_at. With
+    `packets`, sent with the COMMIT (meeting.storage.packets)."""
     if not rows:
+        return
+    if packets is not None:
+        sql = f"INSERT INTO idempotency_keys ({', '.join(_FIELDS)}) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s)'] * len(rows))}"
+        packets.defer((sql, [driver.stored(row[f]) for row in rows for f in _FIELDS]), _taken)
         return
     try:
         await conn.execute(_INSERT, rows)
     except IntegrityError as exc:
         raise KeyTaken(str(exc.orig)) from exc
+
+
+def _taken(exc: Exception) -> Exception:
+    return KeyTaken(str(exc.orig)) if isinstance(exc, IntegrityError) else exc
 
 
 async def prune(conn: AsyncConnection, before: dt.datetime, limit: int) -> int:

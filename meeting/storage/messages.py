@@ -10,7 +10,7 @@ its in-process lists (meeting.recipients), reading here only what it lacks.
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -21,6 +21,7 @@ from ..db import message_recipients as mr
 from ..db import messages as m
 from ..db import users, utcnow
 from . import attach_ids, driver
+from .packets import Packets
 
 MESSAGE_COLUMNS = (m.c.id, m.c.sender_id, m.c.type, m.c.content, m.c.meeting_id, m.c.created_at, m.c.recipient_count)
 RECEIVED_COLUMNS = (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
@@ -50,31 +51,26 @@ class Draft:
     meeting_id: int | None = None
 
 
-async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[dict[str, Any] | list[int]]:
+class UnknownUsers(Exception):
+    """A packed batch named a user that does not exist (its seq bump was a wrong bet): it is
+    rolled back whole, and runs again unpacked, which answers those drafts one by one."""
+
+
+async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft],
+                      packets: Packets | None = None) -> list[dict[str, Any] | list[int]]:
     """Store the drafts, in order, in a fixed number of statements however many there are.
 
     Answers per draft: the stored message, or the ids among sender and recipients
     that do not exist (that draft is skipped and takes no seq). The users rows of every sender and
     recipient are locked first (`lock_users`), and the locks are held to commit, so for
-    each recipient commit order is seq order and a rollback leaves no hole.
+    each recipient commit order is seq order and a rollback leaves no hole. With `packets`
+    (MariaDB's group commit), see `_insert_packed`.
     """
+    if packets is not None:
+        return await _insert_packed(packets, drafts)
     last_seq = await lock_users(conn, {d.sender_id for d in drafts}.union(*(d.recipient_ids for d in drafts)))
-    bumped: dict[int, int] = defaultdict(int)
-    answers: list[dict[str, Any] | list[int]] = []
     now = utcnow()
-    for draft in drafts:
-        unknown = [u for u in {draft.sender_id, *draft.recipient_ids} if u not in last_seq]
-        if unknown:
-            answers.append(unknown)
-            continue
-        seqs = {}
-        for r in draft.recipient_ids:
-            last_seq[r] += 1
-            bumped[r] += 1
-            seqs[r] = last_seq[r]
-        answers.append({"sender_id": draft.sender_id, "type": draft.type, "content": draft.content,
-                        "meeting_id": draft.meeting_id, "created_at": now, "recipient_ids": list(draft.recipient_ids),
-                        "recipient_count": len(draft.recipient_ids), "read_count": 0, "seqs": seqs})
+    answers, bumped = _assign(drafts, last_seq, now)
     stored = [a for a in answers if isinstance(a, dict)]
     if not stored:
         return answers
@@ -88,6 +84,69 @@ async def insert_many(conn: AsyncConnection, drafts: Sequence[Draft]) -> list[di
     else:
         await conn.execute(_INSERT_RECIPIENTS, [{"message_id": m, "recipient_id": r, "seq": s} for m, r, s in recipient_rows])
     return answers
+
+
+async def _insert_packed(packets: Packets, drafts: Sequence[Draft]) -> list[dict[str, Any] | list[int]]:
+    """The same statements in one packet (meeting.storage.packets), betting that every user
+    exists: the lock, the bump computed from the drafts, the messages insert; the recipients
+    rows go with the COMMIT. The lock's rows are read before the bump ran. A lost bet
+    (a user missing from them, whatever else failed) raises UnknownUsers."""
+    now = utcnow()
+    ids = sorted({d.sender_id for d in drafts}.union(*(d.recipient_ids for d in drafts)))
+    locks = [driver.lock_statement(ids[start:start + _LOCK_CHUNK]) for start in range(0, len(ids), _LOCK_CHUNK)]
+    bumped = _steps(Counter(r for d in drafts for r in d.recipient_ids))
+    rows = [_row(d, now) for d in drafts]
+    sent = await packets.send([*locks, *(driver.bump_statement(step, users) for step, users in bumped),
+                               driver.insert_messages_statement(rows)])
+    if len(sent.rows) >= len(locks):
+        last_seq = {user_id: seq for chunk in sent.rows[:len(locks)] for user_id, seq in chunk}
+        if len(last_seq) != len(ids):
+            raise UnknownUsers(sorted(set(ids) - set(last_seq)))
+    if sent.error is not None:
+        raise sent.error
+    answers, _ = _assign(drafts, last_seq, now)
+    message_ids = [message_id for (message_id,) in sent.rows[-1]]
+    assert len(message_ids) == len(answers)
+    for message, message_id in zip(answers, message_ids):
+        message["id"] = message_id  # type: ignore[index]
+    for statement in driver.insert_recipients_statements([(a["id"], r, s) for a in answers for r, s in a["seqs"].items()]):  # type: ignore[union-attr]
+        packets.defer(statement)
+    return answers
+
+
+def _row(draft: Draft, now: dt.datetime) -> dict[str, Any]:
+    return {"sender_id": draft.sender_id, "type": draft.type, "content": draft.content, "meeting_id": draft.meeting_id,
+            "created_at": now, "recipient_count": len(draft.recipient_ids)}
+
+
+def _assign(drafts: Sequence[Draft], last_seq: dict[int, int],
+            now: dt.datetime) -> tuple[list[dict[str, Any] | list[int]], dict[int, int]]:
+    """Each draft's message with its recipients' next seqs (`last_seq` is advanced), or its
+    unknown users; and how far each recipient's seq went."""
+    bumped: dict[int, int] = defaultdict(int)
+    answers: list[dict[str, Any] | list[int]] = []
+    for draft in drafts:
+        unknown = [u for u in {draft.sender_id, *draft.recipient_ids} if u not in last_seq]
+        if unknown:
+            answers.append(unknown)
+            continue
+        seqs = {}
+        for r in draft.recipient_ids:
+            last_seq[r] += 1
+            bumped[r] += 1
+            seqs[r] = last_seq[r]
+        answers.append({"sender_id": draft.sender_id, "type": draft.type, "content": draft.content,
+                        "meeting_id": draft.meeting_id, "created_at": now, "recipient_ids": list(draft.recipient_ids),
+                        "recipient_count": len(draft.recipient_ids), "read_count": 0, "seqs": seqs})
+    return answers, bumped
+
+
+def _steps(bumped: dict[int, int]) -> list[tuple[int, list[int]]]:
+    """One UPDATE per distinct increment (nearly always one: +1 for everybody), ids ascending."""
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for user_id, step in bumped.items():
+        by_step[step].append(user_id)
+    return [(step, sorted(ids)) for step, ids in sorted(by_step.items())]
 
 
 async def lock_users(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[int, int]:
@@ -106,15 +165,11 @@ async def lock_users(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[int
 
 
 async def _bump_seqs(conn: AsyncConnection, bumped: dict[int, int]) -> None:
-    """One UPDATE per distinct increment (nearly always one: +1 for everybody)."""
-    by_step: dict[int, list[int]] = defaultdict(list)
-    for user_id, step in bumped.items():
-        by_step[step].append(user_id)
-    for step, ids in sorted(by_step.items()):
+    for step, ids in _steps(bumped):
         if driver.available(conn):
-            await driver.bump_seqs(conn, step, sorted(ids))
+            await driver.bump_seqs(conn, step, ids)
         else:
-            await conn.execute(_BUMP_SEQS, {"ids": sorted(ids), "step": step})
+            await conn.execute(_BUMP_SEQS, {"ids": ids, "step": step})
 
 
 async def _insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
