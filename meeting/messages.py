@@ -333,7 +333,9 @@ class MessageService:
         """Packed where it can be (meeting.storage.packets); a packed batch that named an
         unknown user was rolled back, and runs again unpacked, which answers it per draft."""
         writer = self._writer_conn
-        if writer.packs and packable(drafts, look=False):
+        # MySQL has no INSERT ... RETURNING (known once the dialect has met the server)
+        returning = self._engine.dialect.insert_executemany_returning_sort_by_parameter_order
+        if writer.packs and returning and packable(drafts, look=False):
             try:
                 return await writer.transaction(
                     lambda packets: store_drafts(packets.conn, drafts, self.keys, onces, look=False, packets=packets),
