@@ -91,10 +91,12 @@ class Packets:
                 raise RuntimeError(f"{len(statements)} statements answered {len(rows)} results")
         except Exception as exc:
             error = await driver.wrapped(self.conn, self.fairy, cursor, "; ".join(s for s, _ in statements), exc)
-            if not isinstance(error, DBAPIError) or error.connection_invalidated:
-                await self._invalidate(exc)
-                raise error from exc
-            return Sent(rows, error)
+            if isinstance(error, DBAPIError) and not error.connection_invalidated:
+                return Sent(rows, error)
+            await self._invalidate(exc)  # not a server's answer: where the stream stands is unknown
+            if error is exc:
+                raise
+            raise error from exc
         except BaseException as exc:  # cancelled mid-packet: what ran is unknown, the stream unread
             await self._invalidate(exc)
             raise
