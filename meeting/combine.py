@@ -3,10 +3,10 @@
 Sending a message costs a handful of statements (lock, update, insert, insert,
 commit; on MariaDB sent as two packets, meeting.storage.packets) whatever the
 number of messages in the transaction, so under load most of a send's cost is
-per transaction, not per message. A
-Combiner runs one batch at a time: the first request of an idle combiner starts
-at once (no timer, no added latency when idle), and everything submitted while
-it runs goes into the next batch, up to `max_batch` items.
+per transaction, not per message. A Combiner runs one batch at a time: the first
+request of an idle combiner starts at once (no timer, no added latency when idle),
+and everything submitted while it runs goes into the next batch, up to `max_batch`
+items.
 
 One bad item must not fail its neighbours: `run` answers per item (a result or
 an exception), and if the whole batch raises, each item is retried alone so

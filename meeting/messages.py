@@ -333,8 +333,11 @@ class MessageService:
         """Packed where it can be (meeting.storage.packets); a packed batch that named an
         unknown user was rolled back, and runs again unpacked, which answers it per draft."""
         writer = self._writer_conn
-        # MySQL has no INSERT ... RETURNING (known once the dialect has met the server)
-        returning = self._engine.dialect.insert_executemany_returning_sort_by_parameter_order
+        # MySQL has no INSERT ... RETURNING, MariaDB has since 10.5. Asked of the server's
+        # version, not of the dialect's flag: SQLAlchemy caches that flag when first read, as
+        # False if the engine had not connected yet, which would turn packing off for good.
+        dialect = self._engine.dialect
+        returning = getattr(dialect, "is_mariadb", False) and (dialect.server_version_info or ()) >= (10, 5)
         if writer.packs and returning and packable(drafts, look=False):
             try:
                 return await writer.transaction(

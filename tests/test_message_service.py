@@ -30,6 +30,7 @@ async def test_listeners_run_after_commit_and_never_for_a_failed_send(api: Api) 
     await api.call("POST", "/messages", user=alice, json={"recipient_ids": [bob.id, 424242], "content": "x"}, expect=422)
     assert [(m["id"], m["recipient_ids"], m["committed"]) for m in stored] == [(sent["id"], sorted([bob.id, carol.id]), True)]
     again = await api.send(alice, [bob])  # not sent["id"] + 1 on MariaDB: the refused send's rolled-back insert took one
+    assert again["id"] > sent["id"]
     await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)
     await api.call("POST", "/messages/read", user=bob, json={"all": True}, expect=200)  # nothing changed: no event
     assert reads == [(bob.id, [sent["id"], again["id"]], 0, 2)]  # bob's seq 2 is the newest read

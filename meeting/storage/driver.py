@@ -138,5 +138,9 @@ async def wrapped(conn: AsyncConnection, fairy: Any, cursor: Any, sql: str, exc:
     invalidated = dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
     if invalidated:
         await conn.invalidate(exc)
+        # As SQLAlchemy does on a disconnect it sees itself: the pool's older connections are
+        # retired too (a restart killed them all), rather than each failing a statement first,
+        # which took the writer's one retry on a fresh connection.
+        conn.sync_engine.pool._invalidate(None)  # type: ignore[arg-type]
     return DBAPIError.instance(sql, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
                                connection_invalidated=invalidated, dialect=dialect)

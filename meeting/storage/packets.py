@@ -91,16 +91,29 @@ class Packets:
                 raise RuntimeError(f"{len(statements)} statements answered {len(rows)} results")
         except Exception as exc:
             error = await driver.wrapped(self.conn, self.fairy, cursor, "; ".join(s for s, _ in statements), exc)
-            if isinstance(error, DBAPIError) and not error.connection_invalidated:
+            if isinstance(error, DBAPIError) and not error.connection_invalidated and self._servers_answer(exc):
                 return Sent(rows, error)
             await self._invalidate(exc)  # not a server's answer: where the stream stands is unknown
             if error is exc:
                 raise
+            if isinstance(error, DBAPIError):  # as SQLAlchemy says of a connection it invalidated:
+                error.connection_invalidated = True  # the writer runs a first packet again on a fresh one
             raise error from exc
         except BaseException as exc:  # cancelled mid-packet: what ran is unknown, the stream unread
             await self._invalidate(exc)
             raise
         return Sent(rows)
+
+    def _servers_answer(self, exc: Exception) -> bool:
+        """Whether `exc` is MariaDB's answer to one statement (an error number outside the
+        client's 2000-2999, on a connection still open): then the statements after it did not
+        run. aiomysql raises errors of its own while reading results (a packet out of
+        sequence, closing the socket as it raises): those say nothing of what the server ran,
+        and a COMMIT later in the packet may have been applied."""
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if code is None or 2000 <= code < 3000:
+            return False
+        return not getattr(self.fairy.driver_connection, "closed", False)
 
     def defer(self, statement: Statement, wrap: Wrap | None = None) -> None:
         """Send `statement` with the COMMIT; `wrap` turns its failure into the caller's exception."""
@@ -156,6 +169,10 @@ async def run(conn: AsyncConnection, work: Callable[[Packets], Awaitable[T]]) ->
     may not have been applied (the connection invalidated); anything else raised means
     nothing was applied."""
     packets = Packets(conn, await driver.pooled(conn))
+    if packets.fairy.driver_connection.get_autocommit():
+        # Packet 1 sends no BEGIN: with autocommit on it would commit the seq bump and the
+        # message without their recipients. aiomysql's default, and SQLAlchemy's on check-in.
+        raise RuntimeError("a packed transaction needs a connection with autocommit off")
     try:
         result = await work(packets)
         if conn.in_transaction():
