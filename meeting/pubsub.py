@@ -60,6 +60,8 @@ class RespReader:
         except _Incomplete:
             self._pos = start
             return False
+        except ValueError as exc:  # a malformed length or integer: as hiredis, a protocol error (reconnect)
+            raise InvalidResponse(f"malformed reply on the pub/sub connection: {exc}") from exc
         if self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
@@ -117,7 +119,14 @@ class Subscriber:
 
     async def open(self) -> None:
         await self._conn.connect()
-        self._stream = self._conn._reader  # read here only, by the batch (see the module docstring)
+        # Read here only, by the batch (see the module docstring). `_reader` is redis-py's
+        # private stream: if a release renames or replaces it, fail as a connection error,
+        # which the broker's reader retries and reports, rather than dying on AttributeError.
+        stream = getattr(self._conn, "_reader", None)
+        if not isinstance(stream, asyncio.StreamReader):
+            await self._conn.disconnect()
+            raise RedisConnectionError("this redis-py's connection has no asyncio stream to read pub/sub replies from")
+        self._stream = stream
 
     async def command(self, *args: Any) -> None:
         """Send without reading: the answer arrives through `read` like everything else.
@@ -149,11 +158,15 @@ class Subscriber:
         stream = self._stream
         if stream is None:
             raise RedisConnectionError("the pub/sub connection is not open")
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 data = await stream.read(READ_SIZE)
-        except TimeoutError:
-            return None
+        except TimeoutError as exc:
+            if deadline.expired():
+                return None
+            # The kernel's ETIMEDOUT is the same class: a dead socket, not a quiet one.
+            raise RedisConnectionError(f"pub/sub connection lost: {exc}") from exc
         except OSError as exc:
             raise RedisConnectionError(f"pub/sub connection lost: {exc}") from exc
         if not data:
@@ -161,6 +174,8 @@ class Subscriber:
         parser = self._parser
         parser.feed(data)
         replies = []
+        # False is "no complete reply yet" (hiredis would also give it for a RESP3 boolean
+        # false, which no pub/sub reply is).
         while (reply := parser.gets()) is not False:
             replies.append(reply)
         return replies

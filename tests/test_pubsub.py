@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 
 from meeting import pubsub
 from meeting.pubsub import RespReader, Subscriber
@@ -128,3 +128,13 @@ async def test_a_closed_connection_is_a_connection_error(redis_url: str) -> None
         await subscriber.aclose()
         await client.aclose()
         await killer.aclose()
+
+
+@pytest.mark.parametrize("garbage", [b"$9x\r\n", b"*two\r\n", b":1.5\r\n", b"%1\r\n"])
+def test_a_malformed_reply_is_a_protocol_error_not_a_crash(garbage: bytes) -> None:
+    """Without hiredis as with it: the broker's reader treats InvalidResponse as a lost
+    connection (reconnect, resync); a ValueError would have ended it silently."""
+    reader = RespReader()
+    reader.feed(garbage)
+    with pytest.raises(InvalidResponse):
+        reader.gets()
