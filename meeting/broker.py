@@ -51,6 +51,7 @@ from redis.backoff import NoBackoff
 from .breaker import REDIS_FAILURES, RedisBreaker
 from .broker_protocol import Deliver, Resync, Wants
 from .combine import Combiner
+from .pubsub import Reply, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ class RedisBroker:
         self._breaker = breaker or RedisBreaker(self._client, log_interval=30.0, probe_timeout=socket_timeout)
         self.origin = uuid.uuid4().hex[:12]  # this instance, in every payload it publishes
         self._resync_channel = f"{prefix}:resync"
+        self._resync_channel_bytes = self._resync_channel.encode()
+        self._echo = f"{self.origin} ".encode()  # how every payload of ours starts
         self._late: set[str] = set()
         self._reader_down = False  # subscriptions sent but not confirmed in time
         self._subscribed: set[int] = set()
-        self._pubsub: aioredis.client.PubSub | None = None
+        self._pubsub: Subscriber | None = None
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -100,9 +103,10 @@ class RedisBroker:
             self._breaker.on_recovered.append(self._wake_publisher)
 
     def _connect(self, url: str, socket_timeout: float) -> aioredis.Redis:
-        # A client of its own with no retries: a dropped pub/sub connection must
-        # surface here (redis-py would otherwise reconnect it silently and the
-        # messages published meanwhile would be lost without a resync).
+        # A client of its own with no retries, for the publisher: a failed publish must
+        # surface (and be repaired by a resync), not be retried behind the breaker's back.
+        # The pub/sub connection (meeting.pubsub) is made from its settings and never
+        # reconnects by itself: a drop reaches the reader, which resubscribes and resyncs.
         return aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
                                        health_check_interval=30, retry=Retry(NoBackoff(), 0))
 
@@ -172,7 +176,7 @@ class RedisBroker:
                     await asyncio.wait_for(asyncio.shield(asyncio.gather(*confirmed)), SUBSCRIBE_TIMEOUT)
             except (*REDIS_FAILURES, asyncio.TimeoutError) as exc:
                 # A subscription confirmed later may have missed what was published meanwhile:
-                # its confirmation triggers a resync (`_dispatch`). If the connection dies
+                # its confirmation triggers a resync (`_control`). If the connection dies
                 # instead, the reader resubscribes everything and resyncs.
                 self._late.update(subscribe)
                 log.warning("broker: (un)subscribe of %d channel(s) not confirmed: %s; resync when it is",
@@ -307,29 +311,32 @@ class RedisBroker:
         if every not in done:
             raise TimeoutError(f"{len(confirmed)} subscription(s) not confirmed in {timeout:.1f} s")
 
-    def _new_pubsub(self) -> aioredis.client.PubSub:
-        return self._client.pubsub()
+    def _new_pubsub(self) -> Subscriber:
+        return Subscriber(self._client)
 
-    async def _open(self, pubsub: aioredis.client.PubSub, channels: list[str]) -> None:
+    async def _open(self, pubsub: Subscriber, channels: list[str]) -> None:
         """Connect and subscribe to `channels` (confirmations arrive through `_read`)."""
+        await pubsub.open()
         await pubsub.subscribe(*channels)
 
-    async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+    async def _read(self, pubsub: Subscriber) -> None:
         """Dispatch until the connection fails. A frozen Redis leaves the socket open and
-        silent: after IDLE_PING seconds without a message, PING; no answer (a pong or
-        anything else) within the socket timeout is a disconnection."""
+        silent: after IDLE_PING seconds without a byte, PING; no answer (a pong or
+        anything else) within the socket timeout is a disconnection. Each read takes
+        every reply one socket read brought (meeting.pubsub), so a burst of thousands of
+        messages costs a few reads, not a timeout and a wake-up each."""
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged: float | None = None
         wait = min(1.0, IDLE_PING)
         while not self._closing:
-            # Shorter than health_check_interval: a blocking read never health-checks.
             before = loop.time()
-            message = await pubsub.get_message(timeout=wait)
+            replies = await pubsub.read(wait)
             now = loop.time()
-            if message is not None:
+            if replies is not None:
                 heard, pinged = now, None
-                await self._dispatch(message)
+                if replies:
+                    await self._dispatch(replies)
             elif pinged is not None and now - pinged > self._timeout and now - before < wait + 0.5:
                 # (Only after a read that came back on time: when this loop itself was stalled,
                 # the answer may be sitting unread in the socket.)
@@ -338,10 +345,46 @@ class RedisBroker:
                 await pubsub.ping()
                 pinged = now
 
-    async def _dispatch(self, message: dict[str, object]) -> None:
-        kind = message["type"]
-        channel = message["channel"].decode() if isinstance(message["channel"], bytes) else str(message["channel"])
-        if kind == "subscribe":
+    async def _dispatch(self, replies: list[Reply]) -> None:
+        """The hot loop of a fan-out: most replies are messages, and on a busy instance most
+        of those are its own echoes (it follows its users' channels, and delivered to its
+        own devices at publish time), recognised by their first bytes and dropped before
+        anything is decoded."""
+        echo = self._echo
+        resync_channel = self._resync_channel_bytes
+        deliver = self._deliver
+        echoes = received = 0
+        try:
+            for reply in replies:
+                if isinstance(reply, list) and len(reply) == 3 and (reply[0] == b"message" or reply[0] == b"smessage"):
+                    data = reply[2]
+                    if data.startswith(echo):
+                        echoes += 1  # delivered locally when it was published
+                        continue
+                    channel = reply[1]
+                    if channel == resync_channel:
+                        if self._resync is not None:
+                            resynced = await self._resync(None)
+                            log.info("broker: a publish was lost somewhere; %d connection(s) resynchronised", resynced)
+                        continue
+                    _, seq, committed_at, frame = data.decode().split(" ", 3)
+                    received += 1
+                    deliver(int(channel[channel.rindex(b":") + 1:]), int(seq), frame, float(committed_at))
+                else:
+                    await self._control(reply)
+        finally:
+            self.echoes += echoes
+            self.received += received
+
+    async def _control(self, reply: Reply) -> None:
+        """Anything but a message: a (un)subscription's confirmation, a pong, an error."""
+        if isinstance(reply, Exception):
+            raise reply  # an error reply: the reader reconnects and resyncs
+        if not isinstance(reply, list) or not reply:
+            return  # +PONG, before any subscription
+        kind = reply[0]
+        if kind == b"subscribe" or kind == b"ssubscribe":
+            channel = reply[1].decode()
             future = self._confirmations.pop(channel, None)
             if future is not None and not future.done():
                 future.set_result(None)
@@ -350,20 +393,6 @@ class RedisBroker:
                 if self._resync is not None:
                     resynced = await self._resync([int(channel.rsplit(":", 1)[1])])
                     log.info("broker: late subscription to %s confirmed; %d connection(s) resynchronised", channel, resynced)
-        elif kind == "message":
-            data = message["data"]
-            text = data.decode() if isinstance(data, bytes) else str(data)
-            if channel == self._resync_channel:
-                if self._resync is not None:
-                    resynced = await self._resync(None)
-                    log.info("broker: a publish was lost somewhere; %d connection(s) resynchronised", resynced)
-                return
-            origin, seq, committed_at, frame = text.split(" ", 3)
-            if origin == self.origin:
-                self.echoes += 1  # delivered locally when it was published
-                return
-            self.received += 1
-            self._deliver(int(channel.rsplit(":", 1)[1]), int(seq), frame, float(committed_at))
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:

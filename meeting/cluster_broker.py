@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 
 from .breaker import REDIS_FAILURES
 from .broker import RedisBroker
+from .pubsub import Subscriber
 from .redis_client import no_cluster_retry
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,13 @@ class TopologyChanged(RedisError):
 
 class Shards:
     """One reader generation's pub/sub connections, one per master: routes (un)subscriptions
-    by hash slot, the way RedisBroker uses its single PubSub. Any trouble resolves `trouble`."""
+    by hash slot, the way RedisBroker uses its single Subscriber (meeting.pubsub). Any trouble resolves `trouble`."""
 
     def __init__(self, cluster: RedisCluster, url: str, timeout: float):
         self._cluster = cluster
         self._url = urlsplit(url)
         self._timeout = timeout
-        self.pubsubs: dict[str, aioredis.client.PubSub] = {}
+        self.pubsubs: dict[str, Subscriber] = {}
         self._clients: list[aioredis.Redis] = []
         self.where: dict[str, str] = {}   # channel -> the master it is subscribed on
         self.leaving: set[str] = set()    # SUNSUBSCRIBEs we sent and whose answer is due
@@ -82,9 +83,10 @@ class Shards:
     async def open(self) -> None:
         """A connection to every master of the current topology, each answering a PING."""
         for node in self._cluster.get_primaries():
-            pubsub = self._client_for(node.host, node.port).pubsub()
+            pubsub = Subscriber(self._client_for(node.host, node.port))
             self.pubsubs[node.name] = pubsub
-            await pubsub.ping()  # connects; the answer is read (and ignored) by the reader
+            await pubsub.open()
+            await pubsub.ping()  # the answer is read (and ignored) by the reader
 
     def _groups(self, channels: tuple[str, ...]) -> dict[tuple[str, int], list[str]]:
         groups: dict[tuple[str, int], list[str]] = {}
@@ -178,19 +180,17 @@ class ClusterBroker(RedisBroker):
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
 
-    async def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "smessage":
-            message["type"] = "message"
-        elif kind == "ssubscribe":
-            message["type"] = "subscribe"
-        elif kind == "sunsubscribe":
-            channel = message["channel"].decode() if isinstance(message["channel"], bytes) else str(message["channel"])
+    async def _control(self, reply: Any) -> None:
+        """RedisBroker's, plus: an SUNSUBSCRIBE nobody asked for means the slot moved.
+        (Shard messages and confirmations, `smessage` and `ssubscribe`, RedisBroker reads
+        like their classic counterparts.)"""
+        if isinstance(reply, list) and reply and reply[0] == b"sunsubscribe":
+            channel = reply[1].decode()
             if channel in self._shards.leaving:
                 self._shards.leaving.discard(channel)
                 return
             raise TopologyChanged(f"{channel} was unsubscribed by the server: its slot moved")
-        await super()._dispatch(message)
+        await super()._control(reply)
 
 
 def redis_broker(redis_cfg: Any, deliver: Any, resync: Any, wants: Any, breaker: Any, kind: str = "user") -> RedisBroker:
