@@ -11,7 +11,7 @@ from .. import frames
 from ..auth import TokenClaims
 from ..connection import (
     CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED,
-    Connection,
+    Connection, accept,
 )
 from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
 from ..ratelimit import RateLimits
@@ -51,7 +51,7 @@ async def room(request: web.Request) -> web.StreamResponse:
     cfg = request.app[config_key].push
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",),
                                compress=cfg.compress)
-    await ws.prepare(request)
+    await accept(ws, request)
     rooms = request.app[rooms_key]
     conn = Connection(ws, user_id, cfg.queue_limit, queue_bytes=cfg.queue_bytes)
     conn.session_id = claims.session_id
