@@ -21,6 +21,7 @@ from .auth import AuthService, TokenCodec
 from . import signing
 from .cluster_broker import redis_broker
 from .config import Config, with_overrides
+from .deadlines import Deadlines
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
 from .handlers import auth, health, meetings, messages, presence, rooms, users
@@ -38,8 +39,8 @@ from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
     auth_service_key, cache_key, config_key, engine_key, limits_key, meeting_service_key, message_service_key,
-    presence_key, push_hub_key, redis_breaker_key, rooms_key, session_id_key, sessions_key, stats_key, tokens_key,
-    user_id_key, user_service_key, ws_users,
+    deadlines_key, presence_key, push_hub_key, redis_breaker_key, rooms_key, session_id_key, sessions_key, stats_key,
+    tokens_key, user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
 from .ws import messages_ws
@@ -215,6 +216,13 @@ async def drain_then_close(app: web.Application) -> None:
     await asyncio.gather(*closing)
 
 
+async def deadlines_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Both sockets' token expiries, under one timer (meeting.deadlines)."""
+    app[deadlines_key] = Deadlines()
+    yield
+    app[deadlines_key].close()
+
+
 async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     """Rooms and their broker (Redis when configured, so one room spans every instance)."""
     rooms = RoomManager()
@@ -241,7 +249,7 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[ws_users] = {}
     setup_metrics(app)
-    resources = [db.engine_ctx, redis_ctx, services_ctx, rooms_ctx, prune_ctx]
+    resources = [db.engine_ctx, redis_ctx, deadlines_ctx, services_ctx, rooms_ctx, prune_ctx]
     if config.push.enabled:  # push off: no route, no listener; storing and pulling unchanged
         resources.append(push_ctx)
     app.cleanup_ctx.extend(resources)

@@ -38,7 +38,7 @@ from .errors import DomainError, Unauthorized
 from .handlers.common import admit_websocket, authenticate, decode_json, doc, parse_query, public, websocket_token
 from .schemas import Id, QueryInt
 from .sequencing import SeqGate
-from .typedefs import config_key, message_service_key, push_hub_key, sessions_key, stats_key
+from .typedefs import config_key, deadlines_key, message_service_key, push_hub_key, sessions_key, stats_key
 
 log = logging.getLogger(__name__)
 PAGE = 200
@@ -303,7 +303,7 @@ async def _sync(app: web.Application, conn: UserConnection, since: int | None, e
             count = await service.unread_count_upto(conn.user_id, conn.gate.last)
         conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": count}))
         conn.go_live()
-        conn.expire_at(expires_at, cfg.token_expiry_notice, keep=True)  # after the sync, unless refreshed
+        conn.expire_at(app[deadlines_key], expires_at, cfg.token_expiry_notice, keep=True)  # after the sync, unless refreshed
     except Exception:
         log.exception("initial sync of push connection %s failed", conn.id)
         conn.close_soon(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
@@ -360,7 +360,7 @@ async def _on_text(app: web.Application, conn: UserConnection, data: str) -> Non
             if claims.user_id != conn.user_id:
                 raise Unauthorized("That token is for another user.", code="wrong_user")
             conn.session_id = claims.session_id
-            conn.expire_at(claims.expires_at, app[config_key].push.token_expiry_notice)
+            conn.expire_at(app[deadlines_key], claims.expires_at, app[config_key].push.token_expiry_notice)
             conn.push(frames.encode("token.refreshed", {"expires_at": claims.expires_at}))
     except ValidationError as exc:
         unknown = isinstance(raw, dict) and "type" in exc.normalized_messages() and "type" in raw

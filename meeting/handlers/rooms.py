@@ -17,7 +17,7 @@ from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
 from ..ratelimit import RateLimits
 from ..rooms import RoomManager
 from ..schemas import NOT_BLANK
-from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key, sessions_key
+from ..typedefs import config_key, deadlines_key, limits_key, meeting_service_key, rooms_key, sessions_key
 from .common import admit_websocket, authenticate, decode_json, doc, path_id, public, websocket_token
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ async def room(request: web.Request) -> web.StreamResponse:
         return ws
     if request.app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting
         conn.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")
-    conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # token.expiring, then 4001, as on /ws/messages
+    conn.expire_at(request.app[deadlines_key], claims.expires_at, cfg.token_expiry_notice)  # token.expiring, then 4001, as on /ws/messages
     limits = request.app[limits_key]
     strikes = 0  # frames refused in a row for the chat rate limit
     try:
