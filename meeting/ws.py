@@ -237,6 +237,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     if token is None:
         raise Unauthorized("A token is required (`bearer` subprotocol, Authorization header or `token` query).", code="missing_token")
     claims = await authenticate(app, token)
+    del token  # this socket's own copy of the JWT (~250 bytes); the frame lives as long as the socket
     await admit_websocket(request, claims.user_id)
     since = parse_query(request, CONNECT_QUERY)["since"]
     cfg = app[config_key].push
