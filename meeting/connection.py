@@ -50,11 +50,20 @@ CLOSE_TIMEOUT = 5.0
 
 
 async def accept(ws: web.WebSocketResponse, request: web.Request) -> None:
-    """Upgrade, then drop the 101's headers: written once and never read again, they are
-    (with the security headers of meeting.frontend) about 1.7 KB that every socket would
-    otherwise hold for its whole life."""
+    """Upgrade, then drop what only the handshake needed and every socket would otherwise
+    hold for its whole life (tracemalloc, docs/performance.md):
+    - the 101's headers, written once and never read again (with the security headers of
+      meeting.frontend, about 1 KB);
+    - aiohttp's HTTP parser (about 1.9 KB: its buffers and its lists of the upgrade
+      request's headers). Once the WebSocket reader has taken over the connection aiohttp
+      never feeds it again, and it copes with it being None, which is what it sets it to
+      itself when the connection is lost (`RequestHandler.connection_lost`). A private
+      attribute: tests/test_ws.py checks it is still there and still dropped."""
     await ws.prepare(request)
     ws.headers.clear()
+    protocol = request.protocol
+    if getattr(protocol, "_payload_parser", None) is not None and getattr(protocol, "_parser", None) is not None:
+        protocol._parser = None  # the WebSocket reader is in place: the HTTP parser is done
 
 
 def frame_bytes(frame: str) -> int:
