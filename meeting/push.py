@@ -124,12 +124,6 @@ class PushHub:
         frame = frames.encode("message.read", {"ids": ids, "count": count})
         await self.broker.publish([(user_id, -upto_seq, frame)], time.time())
 
-    def heartbeat(self) -> None:
-        """One tick for every socket (see UserConnection.beat), every half `push.heartbeat`."""
-        for conn in [c for conns in list(self.users.values()) for c in list(conns)]:
-            if conn.beat():
-                self.spawn(conn.ping())
-
     def sweep(self) -> int:
         """Drop connections that closed without their handler noticing yet."""
         removed = 0
@@ -193,12 +187,8 @@ async def push_ctx(app: web.Application) -> AsyncIterator[None]:
     async def refresh_presence() -> None:
         await app[presence_key].heartbeat([(c.user_id, c.id) for conns in list(hub.users.values()) for c in conns])
 
-    async def heartbeat() -> None:
-        hub.heartbeat()
-
     tasks = [asyncio.create_task(_every(cfg.cleanup_interval, sweep), name="push-sweeper"),
-             asyncio.create_task(_every(cfg.heartbeat, refresh_presence), name="presence-refresh"),
-             asyncio.create_task(_every(cfg.heartbeat / 2, heartbeat), name="push-heartbeat")]
+             asyncio.create_task(_every(cfg.heartbeat, refresh_presence), name="presence-refresh")]
     yield
     for task in tasks:
         task.cancel()

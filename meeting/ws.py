@@ -61,7 +61,7 @@ class UserConnection(Connection):
     """
 
     __slots__ = ("gate", "page", "_live", "_early", "_early_live", "_early_known", "_fetch", "_encode", "_catching_up",
-                 "_again", "_syncing", "_transport", "_heard", "_silent")
+                 "_again", "_syncing")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
@@ -80,9 +80,6 @@ class UserConnection(Connection):
         self._catching_up: asyncio.Task[None] | None = None
         self._again = False                     # a catch-up was asked for since the last fetch began
         self._syncing: asyncio.Task[None] | None = None  # steps 2-3 (see run_sync), only while they run
-        self._transport: asyncio.BaseTransport | None = None  # set by the handler: what a heartbeat timeout closes
-        self._heard = True                      # a frame came in since the last heartbeat tick
-        self._silent = 0                        # heartbeat ticks without one
 
     def deliver(self, seq: int, frame: str, committed_at: float | None = None) -> None:
         """A frame from the broker: held until message.synced, then through the gate."""
@@ -198,38 +195,6 @@ class UserConnection(Connection):
         if self._syncing is task:
             self._syncing = None
 
-    def heard(self) -> None:
-        """Any frame from the device (a pong among them) is a sign of life."""
-        self._heard = True
-
-    def beat(self) -> bool:
-        """A heartbeat tick (PushHub.heartbeat: every half `push.heartbeat`, one job for every
-        socket, where aiohttp's own heartbeat kept two timers per socket, ~770 bytes). A device
-        silent for two ticks (one to one and a half heartbeats) is pinged; one still silent at
-        the next tick (half a heartbeat later) is dropped as aiohttp would: its transport
-        closed without a close frame (1006), counted in `meeting_heartbeat_timeouts`.
-        True when it is to be pinged now (`ping`, which the hub runs as a task of its own)."""
-        if self._heard or self.ended:
-            self._heard, self._silent = False, 0
-            return False
-        self._silent += 1
-        if self._silent == 2:
-            return True
-        if self._silent > 2 and self._transport is not None:
-            log.info("connection %s of user %s: no pong within half a heartbeat", self.id, self.user_id)
-            if self.stats is not None:
-                self.stats.heartbeat_timeouts += 1
-            self._mark_dead()
-            self._transport.close()
-            self._transport = None
-        return False
-
-    async def ping(self) -> None:
-        try:
-            await self.ws.ping()
-        except Exception as exc:  # closing, reset: the read loop sees it too
-            log.debug("ping to %s failed: %s", self.id, type(exc).__name__)
-
     async def stop(self) -> None:
         """Neither the catch-up nor the initial sync is cancelled; each ends by itself after
         the query it is in: a query cancelled midway makes SQLAlchemy terminate its
@@ -276,9 +241,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     await admit_websocket(request, claims.user_id)
     since = parse_query(request, CONNECT_QUERY)["since"]
     cfg = app[config_key].push
-    # No heartbeat of aiohttp's: one job pings every idle socket (UserConnection.beat); no
-    # autoping either, since its pongs would not reach the read loop as signs of life.
-    ws = web.WebSocketResponse(heartbeat=None, autoping=False, max_msg_size=cfg.max_frame_size, protocols=("bearer",),
+    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",),
                                compress=cfg.compress)
     await accept(ws, request)
     hub = app[push_hub_key]
@@ -287,7 +250,6 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister, fetch=service.received_after_seq,
                           stats=stats, encode=hub.bodies.message_new, queue_bytes=cfg.queue_bytes)
     conn.session_id = claims.session_id
-    conn._transport = request.transport
     if not await hub.register(conn):
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
@@ -299,11 +261,8 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))
         conn.run_sync(_sync(app, conn, since, claims.expires_at))
         async for msg in ws:
-            conn.heard()
             if msg.type == WSMsgType.TEXT:
                 await _on_text(app, conn, msg.data)
-            elif msg.type == WSMsgType.PING:
-                await ws.pong(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await conn.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
             elif msg.type == WSMsgType.ERROR and ws.close_code != CLOSE_TOO_BIG:
@@ -313,6 +272,8 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         await conn.close(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
     finally:
         hub.unregister(conn)  # synchronous first: under cancellation the next await may not return
+        if isinstance(ws.exception(), asyncio.TimeoutError):
+            stats.heartbeat_timeouts += 1
         conn.cancel_timers()
         await conn.stop()  # a replay, backlog or sync stops at its next page (see UserConnection.stop: not cancelled)
     return ws
