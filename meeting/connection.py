@@ -62,7 +62,11 @@ async def accept(ws: web.WebSocketResponse, request: web.Request) -> None:
     await ws.prepare(request)
     ws.headers.clear()
     protocol = request.protocol
-    if getattr(protocol, "_payload_parser", None) is not None and getattr(protocol, "_parser", None) is not None:
+    # Only once aiohttp itself took the connection as upgraded: an upgrade request with a body
+    # it is still waiting for is answered 101 all the same, and then aiohttp's flow control
+    # (pause_reading) still needs the parser.
+    if (getattr(protocol, "_upgraded", False) and getattr(protocol, "_payload_parser", None) is not None
+            and getattr(protocol, "_parser", None) is not None):
         protocol._parser = None  # the WebSocket reader is in place: the HTTP parser is done
 
 
@@ -241,10 +245,11 @@ class Connection:
         await asyncio.shield(self._closing)
 
     def expire_at(self, deadlines: Deadlines, expires_at: dt.datetime, notice: float, keep: bool = False) -> None:
-        """One deadline at a time per connection, in the process's shared `deadlines` (one
+        """One deadline at a time per connection, in the app's shared `deadlines` (one
         timer for ten thousand sockets, see meeting.deadlines): the notice, which then sets
-        the close. `keep`: leave a deadline a refresh already set."""
-        if keep and self._deadline is not None:
+        the close. `keep`: leave a deadline a refresh already set. Nothing for a connection
+        that ended (a sync finishing after its socket closed): the heap would keep it alive."""
+        if self.ended or (keep and self._deadline is not None):
             return
         self.cancel_timers()
         remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
