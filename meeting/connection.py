@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 from aiohttp import web
 
 from . import frames
+from .deadlines import Deadline, Deadlines
 
 if TYPE_CHECKING:
     from .metrics import PushStats
@@ -48,6 +49,27 @@ CLOSE_TOO_MANY_CONNECTIONS = 4029
 CLOSE_TIMEOUT = 5.0
 
 
+async def accept(ws: web.WebSocketResponse, request: web.Request) -> None:
+    """Upgrade, then drop what only the handshake needed and every socket would otherwise
+    hold for its whole life (tracemalloc, docs/performance.md):
+    - the 101's headers, written once and never read again (with the security headers of
+      meeting.frontend, about 1 KB);
+    - aiohttp's HTTP parser (about 1.9 KB: its buffers and its lists of the upgrade
+      request's headers). Once the WebSocket reader has taken over the connection aiohttp
+      never feeds it again, and it copes with it being None, which is what it sets it to
+      itself when the connection is lost (`RequestHandler.connection_lost`). A private
+      attribute: tests/test_ws.py checks it is still there and still dropped."""
+    await ws.prepare(request)
+    ws.headers.clear()
+    protocol = request.protocol
+    # Only once aiohttp itself took the connection as upgraded: an upgrade request with a body
+    # it is still waiting for is answered 101 all the same, and then aiohttp's flow control
+    # (pause_reading) still needs the parser.
+    if (getattr(protocol, "_upgraded", False) and getattr(protocol, "_payload_parser", None) is not None
+            and getattr(protocol, "_parser", None) is not None):
+        protocol._parser = None  # the WebSocket reader is in place: the HTTP parser is done
+
+
 def frame_bytes(frame: str) -> int:
     """Its size in UTF-8; str.isascii is O(1) in CPython, so ASCII frames cost no encoding."""
     return len(frame) if frame.isascii() else len(frame.encode())
@@ -57,7 +79,8 @@ class Connection:
     # Slots, not a __dict__, and the deque only while frames wait: per idle connection
     # that is a few hundred bytes each, times ten thousand connections.
     __slots__ = ("ws", "user_id", "session_id", "id", "stats", "_queue", "_queue_limit", "_on_dead", "_closing", "_sending",
-                 "_stopped", "_writer", "high_water", "low_water", "_room", "_bytes", "_queue_bytes", "_timer")
+                 "_stopped", "_writer", "high_water", "low_water", "_room", "_bytes", "_queue_bytes", "_deadline",
+                 "_expires_at")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[["Connection"], None] | None = None, stats: "PushStats | None" = None,
@@ -71,7 +94,8 @@ class Connection:
         self._queue_limit = queue_limit
         self._queue_bytes = queue_bytes
         self._bytes = 0  # UTF-8 bytes of the frames queued
-        self._timer: asyncio.TimerHandle | None = None  # token expiry: the notice, then the close
+        self._deadline: Deadline | None = None  # token expiry: the notice, then the close (see expire_at)
+        self._expires_at: dt.datetime | None = None  # until the notice went out
         self._on_dead = on_dead
         self._closing: asyncio.Task[None] | None = None
         self._sending = False
@@ -220,24 +244,33 @@ class Connection:
         assert self._closing is not None
         await asyncio.shield(self._closing)
 
-    def expire_at(self, expires_at: dt.datetime, notice: float, keep: bool = False) -> None:
-        """One timer at a time per connection (ten thousand of them): the notice, which
-        then sets the close. `keep`: leave a timer a refresh already set."""
-        if keep and self._timer is not None:
+    def expire_at(self, deadlines: Deadlines, expires_at: dt.datetime, notice: float, keep: bool = False) -> None:
+        """One deadline at a time per connection, in the app's shared `deadlines` (one
+        timer for ten thousand sockets, see meeting.deadlines): the notice, which then sets
+        the close. `keep`: leave a deadline a refresh already set. Nothing for a connection
+        that ended (a sync finishing after its socket closed): the heap would keep it alive."""
+        if self.ended or (keep and self._deadline is not None):
             return
         self.cancel_timers()
         remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining - notice), self._expiring, expires_at)
+        self._expires_at = expires_at
+        self._deadline = deadlines.add(max(0.0, remaining - notice), self)
 
-    def _expiring(self, expires_at: dt.datetime) -> None:
+    def on_deadline(self, deadlines: Deadlines) -> None:
+        """The notice (`token.expiring`), and a deadline for the close; or the close itself."""
+        expires_at, self._expires_at, self._deadline = self._expires_at, None, None
+        if expires_at is None:
+            self.close_soon(CLOSE_TOKEN_EXPIRED, "token expired")
+            return
         self.push(frames.encode("token.expiring", {"expires_at": expires_at}))
         remaining = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining), self.close_soon, CLOSE_TOKEN_EXPIRED, "token expired")
+        self._deadline = deadlines.add(max(0.0, remaining), self)
 
     def cancel_timers(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._expires_at = None
 
     def end_session(self, revoked: set[int]) -> None:
         """Its login was revoked (logout, logout-all, a reused refresh token): 4001, as for an

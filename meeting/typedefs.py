@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .redis_client import Client
     from .cache import MessageCache
     from .config import Config
+    from .deadlines import Deadlines
     from .meetings import MeetingService
     from prometheus_client import CollectorRegistry
 
@@ -52,6 +53,8 @@ metrics_key = web.AppKey("metrics", "CollectorRegistry")
 stats_key = web.AppKey("stats", "PushStats")
 #: meeting id -> the sockets in that meeting's room (separate from user push connections).
 rooms_key = web.AppKey("rooms", "RoomManager")
+#: Every socket's token expiry, under one timer (meeting.deadlines).
+deadlines_key = web.AppKey("deadlines", "Deadlines")
 
 #: The authenticated user's id, set by the auth middleware from the JWT.
 user_id_key = web.RequestKey("user_id", int)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -21,6 +21,7 @@ from .auth import AuthService, TokenCodec
 from . import signing
 from .cluster_broker import redis_broker
 from .config import Config, with_overrides
+from .deadlines import Deadlines
 from .errors import DomainError, Unauthorized
 from .cache import MessageCache
 from .handlers import auth, health, meetings, messages, presence, rooms, users
@@ -38,8 +39,8 @@ from .messages import MessageService
 from .rooms import RoomManager
 from .typedefs import (
     auth_service_key, cache_key, config_key, engine_key, limits_key, meeting_service_key, message_service_key,
-    presence_key, push_hub_key, redis_breaker_key, rooms_key, session_id_key, sessions_key, stats_key, tokens_key,
-    user_id_key, user_service_key, ws_users,
+    deadlines_key, presence_key, push_hub_key, redis_breaker_key, rooms_key, session_id_key, sessions_key, stats_key,
+    tokens_key, user_id_key, user_service_key, ws_users,
 )
 from .users import UserService
 from .ws import messages_ws
@@ -115,27 +116,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
-async def writes_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def writes_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """A request that may write is counted from its arrival to its answer, so that on
     SIGTERM `drain_then_close` waits for it (aiohttp takes no new requests by then) and
-    every 201 it answers reached this instance's sockets before they are told 1001."""
+    every 201 it answers reached this instance's sockets before they are told 1001.
+
+    Not a coroutine itself: a read passes straight through, so a WebSocket (a GET that
+    lasts hours) holds no suspended frame of this middleware (about 250 bytes each)."""
     if request.method in ("GET", "HEAD", "OPTIONS"):
-        return await handler(request)
+        return handler(request)
+    return _counted(request, handler)
+
+
+async def _counted(request: web.Request, handler: Handler) -> web.StreamResponse:
     async with request.app[message_service_key].writing():
         return await handler(request)
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routes need a bearer token unless their handler is marked `@public`."""
-    route_handler = request.match_info.handler
-    if getattr(request.match_info, "http_exception", None) is None and not getattr(route_handler, "public", False):
-        token = bearer_token(request)
-        if token is None:
-            raise Unauthorized("A bearer token is required.", code="missing_token")
-        claims = await authenticate(request.app, token)
-        request[user_id_key] = claims.user_id
-        request[session_id_key] = claims.session_id
+def auth_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """Routes need a bearer token unless their handler is marked `@public`. Public routes
+    (both WebSockets among them) pass straight through, as in writes_middleware."""
+    if getattr(request.match_info, "http_exception", None) is not None or getattr(request.match_info.handler, "public", False):
+        return handler(request)
+    return _authenticated(request, handler)
+
+
+async def _authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("A bearer token is required.", code="missing_token")
+    claims = await authenticate(request.app, token)
+    request[user_id_key] = claims.user_id
+    request[session_id_key] = claims.session_id
     return await handler(request)
 
 
@@ -203,6 +216,13 @@ async def drain_then_close(app: web.Application) -> None:
     await asyncio.gather(*closing)
 
 
+async def deadlines_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Both sockets' token expiries, under one timer (meeting.deadlines)."""
+    app[deadlines_key] = Deadlines()
+    yield
+    app[deadlines_key].close()
+
+
 async def rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     """Rooms and their broker (Redis when configured, so one room spans every instance)."""
     rooms = RoomManager()
@@ -229,7 +249,7 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[ws_users] = {}
     setup_metrics(app)
-    resources = [db.engine_ctx, redis_ctx, services_ctx, rooms_ctx, prune_ctx]
+    resources = [db.engine_ctx, redis_ctx, deadlines_ctx, services_ctx, rooms_ctx, prune_ctx]
     if config.push.enabled:  # push off: no route, no listener; storing and pulling unchanged
         resources.append(push_ctx)
     app.cleanup_ctx.extend(resources)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from aiohttp import WSMsgType, web
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
@@ -32,13 +32,13 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from . import frames
 from .connection import (
     CLOSE_SERVER_ERROR, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_TRY_AGAIN_LATER,
-    CLOSE_UNSUPPORTED, Connection,
+    CLOSE_UNSUPPORTED, Connection, accept,
 )
 from .errors import DomainError, Unauthorized
 from .handlers.common import admit_websocket, authenticate, decode_json, doc, parse_query, public, websocket_token
 from .schemas import Id, QueryInt
 from .sequencing import SeqGate
-from .typedefs import config_key, message_service_key, push_hub_key, sessions_key, stats_key
+from .typedefs import config_key, deadlines_key, message_service_key, push_hub_key, sessions_key, stats_key
 
 log = logging.getLogger(__name__)
 PAGE = 200
@@ -61,7 +61,7 @@ class UserConnection(Connection):
     """
 
     __slots__ = ("gate", "page", "_live", "_early", "_early_live", "_early_known", "_fetch", "_encode", "_catching_up",
-                 "_again")
+                 "_again", "_syncing")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: int, queue_limit: int,
                  on_dead: Callable[[Connection], None] | None = None, fetch: Fetch | None = None,
@@ -79,6 +79,7 @@ class UserConnection(Connection):
         self._encode = encode or (lambda row: frames.encode("message.new", row))  # a stored row as message.new
         self._catching_up: asyncio.Task[None] | None = None
         self._again = False                     # a catch-up was asked for since the last fetch began
+        self._syncing: asyncio.Task[None] | None = None  # steps 2-3 (see run_sync), only while they run
 
     def deliver(self, seq: int, frame: str, committed_at: float | None = None) -> None:
         """A frame from the broker: held until message.synced, then through the gate."""
@@ -183,13 +184,25 @@ class UserConnection(Connection):
             log.exception("catch-up of connection %s failed", self.id)
             self.close_soon(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
 
+    def run_sync(self, sync: Coroutine[Any, Any, None]) -> None:
+        """Run steps 2-3 in a task beside the read loop. The task is forgotten once done: a
+        finished Task with its coroutine is about 600 bytes, which every idle socket would
+        otherwise keep for its whole life."""
+        self._syncing = asyncio.create_task(sync, name=f"ws-sync-{self.id}")
+        self._syncing.add_done_callback(self._synced)
+
+    def _synced(self, task: asyncio.Task[None]) -> None:
+        if self._syncing is task:
+            self._syncing = None
+
     async def stop(self) -> None:
-        """The catch-up is not cancelled but ends by itself after the query it is in: a
-        query cancelled midway makes SQLAlchemy terminate its connection, which can hang
-        while the engine is being disposed at shutdown."""
+        """Neither the catch-up nor the initial sync is cancelled; each ends by itself after
+        the query it is in: a query cancelled midway makes SQLAlchemy terminate its
+        connection, which can hang while the engine is being disposed at shutdown."""
         await super().stop()
-        if self._catching_up is not None:
-            await asyncio.gather(self._catching_up, return_exceptions=True)
+        for task in (self._catching_up, self._syncing):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
 
 
 class ConnectQuery(Schema):
@@ -224,12 +237,13 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     if token is None:
         raise Unauthorized("A token is required (`bearer` subprotocol, Authorization header or `token` query).", code="missing_token")
     claims = await authenticate(app, token)
+    del token  # this socket's own copy of the JWT (~250 bytes); the frame lives as long as the socket
     await admit_websocket(request, claims.user_id)
     since = parse_query(request, CONNECT_QUERY)["since"]
     cfg = app[config_key].push
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",),
                                compress=cfg.compress)
-    await ws.prepare(request)
+    await accept(ws, request)
     hub = app[push_hub_key]
     service = app[message_service_key]
     stats = app[stats_key]
@@ -242,11 +256,10 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         return ws
     if app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting: the
         conn.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")  # revocation's listeners did not see us yet
-    sync: asyncio.Task[None] | None = None
     try:
         await hub.broker.want(conn.user_id)
         conn.push(frames.encode("connected", {"user_id": conn.user_id, "connection_id": conn.id, "heartbeat": cfg.heartbeat}))
-        sync = asyncio.create_task(_sync(app, conn, since, claims.expires_at), name=f"ws-sync-{conn.id}")
+        conn.run_sync(_sync(app, conn, since, claims.expires_at))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await _on_text(app, conn, msg.data)
@@ -262,9 +275,7 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
         if isinstance(ws.exception(), asyncio.TimeoutError):
             stats.heartbeat_timeouts += 1
         conn.cancel_timers()
-        await conn.stop()  # a replay or backlog stops at its next page (see UserConnection.stop: not cancelled)
-        if sync is not None:
-            await asyncio.gather(sync, return_exceptions=True)
+        await conn.stop()  # a replay, backlog or sync stops at its next page (see UserConnection.stop: not cancelled)
     return ws
 
 
@@ -293,7 +304,7 @@ async def _sync(app: web.Application, conn: UserConnection, since: int | None, e
             count = await service.unread_count_upto(conn.user_id, conn.gate.last)
         conn.push(frames.encode("message.synced", {"seq": conn.gate.last, "count": count}))
         conn.go_live()
-        conn.expire_at(expires_at, cfg.token_expiry_notice, keep=True)  # after the sync, unless refreshed
+        conn.expire_at(app[deadlines_key], expires_at, cfg.token_expiry_notice, keep=True)  # after the sync, unless refreshed
     except Exception:
         log.exception("initial sync of push connection %s failed", conn.id)
         conn.close_soon(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
@@ -350,7 +361,7 @@ async def _on_text(app: web.Application, conn: UserConnection, data: str) -> Non
             if claims.user_id != conn.user_id:
                 raise Unauthorized("That token is for another user.", code="wrong_user")
             conn.session_id = claims.session_id
-            conn.expire_at(claims.expires_at, app[config_key].push.token_expiry_notice)
+            conn.expire_at(app[deadlines_key], claims.expires_at, app[config_key].push.token_expiry_notice)
             conn.push(frames.encode("token.refreshed", {"expires_at": claims.expires_at}))
     except ValidationError as exc:
         unknown = isinstance(raw, dict) and "type" in exc.normalized_messages() and "type" in raw

@@ -464,6 +464,21 @@ async def test_the_sweeper_removes_closed_connections_and_empty_users(make_clien
     await orphan.stop()
 
 
+async def test_a_socket_keeps_neither_the_101_headers_nor_the_http_parser(api: Api) -> None:
+    """Memory per socket (meeting.connection.accept, docs/performance.md): after the upgrade the
+    101's headers and aiohttp's HTTP parser (a private attribute) are dropped. This fails if an
+    aiohttp upgrade renames the attribute, rather than the trim silently stopping to work."""
+    bob = await api.user()
+    device = await Device.connect(api, bob, params={}, protocols=("bearer", bob.token))
+    await device.handshake()
+    (conn,) = connections(api)[bob.id]
+    protocol = conn.ws._req.protocol  # type: ignore[union-attr]
+    assert len(conn.ws.headers) == 0 and protocol._payload_parser is not None and protocol._parser is None
+    await device.ws.send_json({"type": "ping"})
+    assert (await device.next())["type"] == "pong"
+    assert device.ws.protocol == "bearer"
+
+
 @pytest.mark.parametrize("since", ["-1", "x", "99999999999999999999"])
 async def test_a_bad_since_is_422_before_upgrade(api: Api, since: str) -> None:
     bob = await api.user()

@@ -11,13 +11,13 @@ from .. import frames
 from ..auth import TokenClaims
 from ..connection import (
     CLOSE_POLICY_VIOLATION, CLOSE_TIMEOUT, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNSUPPORTED,
-    Connection,
+    Connection, accept,
 )
 from ..errors import DomainError, Forbidden, TooManyRequests, Unauthorized
 from ..ratelimit import RateLimits
 from ..rooms import RoomManager
 from ..schemas import NOT_BLANK
-from ..typedefs import config_key, limits_key, meeting_service_key, rooms_key, sessions_key
+from ..typedefs import config_key, deadlines_key, limits_key, meeting_service_key, rooms_key, sessions_key
 from .common import admit_websocket, authenticate, decode_json, doc, path_id, public, websocket_token
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ async def room(request: web.Request) -> web.StreamResponse:
     cfg = request.app[config_key].push
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat, max_msg_size=cfg.max_frame_size, protocols=("bearer",),
                                compress=cfg.compress)
-    await ws.prepare(request)
+    await accept(ws, request)
     rooms = request.app[rooms_key]
     conn = Connection(ws, user_id, cfg.queue_limit, queue_bytes=cfg.queue_bytes)
     conn.session_id = claims.session_id
@@ -61,7 +61,7 @@ async def room(request: web.Request) -> web.StreamResponse:
         return ws
     if request.app[sessions_key].is_revoked(conn.session_id):  # logged out while we were connecting
         conn.close_soon(CLOSE_TOKEN_EXPIRED, "logged out")
-    conn.expire_at(claims.expires_at, cfg.token_expiry_notice)  # token.expiring, then 4001, as on /ws/messages
+    conn.expire_at(request.app[deadlines_key], claims.expires_at, cfg.token_expiry_notice)  # token.expiring, then 4001, as on /ws/messages
     limits = request.app[limits_key]
     strikes = 0  # frames refused in a row for the chat rate limit
     try:
