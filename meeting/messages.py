@@ -48,6 +48,8 @@ MEETING_INVITE = "meeting.invite"
 MAX_RECIPIENTS = 1000
 MAX_CONTENT = 10_000
 PAGE_SIZE = 50
+#: Users per shared sync-point statement (MessageService.sync_point): a connect storm's burst.
+SYNC_POINT_BATCH = 500
 
 Message = dict[str, Any]
 T = TypeVar("T")
@@ -221,6 +223,8 @@ class MessageService:
         self.on_receipts: list[ReceiptListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         self._writer_conn = WriterConnection(engine)  # the group commit's kept connection
+        self._sync_points: Combiner[int, tuple[int, int]] = Combiner(self._sync_points_of, SYNC_POINT_BATCH,
+                                                                          name="ws-sync-points")
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
         self._settled.set()
@@ -263,6 +267,7 @@ class MessageService:
 
     async def close(self) -> None:
         await self.writer.close()
+        await self._sync_points.close()
         await self._writer_conn.close()
 
     @_write_op
@@ -404,12 +409,18 @@ class MessageService:
 
     async def sync_point(self, user_id: int, page: int) -> tuple[int, int, list[Message]]:
         """Where a new device starts: the user's last seq, the unread count as of it, and
-        the first `page` unread messages up to it; one connection, and one statement
-        when nothing is unread, since a reconnect storm runs this once per device."""
+        the first `page` unread messages up to it. A reconnect storm asks this once per
+        device: the devices that connect together share one statement for the seq and the
+        count (`_sync_points`); the rows, only where something is unread, follow in a read
+        of their own (rows up to a committed seq change no more, but for read_at)."""
+        last, count = await self._sync_points.submit(user_id)
+        rows = await self.unread_rows(user_id, page, upto_seq=last) if count and page else []
+        return last, count, rows
+
+    async def _sync_points_of(self, user_ids: list[int]) -> list[tuple[int, int] | Exception]:
         async with self._reads.connect() as conn:
-            last, count = await store.sync_point(conn, user_id)
-            rows = await store.unread(conn, user_id, page, upto_seq=last) if count and page else []
-            return last, count, rows
+            points = await store.sync_points(conn, sorted(set(user_ids)))
+        return [points.get(user_id, (0, 0)) for user_id in user_ids]
 
     async def last_seq(self, user_id: int) -> int:
         """Where a resuming device's replay ends (it goes on if more arrives meanwhile)."""

@@ -132,11 +132,12 @@ async def last_seq(conn: AsyncConnection, user_id: int) -> int:
     return int((await conn.execute(_LAST_SEQ, {"user_id": user_id})).scalar_one_or_none() or 0)
 
 
-async def sync_point(conn: AsyncConnection, user_id: int) -> tuple[int, int]:
-    """The user's last committed seq and the unread count up to it, in one statement (one
-    round trip, one read view: the count is exactly that of the rows up to the seq)."""
-    row = (await conn.execute(_SYNC_POINT, {"user_id": user_id})).first()
-    return (0, 0) if row is None else (int(row[0]), int(row[1]))
+async def sync_points(conn: AsyncConnection, user_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """Each user's last committed seq and the unread count up to it, for several users in one
+    statement (one round trip; one read view, so each count is exactly that of the rows up
+    to its seq); users that do not exist are left out."""
+    rows = await conn.execute(_SYNC_POINTS, {"ids": user_ids})
+    return {int(user_id): (int(last), int(count)) for user_id, last, count in rows}
 
 
 async def received_after_seq(conn: AsyncConnection, user_id: int, after: int, limit: int) -> list[dict[str, Any]]:
@@ -191,10 +192,10 @@ _UNREAD = (_RECEIVED_BY.where(mr.c.read_at.is_(None), mr.c.seq > sa.bindparam("a
            .order_by(mr.c.seq).limit(_LIMIT))
 _COUNT_UNREAD = (sa.select(sa.func.count()).select_from(mr)
                  .where(mr.c.recipient_id == _USER, mr.c.read_at.is_(None), mr.c.seq <= sa.bindparam("upto")))
-_SYNC_POINT = sa.select(users.c.last_seq, (
-    sa.select(sa.func.count()).select_from(mr)
-    .where(mr.c.recipient_id == users.c.id, mr.c.read_at.is_(None), mr.c.seq <= users.c.last_seq)
-    .scalar_subquery())).where(users.c.id == _USER)
+_UNREAD_UPTO_LAST = (sa.select(sa.func.count()).select_from(mr)
+                     .where(mr.c.recipient_id == users.c.id, mr.c.read_at.is_(None), mr.c.seq <= users.c.last_seq)
+                     .scalar_subquery())
+_SYNC_POINTS = sa.select(users.c.id, users.c.last_seq, _UNREAD_UPTO_LAST).where(users.c.id.in_(_IDS))
 
 
 async def visible(conn: AsyncConnection, user_id: int, message_id: int) -> dict[str, Any] | None:
