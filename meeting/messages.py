@@ -52,6 +52,7 @@ PAGE_SIZE = 50
 SYNC_POINT_BATCH = 500
 
 Message = dict[str, Any]
+SyncPoint = tuple[int, int, list[Message]]  # last seq, unread count up to it, the first unread rows
 T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
 #: Whether a transaction whose COMMIT failed was applied (None: cannot tell).
@@ -223,8 +224,8 @@ class MessageService:
         self.on_receipts: list[ReceiptListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         self._writer_conn = WriterConnection(engine)  # the group commit's kept connection
-        self._sync_points: Combiner[int, tuple[int, int]] = Combiner(self._sync_points_of, SYNC_POINT_BATCH,
-                                                                          name="ws-sync-points")
+        self._sync_points: Combiner[tuple[int, int], SyncPoint] = Combiner(self._sync_points_of, SYNC_POINT_BATCH,
+                                                                            name="ws-sync-points")
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
         self._settled.set()
@@ -407,20 +408,17 @@ class MessageService:
         async with self._reads.connect() as conn:
             return await store.unread(conn, user_id, limit, after_seq, upto_seq)
 
-    async def sync_point(self, user_id: int, page: int) -> tuple[int, int, list[Message]]:
+    async def sync_point(self, user_id: int, page: int) -> SyncPoint:
         """Where a new device starts: the user's last seq, the unread count as of it, and
         the first `page` unread messages up to it. A reconnect storm asks this once per
-        device: the devices that connect together share one statement for the seq and the
-        count (`_sync_points`); the rows, only where something is unread, follow in a read
-        of their own (rows up to a committed seq change no more, but for read_at)."""
-        last, count = await self._sync_points.submit(user_id)
-        rows = await self.unread_rows(user_id, page, upto_seq=last) if count and page else []
-        return last, count, rows
+        device: the devices that connect together share one statement for it all."""
+        return await self._sync_points.submit((user_id, page))
 
-    async def _sync_points_of(self, user_ids: list[int]) -> list[tuple[int, int] | Exception]:
+    async def _sync_points_of(self, asks: list[tuple[int, int]]) -> list[SyncPoint | Exception]:
         async with self._reads.connect() as conn:
-            points = await store.sync_points(conn, sorted(set(user_ids)))
-        return [points.get(user_id, (0, 0)) for user_id in user_ids]
+            points = await store.sync_points(conn, sorted({user_id for user_id, _ in asks}), max(page for _, page in asks))
+        return [(point[0], point[1], point[2][:page]) if (point := points.get(user_id)) else (0, 0, [])
+                for user_id, page in asks]
 
     async def last_seq(self, user_id: int) -> int:
         """Where a resuming device's replay ends (it goes on if more arrives meanwhile)."""

@@ -132,12 +132,23 @@ async def last_seq(conn: AsyncConnection, user_id: int) -> int:
     return int((await conn.execute(_LAST_SEQ, {"user_id": user_id})).scalar_one_or_none() or 0)
 
 
-async def sync_points(conn: AsyncConnection, user_ids: list[int]) -> dict[int, tuple[int, int]]:
-    """Each user's last committed seq and the unread count up to it, for several users in one
-    statement (one round trip; one read view, so each count is exactly that of the rows up
-    to its seq); users that do not exist are left out."""
-    rows = await conn.execute(_SYNC_POINTS, {"ids": user_ids})
-    return {int(user_id): (int(last), int(count)) for user_id, last, count in rows}
+async def sync_points(conn: AsyncConnection, user_ids: list[int], page: int) -> dict[int, tuple[int, int, list[dict[str, Any]]]]:
+    """Where each of these users' new devices start: the last committed seq, the unread
+    count up to it, and the first `page` of those unread messages in seq order; for many
+    users in one statement (one round trip, and one read view: each count is exactly that
+    of the rows up to its seq). Users that do not exist are left out."""
+    points: dict[int, tuple[int, int, list[dict[str, Any]]]] = {}
+    for row in await conn.execute(_SYNC_POINTS, {"ids": user_ids, "page": page}):
+        message = row._asdict()
+        user_id, last, count = message.pop("user_id"), message.pop("last_seq"), message.pop("unread")
+        point = points.get(user_id)
+        if point is None:
+            point = points[user_id] = (int(last), int(count or 0), [])
+        if message["id"] is not None:
+            point[2].append(message)
+    for _, _, rows in points.values():
+        rows.sort(key=lambda r: r["seq"])
+    return points
 
 
 async def received_after_seq(conn: AsyncConnection, user_id: int, after: int, limit: int) -> list[dict[str, Any]]:
@@ -192,10 +203,22 @@ _UNREAD = (_RECEIVED_BY.where(mr.c.read_at.is_(None), mr.c.seq > sa.bindparam("a
            .order_by(mr.c.seq).limit(_LIMIT))
 _COUNT_UNREAD = (sa.select(sa.func.count()).select_from(mr)
                  .where(mr.c.recipient_id == _USER, mr.c.read_at.is_(None), mr.c.seq <= sa.bindparam("upto")))
-_UNREAD_UPTO_LAST = (sa.select(sa.func.count()).select_from(mr)
-                     .where(mr.c.recipient_id == users.c.id, mr.c.read_at.is_(None), mr.c.seq <= users.c.last_seq)
-                     .scalar_subquery())
-_SYNC_POINTS = sa.select(users.c.id, users.c.last_seq, _UNREAD_UPTO_LAST).where(users.c.id.in_(_IDS))
+# The sync points: per user, its unread rows up to its last seq, numbered and counted by
+# window functions, of which the first `page` are joined to their messages; the users
+# table is read twice in the one statement, so both readings agree.
+_OWNER = users.alias("owner")
+_RANKED = (sa.select(mr.c.recipient_id, mr.c.message_id, mr.c.read_at, mr.c.seq,
+                     sa.func.row_number().over(partition_by=mr.c.recipient_id, order_by=mr.c.seq).label("rank"),
+                     sa.func.count().over(partition_by=mr.c.recipient_id).label("unread"))
+           .join(_OWNER, _OWNER.c.id == mr.c.recipient_id)
+           .where(mr.c.recipient_id.in_(_IDS), mr.c.read_at.is_(None), mr.c.seq <= _OWNER.c.last_seq)
+           .subquery("ranked"))
+_SYNC_POINTS = (sa.select(users.c.id.label("user_id"), users.c.last_seq, _RANKED.c.unread, *MESSAGE_COLUMNS,
+                          _RANKED.c.read_at, _RANKED.c.seq)
+                .select_from(users.outerjoin(_RANKED, sa.and_(_RANKED.c.recipient_id == users.c.id,
+                                                              _RANKED.c.rank <= sa.bindparam("page")))
+                             .outerjoin(m, m.c.id == _RANKED.c.message_id))
+                .where(users.c.id.in_(_IDS)))
 
 
 async def visible(conn: AsyncConnection, user_id: int, message_id: int) -> dict[str, Any] | None:
