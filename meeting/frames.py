@@ -139,19 +139,23 @@ class MessageBodies:
         """The page as one or more frames of at most about `max_bytes` each (a message is
         never split): 200 messages of 10,000 characters would be one 2 MB frame.
         `has_more` goes on the last frame only."""
-        chunks: list[list[dict[str, Any]]] = [[]]
+        chunks: list[list[str]] = [[]]
         size = 0
         for row in rows:
-            body = len(self.received(row).encode())
+            received = self.received(row)  # each row encoded once: sized, then joined
+            body = len(received) if received.isascii() else len(received.encode())
             if chunks[-1] and size + body > max_bytes:
                 chunks.append([])
                 size = 0
-            chunks[-1].append(row)
+            chunks[-1].append(received)
             size += body
-        return [self.message_unread(chunk, count, has_more and i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
+        return [self._unread(chunk, count, has_more and i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
 
     def message_unread(self, rows: list[dict[str, Any]], count: int, has_more: bool) -> str:
-        messages = ",".join(self.received(row) for row in rows)
+        return self._unread([self.received(row) for row in rows], count, has_more)
+
+    def _unread(self, received: list[str], count: int, has_more: bool) -> str:
+        messages = ",".join(received)
         payload = f'{{"messages":[{messages}],"count":{int(count)},"has_more":{"true" if has_more else "false"}}}'
         return f'{{"type":"message.unread","payload":{payload},"timestamp":"{_now()}"}}'
 
