@@ -212,13 +212,16 @@ def _add_autocommit_readers(engine: AsyncEngine, url: Any, kwargs: dict[str, Any
     In a transaction, every read ended with a ROLLBACK when its connection went back to the
     pool: a round trip as costly as the one-statement read before it (the sync point of each
     connecting device). In autocommit each statement is its own transaction and nothing is
-    left to end, so the pool skips the reset. Under READ COMMITTED each statement already
+    left to end: SQLAlchemy still calls the driver's rollback() when a connection is done
+    with (aiomysql sends it), unless told `skip_autocommit_rollback`, and the pool resets
+    nothing on check-in. Under READ COMMITTED each statement already
     read its own snapshot, so readers lose no consistency they had: what must agree comes
     from one statement (the sync point) or from `snapshot_readers`, which stays on the
     transactional pool. The writers keep their pool; the readers' pool is as large (same
     `pool_size`), lives and dies with it (disposed with the engine).
     """
-    reads = create_async_engine(url, **{**kwargs, "isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None})
+    reads = create_async_engine(url, **{**kwargs, "isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None,
+                                       "skip_autocommit_rollback": True})
     ping_when_idle(reads, ping_idle)
     setattr(engine.sync_engine, _READ_ENGINE, reads)
 
