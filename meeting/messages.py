@@ -415,8 +415,11 @@ class MessageService:
         return await self._sync_points.submit((user_id, page))
 
     async def _sync_points_of(self, asks: list[tuple[int, int]]) -> list[SyncPoint | Exception]:
-        async with self._reads.connect() as conn:
-            points = await store.sync_points(conn, sorted({user_id for user_id, _ in asks}), max(page for _, page in asks))
+        try:
+            async with self._reads.connect() as conn:
+                points = await store.sync_points(conn, sorted({user_id for user_id, _ in asks}), max(page for _, page in asks))
+        except Exception as exc:  # no user's fault (a read): each alone would only fail again, one after another
+            return [exc] * len(asks)
         return [(point[0], point[1], point[2][:page]) if (point := points.get(user_id)) else (0, 0, [])
                 for user_id, page in asks]
 

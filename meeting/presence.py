@@ -144,6 +144,8 @@ class Presence:
         except REDIS_FAILURES as exc:
             self._breaker.failed(exc, WHAT)
             return [None] * len(admissions)
+        except Exception as exc:  # no connect's fault: each alone would only fail again, one after another
+            return [exc] * len(admissions)
         return [bool(a) for a in answers]
 
     def _forget(self, user_id: int, connection_id: str) -> None:
