@@ -48,8 +48,6 @@ MEETING_INVITE = "meeting.invite"
 MAX_RECIPIENTS = 1000
 MAX_CONTENT = 10_000
 PAGE_SIZE = 50
-#: Users per shared sync-point statement (MessageService.sync_point): a connect storm's burst.
-SYNC_POINT_BATCH = 500
 
 Message = dict[str, Any]
 SyncPoint = tuple[int, int, list[Message]]  # last seq, unread count up to it, the first unread rows
@@ -213,7 +211,7 @@ def _message_proof(message: Message) -> Proof:
 
 class MessageService:
     def __init__(self, engine: AsyncEngine, cache: MessageCache, max_batch: int = 64, transaction_attempts: int = 4,
-                 keys: Keys | None = None):
+                 keys: Keys | None = None, sync_point_batch: int = 25, sync_point_lanes: int = 4):
         self._engine = engine
         self._attempts = transaction_attempts
         self._reads = readers(engine)
@@ -224,8 +222,10 @@ class MessageService:
         self.on_receipts: list[ReceiptListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         self._writer_conn = WriterConnection(engine)  # the group commit's kept connection
-        self._sync_points: Combiner[tuple[int, int], SyncPoint] = Combiner(self._sync_points_of, SYNC_POINT_BATCH,
-                                                                            name="ws-sync-points")
+        # Lanes by user id: a Combiner has one statement in flight, and a storm's sync points
+        # would otherwise wait on the database one statement after another.
+        self._sync_points: list[Combiner[tuple[int, int], SyncPoint]] = [
+            Combiner(self._sync_points_of, sync_point_batch, name="ws-sync-points") for _ in range(sync_point_lanes)]
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
         self._settled.set()
@@ -268,7 +268,8 @@ class MessageService:
 
     async def close(self) -> None:
         await self.writer.close()
-        await self._sync_points.close()
+        for lane in self._sync_points:
+            await lane.close()
         await self._writer_conn.close()
 
     @_write_op
@@ -411,8 +412,9 @@ class MessageService:
     async def sync_point(self, user_id: int, page: int) -> SyncPoint:
         """Where a new device starts: the user's last seq, the unread count as of it, and
         the first `page` unread messages up to it. A reconnect storm asks this once per
-        device: the devices that connect together share one statement for it all."""
-        return await self._sync_points.submit((user_id, page))
+        device: the devices that connect together share one statement for it all (one per
+        lane: users are split by id over `push.sync_point_lanes` such statements in flight)."""
+        return await self._sync_points[user_id % len(self._sync_points)].submit((user_id, page))
 
     async def _sync_points_of(self, asks: list[tuple[int, int]]) -> list[SyncPoint | Exception]:
         try:
