@@ -80,13 +80,11 @@ for i = 1, n do
 end
 return admitted
 """
-#: Connects per shared admission call: a storm's burst, bounded so one call stays short.
-ADMIT_BATCH = 500
 Admission = tuple[int, str, int]  # user id, connection id, limit
 
 
 class Presence:
-    def __init__(self, breaker: RedisBreaker, cfg: RedisConfig, heartbeat: float):
+    def __init__(self, breaker: RedisBreaker, cfg: RedisConfig, heartbeat: float, admit_batch: int = 500):
         self._breaker = breaker
         self._prefix = cfg.prefix
         self._cluster = cfg.cluster
@@ -96,7 +94,7 @@ class Presence:
         self._local_seen: dict[int, float] = {}
         self._admit = breaker.client.register_script(_ADMIT) if breaker.client is not None else None
         self._admit_many = breaker.client.register_script(_ADMIT_MANY) if breaker.client is not None else None
-        self._admissions: Combiner[Admission, bool | None] = Combiner(self._admit_batch, ADMIT_BATCH, name="ws-admissions")
+        self._admissions: Combiner[Admission, bool | None] = Combiner(self._admit_batch, admit_batch, name="ws-admissions")
 
     def _devices_key(self, user_id: int) -> str:
         return key(self._prefix, user_id, "devices")
@@ -109,10 +107,14 @@ class Presence:
         now = time.time()
         self._local_seen[user_id] = now
         if self._breaker.available:
-            if self._cluster:
-                admitted = await self._admit_one(user_id, connection_id, limit, now)
-            else:
-                admitted = await self._admissions.submit((user_id, connection_id, limit))
+            try:
+                if self._cluster:
+                    admitted = await self._admit_one(user_id, connection_id, limit, now)
+                else:
+                    admitted = await self._admissions.submit((user_id, connection_id, limit))
+            except BaseException:  # not admitted after all (a bug, or cancelled): no stray local entry
+                self._forget(user_id, connection_id)
+                raise
             if admitted is False:
                 self._forget(user_id, connection_id)
                 return False
@@ -147,6 +149,10 @@ class Presence:
         except Exception as exc:  # no connect's fault: each alone would only fail again, one after another
             return [exc] * len(admissions)
         return [bool(a) for a in answers]
+
+    async def close(self) -> None:
+        """Let the admission under way finish (its connects are waiting on it)."""
+        await self._admissions.close()
 
     def _forget(self, user_id: int, connection_id: str) -> None:
         devices = self._local.get(user_id, set())
