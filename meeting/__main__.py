@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meeting: configuration error: {exc}", file=sys.stderr)
         return 2
+    _tune_gc(config.server.gc_young_threshold)
     if args.worker is not None:
         from .workers import orphan_watch
 
@@ -76,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
                 access_log_class=AccessLogger, shutdown_timeout=config.server.shutdown_timeout, loop=_event_loop(),
                 reuse_port=args.worker is not None)
     return 0
+
+
+def _tune_gc(young_threshold: int) -> None:
+    """Fewer, cheaper cyclic collections. A connect storm allocates tens of objects per
+    device that live as long as its socket (aiohttp's request, protocol and WebSocket), so
+    at Python's default thresholds every tenth middle collection became a full one over
+    all of them: a 5,000-socket storm spent 28 % of its CPU in the collector, 6 full
+    collections of ~150 ms. Everything that exists once the app is built lives as long as
+    the process: frozen, no collection looks at it again; and the youngest generation is
+    collected every `server.gc_young_threshold` allocations (net, of container objects)
+    instead of 700: at the default 10,000 the older ones fill 14 times more slowly
+    (reference counting frees all but cyclic garbage anyway)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(young_threshold, *gc.get_threshold()[1:])
 
 
 def _supervise(args: argparse.Namespace, config, argv: list[str]) -> int:  # type: ignore[no-untyped-def]

@@ -37,8 +37,9 @@ class OutcomeUnknown(Exception):
 
 
 class Combiner(Generic[T, R]):
-    def __init__(self, run: RunBatch[T, R], max_batch: int = 64):
+    def __init__(self, run: RunBatch[T, R], max_batch: int = 64, name: str = "group-commit"):
         self._run = run
+        self._name = name  # of its batch task
         self._max_batch = max_batch
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -50,7 +51,7 @@ class Combiner(Generic[T, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain(), name="group-commit")
+            self._task = asyncio.create_task(self._drain(), name=self._name)
         return asyncio.shield(future)
 
     async def close(self) -> None:

@@ -36,6 +36,7 @@ class ServerConfig:
     max_body_size: int = _opt(1024 * 1024, validate.Range(min=1024))
     backlog: int = _opt(4096, validate.Range(1, 65535))
     shutdown_timeout: float = _opt(10.0, validate.Range(min=0.1))
+    gc_young_threshold: int = _opt(10_000, validate.Range(1, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class PushConfig:
     receipt_readers_max: int = _opt(100, validate.Range(1, 1000))
     compress: bool = False
     allowed_origins: str = _opt("", _origins)
+    sync_point_batch: int = _opt(25, validate.Range(1, 500))
+    sync_point_lanes: int = _opt(4, validate.Range(1, 64))
+    admit_batch: int = _opt(500, validate.Range(1, 5000))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .config import DatabaseConfig
@@ -198,7 +198,53 @@ def create_engine(cfg: DatabaseConfig) -> AsyncEngine:
     ping_when_idle(engine, cfg.ping_idle)
     if backend == "sqlite":
         _tune_sqlite(engine)
+    else:
+        _add_autocommit_readers(engine, url, kwargs, cfg.ping_idle)
     return engine
+
+
+_READ_ENGINE = "meeting_read_engine"  # the attribute of the sync Engine that holds its readers' engine
+
+
+def _add_autocommit_readers(engine: AsyncEngine, url: Any, kwargs: dict[str, Any], ping_idle: float) -> None:
+    """A second pool, in autocommit mode, for `readers(engine)` on MariaDB/MySQL.
+
+    In a transaction, every read ended with a ROLLBACK when its connection went back to the
+    pool: a round trip as costly as the one-statement read before it (the sync point of each
+    connecting device). In autocommit each statement is its own transaction and nothing is
+    left to end: SQLAlchemy still calls the driver's rollback() when a connection is done
+    with (aiomysql sends it), unless told `skip_autocommit_rollback`, and the pool resets
+    nothing on check-in. Under READ COMMITTED each statement already
+    read its own snapshot, so readers lose no consistency they had: what must agree comes
+    from one statement (the sync point) or from `snapshot_readers`, which stays on the
+    transactional pool. The writers keep their pool; the readers' pool is as large (same
+    `pool_size`), lives and dies with it (disposed with the engine).
+    """
+    reads = create_async_engine(url, **{**kwargs, "isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None,
+                                       "skip_autocommit_rollback": True})
+    ping_when_idle(reads, ping_idle)
+    setattr(engine.sync_engine, _READ_ENGINE, reads)
+
+    @event.listens_for(engine.sync_engine, "engine_disposed")
+    def _dispose(_engine: Any) -> None:
+        reads.sync_engine.dispose()  # runs in AsyncEngine.dispose's greenlet, so the driver may await
+
+    # A connection found dead (a database restart kills them all) retires every connection of
+    # the other pool made before now too, rather than each failing a statement first.
+    # `_invalidate(None)` is SQLAlchemy's own retirement of a pool's older connections.
+    for one, other in ((engine, reads), (reads, engine)):
+        event.listen(one.sync_engine.pool, "invalidate", _retire_on_disconnect(other))
+
+
+def _retire_on_disconnect(other: AsyncEngine) -> Callable[[Any, Any, BaseException | None], None]:
+    dialect = other.sync_engine.dialect
+
+    def _on_invalidate(_dbapi_conn: Any, _record: Any, exc: BaseException | None) -> None:
+        if isinstance(exc, DisconnectionError) or (
+                exc is not None and dialect.is_disconnect(getattr(exc, "orig", None) or exc, None, None)):
+            other.sync_engine.pool._invalidate(None)  # type: ignore[arg-type]
+
+    return _on_invalidate
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:
@@ -230,9 +276,12 @@ READ_ONLY = "meeting_read_only"
 
 
 def readers(engine: AsyncEngine) -> AsyncEngine:
-    """The same engine and pool, for transactions that only read (SQLite then begins them
-    deferred; other databases ignore the option)."""
-    return engine.execution_options(**{READ_ONLY: True})
+    """For connections that only read, and need no two statements to agree (see
+    `snapshot_readers` for that): on MariaDB/MySQL the autocommit pool (see
+    `_add_autocommit_readers`), on SQLite the same pool, whose read transactions then begin
+    deferred."""
+    reads = getattr(engine.sync_engine, _READ_ENGINE, None)
+    return reads if reads is not None else engine.execution_options(**{READ_ONLY: True})
 
 
 def snapshot_readers(engine: AsyncEngine) -> AsyncEngine:
@@ -242,9 +291,10 @@ def snapshot_readers(engine: AsyncEngine) -> AsyncEngine:
     engine's connections run REPEATABLE READ instead (set at checkout, reset when
     returned to the pool). SQLite's deferred read transaction in WAL mode already
     reads one snapshot."""
+    transactional = engine.execution_options(**{READ_ONLY: True})  # never the autocommit pool
     if engine.dialect.name in ("mysql", "mariadb"):
-        return readers(engine).execution_options(isolation_level="REPEATABLE READ")
-    return readers(engine)
+        return transactional.execution_options(isolation_level="REPEATABLE READ")
+    return transactional
 
 
 #: InnoDB errors after which nothing of the transaction is kept: deadlock (1213, the whole

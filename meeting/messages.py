@@ -51,6 +51,7 @@ MAX_CONTENT = 10_000
 PAGE_SIZE = 50
 
 Message = dict[str, Any]
+SyncPoint = tuple[int, int, list[Message]]  # last seq, unread count up to it, the first unread rows
 T = TypeVar("T")
 StoredListener = Callable[[Message], Awaitable[None]]
 #: Whether a transaction whose COMMIT failed was applied (None: cannot tell).
@@ -219,7 +220,7 @@ def _message_proof(message: Message) -> Proof:
 
 class MessageService:
     def __init__(self, engine: AsyncEngine, cache: MessageCache, max_batch: int = 64, transaction_attempts: int = 4,
-                 keys: Keys | None = None):
+                 keys: Keys | None = None, sync_point_batch: int = 25, sync_point_lanes: int = 4):
         self._engine = engine
         self._attempts = transaction_attempts
         self._reads = readers(engine)
@@ -231,6 +232,10 @@ class MessageService:
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         # The group commit's kept connection; on aiomysql it sends packets of statements (meeting.storage.packets).
         self._writer_conn = WriterConnection(engine, packs=engine.dialect.driver == "aiomysql")
+        # Lanes by user id: a Combiner has one statement in flight, and a storm's sync points
+        # would otherwise wait on the database one statement after another.
+        self._sync_points: list[Combiner[tuple[int, int], SyncPoint]] = [
+            Combiner(self._sync_points_of, sync_point_batch, name="ws-sync-points") for _ in range(sync_point_lanes)]
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
         self._settled.set()
@@ -273,6 +278,8 @@ class MessageService:
 
     async def close(self) -> None:
         await self.writer.close()
+        for lane in self._sync_points:
+            await lane.close()
         await self._writer_conn.close()
 
     @_write_op
@@ -429,14 +436,21 @@ class MessageService:
         async with self._reads.connect() as conn:
             return await store.unread(conn, user_id, limit, after_seq, upto_seq)
 
-    async def sync_point(self, user_id: int, page: int) -> tuple[int, int, list[Message]]:
+    async def sync_point(self, user_id: int, page: int) -> SyncPoint:
         """Where a new device starts: the user's last seq, the unread count as of it, and
-        the first `page` unread messages up to it; one connection, and one statement
-        when nothing is unread, since a reconnect storm runs this once per device."""
-        async with self._reads.connect() as conn:
-            last, count = await store.sync_point(conn, user_id)
-            rows = await store.unread(conn, user_id, page, upto_seq=last) if count and page else []
-            return last, count, rows
+        the first `page` unread messages up to it. A reconnect storm asks this once per
+        device: the devices that connect together share one statement for it all (one per
+        lane: users are split by id over `push.sync_point_lanes` such statements in flight)."""
+        return await self._sync_points[user_id % len(self._sync_points)].submit((user_id, page))
+
+    async def _sync_points_of(self, asks: list[tuple[int, int]]) -> list[SyncPoint | Exception]:
+        try:
+            async with self._reads.connect() as conn:
+                points = await store.sync_points(conn, sorted({user_id for user_id, _ in asks}), max(page for _, page in asks))
+        except Exception as exc:  # no user's fault (a read): each alone would only fail again, one after another
+            return [exc] * len(asks)
+        return [(point[0], point[1], point[2][:page]) if (point := points.get(user_id)) else (0, 0, [])
+                for user_id, page in asks]
 
     async def last_seq(self, user_id: int) -> int:
         """Where a resuming device's replay ends (it goes on if more arrives meanwhile)."""

@@ -11,8 +11,11 @@ With Redis, shared by every instance:
 
 The same sorted set enforces `push.max_connections_per_user` across instances:
 `admit` counts the live entries and adds the new connection in one Lua call,
-so two instances admitting at once cannot both take the last place. The count
-is approximate in these ways, all documented in docs/websocket.md:
+so two instances admitting at once cannot both take the last place. Connects
+that arrive together (a reconnect storm) share that call (meeting.combine): the
+script takes them one after the other, each against the count its predecessors
+left, so sharing changes nothing of the cap. The count is approximate in these
+ways, all documented in docs/websocket.md:
 - while Redis is out (the breaker open) each instance checks only its own
   connections, so a user may hold up to the cap on every instance;
 - a connection admitted while Redis was out gets its entry with the first
@@ -28,8 +31,9 @@ Without Redis, or while the breaker is open, each process counts and answers
 from its own connections.
 
 On a Redis Cluster the hash and a user's set live on different shards: the
-admission script there touches the set alone and the last-seen time follows in
-a command of its own (it is not part of the cap, so it needs no atomicity).
+admission script there touches the set alone, one call per connect (the sets of
+several users are on several shards), and the last-seen time follows in a
+command of its own (it is not part of the cap, so it needs no atomicity).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import time
 from typing import Iterable
 
 from .breaker import REDIS_FAILURES, RedisBreaker
+from .combine import Combiner
 from .config import RedisConfig
 from .redis_client import key
 
@@ -55,9 +60,31 @@ if #KEYS > 1 then redis.call('HSET', KEYS[2], ARGV[6], ARGV[2]) end
 return 1
 """
 
+# Many connects in one call (standalone Redis only), each in turn exactly as _ADMIT.
+# KEYS: the devices zset of each connect, then the online hash. ARGV: now, expiry, key ttl,
+# then per connect its connection id, user id and max. Answers 1 or 0 per connect.
+_ADMIT_MANY = """
+local n = #KEYS - 1
+local admitted = {}
+for i = 1, n do
+  local id, user, max = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+  if redis.call('ZCARD', KEYS[i]) >= max then
+    admitted[i] = 0
+  else
+    redis.call('ZADD', KEYS[i], ARGV[2], id)
+    redis.call('EXPIRE', KEYS[i], ARGV[3])
+    redis.call('HSET', KEYS[n + 1], user, ARGV[1])
+    admitted[i] = 1
+  end
+end
+return admitted
+"""
+Admission = tuple[int, str, int]  # user id, connection id, limit
+
 
 class Presence:
-    def __init__(self, breaker: RedisBreaker, cfg: RedisConfig, heartbeat: float):
+    def __init__(self, breaker: RedisBreaker, cfg: RedisConfig, heartbeat: float, admit_batch: int = 500):
         self._breaker = breaker
         self._prefix = cfg.prefix
         self._cluster = cfg.cluster
@@ -66,6 +93,8 @@ class Presence:
         self._local: dict[int, set[str]] = {}
         self._local_seen: dict[int, float] = {}
         self._admit = breaker.client.register_script(_ADMIT) if breaker.client is not None else None
+        self._admit_many = breaker.client.register_script(_ADMIT_MANY) if breaker.client is not None else None
+        self._admissions: Combiner[Admission, bool | None] = Combiner(self._admit_batch, admit_batch, name="ws-admissions")
 
     def _devices_key(self, user_id: int) -> str:
         return key(self._prefix, user_id, "devices")
@@ -78,19 +107,52 @@ class Presence:
         now = time.time()
         self._local_seen[user_id] = now
         if self._breaker.available:
-            keys = [self._devices_key(user_id)] + ([] if self._cluster else [self._seen_key])
             try:
-                admitted = await self._admit(  # type: ignore[misc]
-                    keys=keys, args=[connection_id, f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1, limit, user_id])
-                if admitted and self._cluster:
-                    await self._breaker.client.hset(self._seen_key, str(user_id), f"{now:.3f}")  # type: ignore[union-attr]
-            except REDIS_FAILURES as exc:
-                self._breaker.failed(exc, WHAT)  # counted locally only; the heartbeat adds its entry later
-            else:
-                if not admitted:
-                    self._forget(user_id, connection_id)
-                    return False
+                if self._cluster:
+                    admitted = await self._admit_one(user_id, connection_id, limit, now)
+                else:
+                    admitted = await self._admissions.submit((user_id, connection_id, limit))
+            except BaseException:  # not admitted after all (a bug, or cancelled): no stray local entry
+                self._forget(user_id, connection_id)
+                raise
+            if admitted is False:
+                self._forget(user_id, connection_id)
+                return False
         return True
+
+    async def _admit_one(self, user_id: int, connection_id: str, limit: int, now: float) -> bool | None:
+        """On a cluster: one call per connect. None if Redis could not be asked."""
+        try:
+            admitted = await self._admit(  # type: ignore[misc]
+                keys=[self._devices_key(user_id)],
+                args=[connection_id, f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1, limit, user_id])
+            if admitted:
+                await self._breaker.client.hset(self._seen_key, str(user_id), f"{now:.3f}")  # type: ignore[union-attr]
+        except REDIS_FAILURES as exc:
+            self._breaker.failed(exc, WHAT)  # counted locally only; the heartbeat adds its entry later
+            return None
+        return bool(admitted)
+
+    async def _admit_batch(self, admissions: list[Admission]) -> list[bool | None | Exception]:
+        """The connects that arrived together, in one call. None for each if Redis could not
+        be asked: they are counted locally only, and the heartbeat adds their entries later."""
+        now = time.time()
+        args: list[object] = [f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1]
+        for user_id, connection_id, limit in admissions:
+            args += [connection_id, user_id, limit]
+        try:
+            answers = await self._admit_many(  # type: ignore[misc]
+                keys=[*(self._devices_key(user_id) for user_id, _, _ in admissions), self._seen_key], args=args)
+        except REDIS_FAILURES as exc:
+            self._breaker.failed(exc, WHAT)
+            return [None] * len(admissions)
+        except Exception as exc:  # no connect's fault: each alone would only fail again, one after another
+            return [exc] * len(admissions)
+        return [bool(a) for a in answers]
+
+    async def close(self) -> None:
+        """Let the admission under way finish (its connects are waiting on it)."""
+        await self._admissions.close()
 
     def _forget(self, user_id: int, connection_id: str) -> None:
         devices = self._local.get(user_id, set())

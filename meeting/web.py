@@ -175,9 +175,10 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[cache_key] = MessageCache(app[redis_breaker_key], cfg.redis)
     app[message_service_key] = MessageService(app[engine_key], app[cache_key],
                                               transaction_attempts=cfg.database.transaction_attempts,
-                                              keys=Keys(cfg.idempotency.ttl))
+                                              keys=Keys(cfg.idempotency.ttl), sync_point_batch=cfg.push.sync_point_batch,
+                                              sync_point_lanes=cfg.push.sync_point_lanes)
     app[meeting_service_key] = MeetingService(app[engine_key], app[message_service_key])
-    app[presence_key] = Presence(app[redis_breaker_key], cfg.redis, cfg.push.heartbeat)
+    app[presence_key] = Presence(app[redis_breaker_key], cfg.redis, cfg.push.heartbeat, cfg.push.admit_batch)
     stats = app[stats_key]
 
     async def count_stored(message: dict[str, object]) -> None:
@@ -189,6 +190,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     poller.cancel()
     await asyncio.gather(poller, return_exceptions=True)
     await app[message_service_key].close()  # writes already accepted are finished, not dropped
+    await app[presence_key].close()
     app[auth_service_key].close()
     await app[limits_key].close()
 

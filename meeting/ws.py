@@ -250,7 +250,14 @@ async def messages_ws(request: web.Request) -> web.StreamResponse:
     conn = UserConnection(ws, claims.user_id, cfg.queue_limit, on_dead=hub.unregister, fetch=service.received_after_seq,
                           stats=stats, encode=hub.bodies.message_new, queue_bytes=cfg.queue_bytes)
     conn.session_id = claims.session_id
-    if not await hub.register(conn):
+    try:
+        admitted = await hub.register(conn)
+    except Exception:  # e.g. the shared admission failed: this socket ends cleanly, nothing registered
+        log.exception("admitting push connection %s failed", conn.id)
+        await conn.close(CLOSE_SERVER_ERROR, "server error: reconnect with backoff")
+        await conn.stop()
+        return ws
+    if not admitted:
         await conn.close(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
         await conn.stop()
         return ws

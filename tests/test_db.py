@@ -146,3 +146,25 @@ async def test_a_busy_database_answers_sends_503_at_once_not_item_by_item(make_c
         assert await api.unread_count(bob) == 1
     finally:
         await engine.dispose()
+
+
+async def test_reads_on_mariadb_send_no_rollback(mariadb_url: str) -> None:
+    """The autocommit read pool: checkouts that read, through the real pool, leave the
+    session's ROLLBACK count at 0; the writers' pool, for comparison, sends one per check-in."""
+    from meeting.db import readers
+
+    engine = create_engine(base_config(database={"url": mariadb_url, "pool_size": 1}).database)
+    show = sa.text("SHOW SESSION STATUS LIKE 'Com_rollback'")
+    try:
+        for pool in (readers(engine), engine):
+            for _ in range(4):
+                async with pool.connect() as conn:
+                    assert (await conn.execute(sa.select(users.c.id).limit(1))).all() is not None
+            async with pool.connect() as conn:
+                rollbacks = int((await conn.execute(show)).one()[1])
+            if pool is engine:
+                assert rollbacks >= 4  # the counter does see the writers' check-in ROLLBACKs
+            else:
+                assert rollbacks == 0
+    finally:
+        await engine.dispose()

@@ -10,7 +10,7 @@ import pytest
 
 from meeting.config import Config, with_overrides
 from meeting.redis_client import key
-from meeting.typedefs import redis_key, ws_users
+from meeting.typedefs import presence_key, redis_key, ws_users
 from tests.conftest import base_config
 from tests.helpers import Api, Device
 from tests.test_ws import until
@@ -75,3 +75,26 @@ async def test_presence_is_kept_in_the_redis_hashes(make_client: Any, db_url: st
 
     await _eventually(devices, lambda n: n == 1)
     assert await client.hget(f"{prefix}:online_users", str(bob.id)) is not None
+
+
+async def test_a_shared_admission_that_fails_closes_its_connects_cleanly(make_client: Any, db_url: str, redis_url: str) -> None:
+    """An admission call failing with something other than a Redis error (a broken script)
+    ends each of its connects with 1011 and leaves nothing of them counted; the next
+    connect, with the script back, is admitted."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    api = Api(await make_client(base_config(database={"url": db_url}, redis={"url": redis_url, "prefix": prefix})))
+    bob, carol = await api.users(2)
+    presence = api.client.app[presence_key]
+    working = presence._admit_many
+
+    async def broken(**_: Any) -> Any:
+        raise ValueError("the admission script is broken")
+
+    presence._admit_many = broken
+    devices = [await Device.connect(api, user) for user in (bob, bob, carol)]
+    assert [await device.closed() for device in devices] == [1011, 1011, 1011]
+    assert presence._local == {} and api.client.app[ws_users] == {}
+    presence._admit_many = working
+    device = await Device.connect(api, bob)
+    await device.handshake()
+    assert presence._local == {bob.id: {next(iter(api.client.app[ws_users][bob.id])).id}}

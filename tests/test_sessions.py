@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from meeting.config import Config
-from meeting.db import create_engine, refresh_tokens
+from meeting.db import create_engine, readers, refresh_tokens
 from tests.helpers import Api, Device, User
 
 
@@ -149,7 +149,10 @@ def _liveness_questions(api: Api) -> list[str]:
         if "FROM auth_sessions" in statement and "JOIN users" in statement:
             asked.append(statement)
 
-    sa.event.listen(api.client.server.app[engine_key].sync_engine, "before_cursor_execute", seen)
+    engine = api.client.server.app[engine_key]
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    if readers(engine).sync_engine.pool is not engine.sync_engine.pool:  # MariaDB's autocommit pool for reads
+        sa.event.listen(readers(engine).sync_engine, "before_cursor_execute", seen)
     return asked
 
 

@@ -142,6 +142,38 @@ async def test_7_reconnect_gets_exactly_the_unread_backlog_oldest_first(api: Api
     assert [m["id"] for m in (await again.handshake())["messages"]] == [ids[0], ids[2], ids[3], ids[5]]
 
 
+async def test_devices_connecting_together_share_one_sync_point_and_each_gets_its_own_backlog(make_client: Any, config: Config) -> None:
+    """A connect storm reads its sync points in shared statements: each device still gets
+    exactly its user's unread messages up to its seq, and the count of them, then what
+    is sent after it exactly once. One lane, so that every device waits on one statement."""
+    api = Api(await make_client(with_overrides(config, push={"sync_point_lanes": 1})))
+    alice, bob, carol, dave = await api.users(4)
+    to_bob = [(await api.send(alice, [bob], f"b{i}"))["id"] for i in range(3)]
+    to_both = [(await api.send(alice, [bob, carol], f"c{i}"))["id"] for i in range(2)]
+    await api.call("POST", "/messages/read", user=bob, json={"ids": [to_bob[1]]}, expect=200)
+    sync_points = api.client.app[message_service_key]._sync_points[0]
+    held = sync_points._run = Held(sync_points._run)
+    first = await Device.connect(api, dave)
+    await asyncio.wait_for(held.started.wait(), 5)  # the others arrive while its statement runs
+    together = [await Device.connect(api, user) for user in (bob, bob, carol)]
+    await until(lambda: len(sync_points._pending) == 3)
+    batches = sync_points.batches
+    held.release.set()
+    assert await first.handshake() == {"messages": [], "count": 0, "has_more": False, "synced": {"seq": 0, "count": 0}}
+    for device in together[:2]:
+        backlog = await device.handshake()
+        assert [m["id"] for m in backlog["messages"]] == [to_bob[0], to_bob[2], *to_both]
+        assert [m["seq"] for m in backlog["messages"]] == [1, 3, 4, 5] and backlog["synced"] == {"seq": 5, "count": 4}
+    backlog = await together[2].handshake()
+    assert [m["id"] for m in backlog["messages"]] == to_both and backlog["synced"] == {"seq": 2, "count": 2}
+    assert sync_points.batches == batches + 1  # the three waiting devices shared one statement
+    after = await api.send(alice, [bob, carol], "after the sync")  # live: exactly once on each device, next in seq
+    for device, seq in zip(together, (6, 6, 3)):
+        assert ((new := await device.expect("message.new"))["id"], new["seq"]) == (after["id"], seq)
+        await device.ws.send_json({"type": "ping"})
+        assert (await device.next())["type"] == "pong"  # nothing else came: no duplicate, no stray frame
+
+
 @pytest.fixture
 def small_backlog(config: Config) -> Config:
     return with_overrides(config, push={"backlog_limit": 450})

@@ -10,6 +10,7 @@ its in-process lists (meeting.recipients), reading here only what it lacks.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -187,11 +188,37 @@ async def last_seq(conn: AsyncConnection, user_id: int) -> int:
     return int((await conn.execute(_LAST_SEQ, {"user_id": user_id})).scalar_one_or_none() or 0)
 
 
-async def sync_point(conn: AsyncConnection, user_id: int) -> tuple[int, int]:
-    """The user's last committed seq and the unread count up to it, in one statement (one
-    round trip, one read view: the count is exactly that of the rows up to the seq)."""
-    row = (await conn.execute(_SYNC_POINT, {"user_id": user_id})).first()
-    return (0, 0) if row is None else (int(row[0]), int(row[1]))
+async def sync_points(conn: AsyncConnection, user_ids: list[int], page: int) -> dict[int, tuple[int, int, list[dict[str, Any]]]]:
+    """Where each of these users' new devices start: the last committed seq, the unread
+    count up to it, and the first `page` of those unread messages in seq order; for many
+    users in one statement (one round trip, and one read view: each count is exactly that
+    of the rows up to its seq). Users that do not exist are left out.
+
+    Each user's page is its own branch, `ORDER BY seq LIMIT page`, a range scan of the
+    (recipient_id, seq) index like the one-user `unread`: a window over all of a batch's unread rows instead had the
+    database sort every one of them (20 s for 500 users x 2,000 unread, against 4.5 s for
+    one statement per user). The caller bounds len(user_ids) x page (the rows read)."""
+    if not user_ids:
+        return {}
+    params: dict[str, Any] = {f"u{i}": user_id for i, user_id in enumerate(user_ids)}
+    params["page"] = page
+    points: dict[int, tuple[int, int, list[dict[str, Any]]]] = {}
+    pages: list[dict[str, Any]] = []
+    for row in await conn.execute(_sync_points_statement(len(user_ids), page > 0), params):
+        message = row._asdict()
+        user_id, last, count = message.pop("user_id"), message.pop("last_seq"), message.pop("unread")
+        if message["id"] is None:
+            points[int(user_id)] = (int(last or 0), int(count or 0), [])
+        else:
+            message["_user"] = int(user_id)
+            pages.append(message)
+    for message in pages:  # branches come in no promised order; each page is then sorted by seq
+        point = points.get(message.pop("_user"))
+        if point is not None:
+            point[2].append(message)
+    for _, _, rows in points.values():
+        rows.sort(key=lambda r: r["seq"])
+    return points
 
 
 async def received_after_seq(conn: AsyncConnection, user_id: int, after: int, limit: int) -> list[dict[str, Any]]:
@@ -246,10 +273,34 @@ _UNREAD = (_RECEIVED_BY.where(mr.c.read_at.is_(None), mr.c.seq > sa.bindparam("a
            .order_by(mr.c.seq).limit(_LIMIT))
 _COUNT_UNREAD = (sa.select(sa.func.count()).select_from(mr)
                  .where(mr.c.recipient_id == _USER, mr.c.read_at.is_(None), mr.c.seq <= sa.bindparam("upto")))
-_SYNC_POINT = sa.select(users.c.last_seq, (
-    sa.select(sa.func.count()).select_from(mr)
-    .where(mr.c.recipient_id == users.c.id, mr.c.read_at.is_(None), mr.c.seq <= users.c.last_seq)
-    .scalar_subquery())).where(users.c.id == _USER)
+
+
+@functools.lru_cache(maxsize=64)
+def _sync_points_statement(users_count: int, with_pages: bool) -> sa.CompoundSelect | sa.Select:
+    """One head row per user (last seq, unread count up to it; message columns NULL), then
+    per user a branch with its first `page` unread rows up to that seq. The users row is
+    read by each branch, in the one statement's read view, so all agree. Each LIMITed
+    branch is wrapped in a derived table: SQLite allows no ORDER BY/LIMIT on a bare
+    UNION ALL member. Built once per batch size (the bind names are u0, u1, ...)."""
+    ids = [sa.bindparam(f"u{i}") for i in range(users_count)]
+    unread = (sa.select(sa.func.count()).select_from(mr)
+              .where(mr.c.recipient_id == users.c.id, mr.c.read_at.is_(None), mr.c.seq <= users.c.last_seq)
+              .scalar_subquery())
+    nulls = [sa.type_coerce(sa.null(), c.type).label(c.name) for c in (*MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)]
+    head = sa.select(users.c.id.label("user_id"), users.c.last_seq, unread.label("unread"), *nulls).where(users.c.id.in_(ids))
+    if not with_pages:
+        return head
+    branches = []
+    for i, user in enumerate(ids):
+        last = sa.select(users.c.last_seq).where(users.c.id == user).scalar_subquery()
+        rows = (sa.select(mr.c.recipient_id.label("user_id"), sa.type_coerce(sa.null(), users.c.last_seq.type).label("last_seq"),
+                          sa.type_coerce(sa.null(), sa.Integer()).label("unread"), *MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
+                .join(m, m.c.id == mr.c.message_id)
+                .where(mr.c.recipient_id == user, mr.c.read_at.is_(None), mr.c.seq <= last)
+                .order_by(mr.c.seq).limit(sa.bindparam("page"))
+                .subquery(f"p{i}"))
+        branches.append(sa.select(*rows.c))
+    return sa.union_all(head, *branches)
 
 
 async def visible(conn: AsyncConnection, user_id: int, message_id: int) -> dict[str, Any] | None:
