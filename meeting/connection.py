@@ -1,15 +1,18 @@
 """A server-side WebSocket with its own bounded outbound queue and writer task.
 
-Pushing never awaits the network: `push()` only enqueues, and a writer task
-per socket does the sending, so a slow or stuck client delays nobody else. A
-client that falls `queue_limit` frames behind is closed with 1013 and catches
-up from the database when it reconnects. Only the handler's task reads the
-socket; the writer only writes.
+Pushing never awaits the network: `push()` writes the frame at once when that
+cannot block (nothing queued before it, no compression, the transport not
+paused: meeting.direct_write), else enqueues it for a writer task per socket,
+so a slow or stuck client delays nobody else. A client that falls
+`queue_limit` frames behind is closed with 1013 and catches up from the
+database when it reconnects. Only the handler's task reads the socket; the
+writer only writes.
 
 Most sockets are idle most of the time, and one process holds ten thousand of
 them: the queue is a plain deque and the writer task exists only while there
 is something to send (started by `push`, gone once the deque is empty), which
 saves about 4 KB per idle connection over an asyncio.Queue and a parked task.
+In fan-out, where a socket gets one frame at a time, there is no task at all.
 
 Whoever has a lot to send (a replay of history, a catch-up, a backlog) does not
 push it all at once: it pushes a page, then awaits `room()`, which returns once
@@ -32,6 +35,7 @@ from aiohttp import web
 
 from . import frames
 from .deadlines import Deadline, Deadlines
+from .direct_write import write_now
 
 if TYPE_CHECKING:
     from .metrics import PushStats
@@ -153,17 +157,34 @@ class Connection:
             room.set_result(None)
 
     def push(self, frame: str, committed_at: float | None = None, droppable: bool = False) -> bool:
-        """Queue an encoded frame; False if the connection is (now) closing, or if the frame
-        was `droppable` (live only: message.sent, message.receipt) and did not fit. Such a
-        frame may fill the queue only as far as a bulk sender may (see `fits`): a burst of
+        """Send or queue an encoded frame; False if the connection is (now) closing, or if the
+        frame was `droppable` (live only: message.sent, message.receipt) and did not fit. Such
+        a frame may fill the queue only as far as a bulk sender may (see `fits`): a burst of
         them (a receipt flush of thousands of messages) is dropped, never a reason to close,
-        and leaves a quarter of the queue to the frames that must not be lost."""
+        and leaves a quarter of the queue to the frames that must not be lost.
+
+        With nothing queued and no writer running the frame is written at once if that cannot
+        block (see meeting.direct_write), which saves a task per frame in fan-out; it never
+        overtakes queued frames, since it is only tried when there are none."""
         if self.closed:
             return False
         if droppable and not self.fits(frame):
             if self.stats is not None:
                 self.stats.live_frames_dropped += 1
             return False
+        if not self._queue and self._writer is None and not self._stopped:
+            try:
+                written = write_now(self.ws, frame)
+            except Exception as exc:  # as in _write_loop: the peer is gone
+                self._send_failed(exc)
+                return False
+            if written:
+                self._sent(frame, committed_at)
+                if not self.high_water:  # it was queued for as long as the write took
+                    self.high_water = 1
+                    if self.stats is not None and not self.stats.queue_high_water:
+                        self.stats.queue_high_water = 1
+                return True
         size = frame_bytes(frame)
         if self._queue is None:
             self._queue = deque()
@@ -186,7 +207,8 @@ class Connection:
         return True
 
     async def _write_loop(self) -> None:
-        """Send until the queue is empty, then end (the next push starts a new writer).
+        """Send until the queue is empty, then end (the next push writes at once or starts a
+        new writer).
         No await between the last empty check and `finally`, so no push is missed."""
         try:
             while (queue := self._queue) and self._closing is None and not self._stopped:
@@ -197,16 +219,11 @@ class Connection:
                 self._sending = True
                 await self.ws.send_str(frame)
                 self._sending = False
-                if self.stats is not None:
-                    self.stats.sent(frame)
-                    if committed_at is not None:
-                        self.stats.push_latency.observe(time.time() - committed_at)
+                self._sent(frame, committed_at)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reset, closing transport: the peer is gone
-            log.debug("send to %s failed: %s", self.id, type(exc).__name__)
-            self._mark_dead()
-            self.close_soon(CLOSE_GOING_AWAY, "send failed")
+            self._send_failed(exc)
         finally:
             self._sending = False
             self._writer = None
@@ -214,6 +231,17 @@ class Connection:
                 self._queue = None
                 self._bytes = 0
             self._wake()  # empty, or failed and closing: a waiter either has room or learns it is closed
+
+    def _sent(self, frame: str, committed_at: float | None) -> None:
+        if self.stats is not None:
+            self.stats.sent(frame)
+            if committed_at is not None:
+                self.stats.push_latency.observe(time.time() - committed_at)
+
+    def _send_failed(self, exc: Exception) -> None:
+        log.debug("send to %s failed: %s", self.id, type(exc).__name__)
+        self._mark_dead()
+        self.close_soon(CLOSE_GOING_AWAY, "send failed")
 
     def _mark_dead(self) -> None:
         if self._on_dead is not None:
