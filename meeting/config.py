@@ -60,6 +60,7 @@ class RedisConfig:
     prefix: str = _opt("meeting", validate.Length(min=1),
                        validate.Regexp(r"^[^{}]*$", error="must not contain {{ or }} (they set a key's cluster hash tag)"))
     socket_timeout: float = _opt(0.5, validate.Range(min=0.01))
+    max_connections: int = _opt(1000, validate.Range(min=1))
     cache_ttl: int = _opt(300, validate.Range(min=1))
     error_log_interval: float = _opt(30.0, validate.Range(min=0))
 

@@ -51,11 +51,15 @@ def no_cluster_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def connect(url: str, cluster: bool, socket_timeout: float) -> Client:
+def connect(url: str, cluster: bool, socket_timeout: float, max_connections: int = 1000) -> Client:
     # One immediate retry of a pooled connection gone stale (a connection error),
     # never of a timeout: a hung Redis must cost one socket_timeout, not two,
-    # before the breaker opens and callers use the database.
-    options = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, health_check_interval=30)
+    # before the breaker opens and callers use the database. `max_connections`: redis-py's
+    # asyncio pool allows 100 unless told otherwise and then fails a call at once
+    # (MaxConnectionsError), which a connect storm's concurrent cache and presence calls reached:
+    # the breaker opened and the whole process fell back to the database.
+    options = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, health_check_interval=30,
+                   max_connections=max_connections)
     if cluster:
         return RedisCluster.from_url(url, retry=no_cluster_retry(), **options)
     return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **options)
@@ -63,7 +67,7 @@ def connect(url: str, cluster: bool, socket_timeout: float) -> Client:
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[config_key].redis
-    client = connect(cfg.url, cfg.cluster, cfg.socket_timeout) if cfg.url else None
+    client = connect(cfg.url, cfg.cluster, cfg.socket_timeout, cfg.max_connections) if cfg.url else None
     app[redis_key] = client
     breaker = RedisBreaker(client, cfg.error_log_interval, max(cfg.socket_timeout, 1.0))
     app[redis_breaker_key] = breaker
