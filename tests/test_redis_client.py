@@ -16,7 +16,7 @@ async def test_more_calls_in_flight_than_redis_pys_default_pool_do_not_open_the_
         make_client: Any, db_url: str, redis_url: str) -> None:
     """redis-py's asyncio pool holds 100 connections unless told otherwise and fails the 101st
     call at once: a connect storm's concurrent calls opened the breaker. `redis.max_connections`
-    is the pool's size; with 150 slow calls in flight at once every one is answered."""
+    is the pool's size; with 150 calls in flight at once every one is answered."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     api = Api(await make_client(base_config(database={"url": db_url},
                                             redis={"url": redis_url, "prefix": prefix, "max_connections": 200})))
