@@ -230,8 +230,8 @@ class MessageService:
         self.on_read: list[ReadListener] = []
         self.on_receipts: list[ReceiptListener] = []
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
-        # The group commit's kept connection; on aiomysql it sends packets of statements (meeting.storage.packets).
-        self._writer_conn = WriterConnection(engine, packs=engine.dialect.driver == "aiomysql")
+        # The group commit's kept connection; on MariaDB it sends packets of statements (meeting.storage.packets).
+        self._writer_conn = WriterConnection(engine)
         # Lanes by user id: a Combiner has one statement in flight, and a storm's sync points
         # would otherwise wait on the database one statement after another.
         self._sync_points: list[Combiner[tuple[int, int], SyncPoint]] = [
@@ -340,12 +340,13 @@ class MessageService:
         """Packed where it can be (meeting.storage.packets); a packed batch that named an
         unknown user was rolled back, and runs again unpacked, which answers it per draft."""
         writer = self._writer_conn
-        # MySQL has no INSERT ... RETURNING, MariaDB has since 10.5. Asked of the server's
-        # version, not of the dialect's flag: SQLAlchemy caches that flag when first read, as
-        # False if the engine had not connected yet, which would turn packing off for good.
+        # aiomysql only, and MySQL has no INSERT ... RETURNING, MariaDB has since 10.5. Asked of
+        # the server's version, not of the dialect's flag: SQLAlchemy caches that flag when first
+        # read, as False if the engine had not connected yet, which would turn packing off for good.
         dialect = self._engine.dialect
-        returning = getattr(dialect, "is_mariadb", False) and (dialect.server_version_info or ()) >= (10, 5)
-        if writer.packs and returning and packable(drafts, look=False):
+        packs = (dialect.driver == "aiomysql" and getattr(dialect, "is_mariadb", False)
+                 and (dialect.server_version_info or ()) >= (10, 5))
+        if packs and packable(drafts, look=False):
             try:
                 return await writer.transaction(
                     lambda packets: store_drafts(packets.conn, drafts, self.keys, onces, look=False, packets=packets),

@@ -28,10 +28,8 @@ T = TypeVar("T")
 
 
 class WriterConnection:
-    def __init__(self, engine: AsyncEngine, packs: bool = False):
+    def __init__(self, engine: AsyncEngine):
         self._engine = engine
-        #: Whether its connections take packets of statements (meeting.storage.packets).
-        self.packs = packs
         self._kept: AsyncConnection | None = None
         self._closed = False
 

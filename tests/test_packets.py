@@ -71,7 +71,7 @@ async def _packed(writer: WriterConnection, drafts: list[Draft], onces: list[Onc
 async def test_a_packed_batch_stores_what_the_unpacked_path_would(engines: tuple[Any, Any]) -> None:
     main, engine = engines
     a, b, c = await _users(main, 3)
-    writer = WriterConnection(engine, packs=True)
+    writer = WriterConnection(engine)
     tricky = "'; DROP TABLE users; -- \\' \" %s %(x)s \\\\ \u00e9\U0001f600 COMMIT; ROLLBACK"
     results = await _packed(writer, [Draft(a, (b, c), tricky, "text"), Draft(b, (c,), "two", "text"), Draft(a, (c,), "3", "text")],
                             [_once("k1"), None, _once("k2")])
@@ -88,7 +88,7 @@ async def test_a_packed_batch_stores_what_the_unpacked_path_would(engines: tuple
 async def test_an_unknown_user_rolls_the_packed_batch_back_whole(engines: tuple[Any, Any]) -> None:
     main, engine = engines
     a, b = await _users(main, 2)
-    writer = WriterConnection(engine, packs=True)
+    writer = WriterConnection(engine)
     for drafts in ([Draft(a, (b,), "ok", "text"), Draft(a, (b, 424242), "no", "text")],  # an unknown recipient
                    [Draft(a, (b,), "ok", "text"), Draft(424242, (b,), "no", "text")]):  # an unknown sender: the insert fails too
         with pytest.raises(UnknownUsers):
@@ -103,7 +103,7 @@ async def test_a_taken_key_in_the_commit_packet_applies_nothing(engines: tuple[A
     async with main.begin() as conn:
         await conn.execute(idempotency_keys.insert().values(user_id=a, idempotency_key="k", fingerprint="f" * 64, status=201,
                                                             response="{}", created_at=utcnow()))
-    writer = WriterConnection(engine, packs=True)
+    writer = WriterConnection(engine)
     with pytest.raises(KeyTaken):
         await _packed(writer, [Draft(a, (b,), "first", "text"), Draft(a, (b,), "second", "text")], [None, _once("k")])
     assert await _state(main) == ({a: 0, b: 0}, 0, 0, 1)
@@ -117,7 +117,7 @@ async def test_a_failed_recipients_insert_in_the_commit_packet_applies_nothing(e
     the COMMIT after it in the same packet never runs, the bump and the message go too."""
     main, engine = engines
     a, b = await _users(main, 2)
-    writer = WriterConnection(engine, packs=True)
+    writer = WriterConnection(engine)
     await _packed(writer, [Draft(a, (b,), "first", "text")])
     async with main.begin() as conn:
         await conn.execute(users.update().where(users.c.id == b).values(last_seq=0))  # seq 1 is taken: the next insert collides
@@ -131,7 +131,7 @@ async def test_a_failed_recipients_insert_in_the_commit_packet_applies_nothing(e
 async def test_a_lock_conflict_in_the_first_packet_is_retried_then_busy(engines: tuple[Any, Any], caplog: Any) -> None:
     main, engine = engines
     a, b = await _users(main, 2)
-    writer = WriterConnection(engine, packs=True)
+    writer = WriterConnection(engine)
     caplog.set_level(logging.INFO, "meeting.db")
     async with main.connect() as holder:
         await holder.begin()
@@ -193,7 +193,7 @@ async def test_a_batch_too_big_for_one_commit_packet_is_stored_whole(engines: tu
     PACKET_BYTES, so the deferred statements go in two packets, the COMMIT with the last."""
     main, engine = engines
     a, b = await _users(main, 2)
-    writer = WriterConnection(engine, packs=True)
+    writer = WriterConnection(engine)
     content = "\u00e9'\\" * 3333 + "x"
     drafts = [Draft(a, (b,), content, "text")] * 64
     results = await writer.transaction(
