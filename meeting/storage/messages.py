@@ -204,7 +204,8 @@ async def sync_points(conn: AsyncConnection, user_ids: list[int], page: int) -> 
     params["page"] = page
     points: dict[int, tuple[int, int, list[dict[str, Any]]]] = {}
     pages: list[dict[str, Any]] = []
-    for row in await conn.execute(_sync_points_statement(len(user_ids), page > 0), params):
+    statement = _sync_points_statement(len(user_ids), page > 0, conn.dialect.name == "sqlite")
+    for row in await conn.execute(statement, params):
         message = row._asdict()
         user_id, last, count = message.pop("user_id"), message.pop("last_seq"), message.pop("unread")
         if message["id"] is None:
@@ -275,13 +276,19 @@ _COUNT_UNREAD = (sa.select(sa.func.count()).select_from(mr)
                  .where(mr.c.recipient_id == _USER, mr.c.read_at.is_(None), mr.c.seq <= sa.bindparam("upto")))
 
 
-@functools.lru_cache(maxsize=64)
-def _sync_points_statement(users_count: int, with_pages: bool) -> sa.CompoundSelect | sa.Select:
+@functools.lru_cache(maxsize=128)
+def _sync_points_statement(users_count: int, with_pages: bool, derived: bool) -> sa.CompoundSelect | sa.Select:
     """One head row per user (last seq, unread count up to it; message columns NULL), then
     per user a branch with its first `page` unread rows up to that seq. The users row is
-    read by each branch, in the one statement's read view, so all agree. Each LIMITed
-    branch is wrapped in a derived table: SQLite allows no ORDER BY/LIMIT on a bare
-    UNION ALL member. Built once per batch size (the bind names are u0, u1, ...)."""
+    read by each branch, in the one statement's read view, so all agree. Built once per
+    batch size (the bind names are u0, u1, ...).
+
+    A LIMITed branch is a parenthesised UNION ALL member where the database allows one
+    (MariaDB/MySQL, PostgreSQL) and a derived table only where it does not (`derived`:
+    SQLite). MariaDB materialises every such derived table as a temporary table, rows or
+    not: 0.25-0.34 ms of its CPU per user per statement against 0.02-0.04 for a
+    parenthesised branch (docs/performance.md, "Connect storm, round 4"), which made the
+    sync point most of a connect's database cost."""
     ids = [sa.bindparam(f"u{i}") for i in range(users_count)]
     unread = (sa.select(sa.func.count()).select_from(mr)
               .where(mr.c.recipient_id == users.c.id, mr.c.read_at.is_(None), mr.c.seq <= users.c.last_seq)
@@ -297,9 +304,10 @@ def _sync_points_statement(users_count: int, with_pages: bool) -> sa.CompoundSel
                           sa.type_coerce(sa.null(), sa.Integer()).label("unread"), *MESSAGE_COLUMNS, mr.c.read_at, mr.c.seq)
                 .join(m, m.c.id == mr.c.message_id)
                 .where(mr.c.recipient_id == user, mr.c.read_at.is_(None), mr.c.seq <= last)
-                .order_by(mr.c.seq).limit(sa.bindparam("page"))
-                .subquery(f"p{i}"))
-        branches.append(sa.select(*rows.c))
+                .order_by(mr.c.seq).limit(sa.bindparam("page")))
+        if derived:
+            rows = sa.select(*rows.subquery(f"p{i}").c)
+        branches.append(rows)
     return sa.union_all(head, *branches)
 
 
