@@ -17,13 +17,19 @@ ambiguously) answers per item or raises OutcomeUnknown, which is never retried.
 A submitted item is written even if its submitter is cancelled meanwhile (a
 client that hung up after sending has still sent): the batch task is not the
 caller's, and `close` waits for it.
+
+Reads that need no order between batches may allow `max_in_flight` > 1: a second
+batch then starts beside the first only once a whole `max_batch` is waiting. A
+moderate burst still collects behind the one in flight (each statement has a fixed
+cost in the database whatever it carries: many small batches in parallel cost more
+than a few full ones), while a flood that outruns one batch at a time gets more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +43,13 @@ class OutcomeUnknown(Exception):
 
 
 class Combiner(Generic[T, R]):
-    def __init__(self, run: RunBatch[T, R], max_batch: int = 64, name: str = "group-commit"):
+    def __init__(self, run: RunBatch[T, R], max_batch: int = 64, name: str = "group-commit", max_in_flight: int = 1):
         self._run = run
-        self._name = name  # of its batch task
+        self._name = name  # of its batch tasks
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # each runs batches until it leaves (see _drain)
         self.batches = 0
         self.items = 0
 
@@ -50,29 +57,57 @@ class Combiner(Generic[T, R]):
         """Queue `item` now, in call order, and return what to await for its outcome."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain(), name=self._name)
+        if not self._tasks:  # idle: start now; what is submitted before the task runs joins its batch
+            self._start(None)
+        elif len(self._tasks) < self._max_in_flight and len(self._pending) >= self._max_batch:
+            self._start(self._take())  # this batch is its own from now: the next one counts from zero
         return asyncio.shield(future)
+
+    def _start(self, batch: list[tuple[T, asyncio.Future[R]]] | None) -> None:
+        self._tasks.add(asyncio.create_task(self._drain(batch), name=self._name))
+
+    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
+        batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
+        return batch
 
     async def close(self) -> None:
         """Finish what was submitted (shutdown waits for accepted writes)."""
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _drain(self) -> None:
+    async def _drain(self, batch: list[tuple[T, asyncio.Future[R]]] | None) -> None:
+        """Run batches while any wait. With others in flight, leave once less than a whole
+        batch waits: the others take it. The check and the leaving happen in one step (no
+        await between them), so the last task in flight never leaves items behind."""
+        me = asyncio.current_task()
+        assert me is not None
+        try:
+            if batch is not None:
+                await self._settle(batch)
+            await self._batches(me)
+        finally:
+            self._tasks.discard(me)  # type: ignore[arg-type]
+
+    async def _batches(self, me: asyncio.Task[Any]) -> None:
         while self._pending:
-            batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
-            items = [item for item, _ in batch]
-            self.batches += 1
-            self.items += len(items)
-            outcomes = await self._outcomes(items)
-            for (_, future), outcome in zip(batch, outcomes):
-                if future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+            if len(self._tasks) > 1 and len(self._pending) < self._max_batch:
+                self._tasks.discard(me)  # type: ignore[arg-type]
+                return
+            await self._settle(self._take())
+
+    async def _settle(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        """Run one batch and answer each of its submitters."""
+        items = [item for item, _ in batch]
+        self.batches += 1
+        self.items += len(items)
+        outcomes = await self._outcomes(items)
+        for (_, future), outcome in zip(batch, outcomes):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     async def _outcomes(self, items: list[T]) -> list[R | Exception]:
         try:

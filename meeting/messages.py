@@ -232,10 +232,9 @@ class MessageService:
         self.writer: Combiner[Send, Message | Response] = Combiner(self._write, max_batch)
         # The group commit's kept connection; on MariaDB it sends packets of statements (meeting.storage.packets).
         self._writer_conn = WriterConnection(engine)
-        # Lanes by user id: a Combiner has one statement in flight, and a storm's sync points
-        # would otherwise wait on the database one statement after another.
-        self._sync_points: list[Combiner[tuple[int, int], SyncPoint]] = [
-            Combiner(self._sync_points_of, sync_point_batch, name="ws-sync-points") for _ in range(sync_point_lanes)]
+        # A storm's sync points: up to push.sync_point_lanes statements in flight (see sync_point).
+        self._sync_points: Combiner[tuple[int, int], SyncPoint] = Combiner(
+            self._sync_points_of, sync_point_batch, name="ws-sync-points", max_in_flight=sync_point_lanes)
         self._writing = 0  # see _write_op
         self._settled = asyncio.Event()
         self._settled.set()
@@ -278,8 +277,7 @@ class MessageService:
 
     async def close(self) -> None:
         await self.writer.close()
-        for lane in self._sync_points:
-            await lane.close()
+        await self._sync_points.close()
         await self._writer_conn.close()
 
     @_write_op
@@ -440,9 +438,11 @@ class MessageService:
     async def sync_point(self, user_id: int, page: int) -> SyncPoint:
         """Where a new device starts: the user's last seq, the unread count as of it, and
         the first `page` unread messages up to it. A reconnect storm asks this once per
-        device: the devices that connect together share one statement for it all (one per
-        lane: users are split by id over `push.sync_point_lanes` such statements in flight)."""
-        return await self._sync_points[user_id % len(self._sync_points)].submit((user_id, page))
+        device: the devices that connect together share one statement for it all, up to
+        `push.sync_point_batch` users; a second statement (up to `push.sync_point_lanes` in
+        flight) starts only once a whole batch waits (see Combiner: small statements in
+        parallel cost the database more than a few full ones)."""
+        return await self._sync_points.submit((user_id, page))
 
     async def _sync_points_of(self, asks: list[tuple[int, int]]) -> list[SyncPoint | Exception]:
         try:

@@ -8,6 +8,8 @@ import pytest
 
 from meeting.combine import Combiner, OutcomeUnknown
 
+from .helpers import until
+
 
 class Recorder:
     """A batch runner that records its batches and can be held open or made to fail."""
@@ -105,3 +107,61 @@ async def test_a_cancelled_submitter_still_has_its_item_written_and_close_waits(
     recorder.gate.set()
     await asyncio.wait_for(closing, 5)
     assert recorder.batches == [[6]] and task.cancelled()
+
+
+class PerBatch:
+    """A batch runner whose batches are each held until their own first item is released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: dict[int, asyncio.Event] = {}
+
+    async def run(self, items: list[int]) -> list[int | Exception]:
+        self.batches.append(list(items))
+        await self.gates.setdefault(items[0], asyncio.Event()).wait()
+        return [i * 10 for i in items]
+
+    def release(self, first: int) -> None:
+        self.gates.setdefault(first, asyncio.Event()).set()
+
+
+async def test_a_second_batch_starts_beside_the_first_only_once_a_whole_batch_waits() -> None:
+    runner = PerBatch()
+    combiner: Combiner = Combiner(runner.run, max_batch=2, max_in_flight=3)
+    futures = [asyncio.ensure_future(combiner.submit(0))]
+    await until(lambda: runner.batches == [[0]])
+    futures.append(asyncio.ensure_future(combiner.submit(2)))
+    for _ in range(5):  # a part batch waits behind the one in flight: no statement of its own
+        await asyncio.sleep(0)
+    assert runner.batches == [[0]]
+    futures += [asyncio.ensure_future(combiner.submit(i)) for i in (4, 6)]  # [2, 4] is whole: it starts
+    await until(lambda: runner.batches == [[0], [2, 4]])
+    futures += [asyncio.ensure_future(combiner.submit(i)) for i in (8, 10)]  # [6, 8] is whole: third in flight
+    await until(lambda: runner.batches == [[0], [2, 4], [6, 8]])
+    futures += [asyncio.ensure_future(combiner.submit(i)) for i in (12, 14)]
+    for _ in range(5):  # three in flight: [10, 12] waits though it is whole
+        await asyncio.sleep(0)
+    assert runner.batches == [[0], [2, 4], [6, 8]]
+    for first in (0, 2, 6, 10, 14):
+        runner.release(first)
+    assert await asyncio.wait_for(asyncio.gather(*futures), 5) == [0, 20, 40, 60, 80, 100, 120, 140]
+    assert runner.batches[:3] == [[0], [2, 4], [6, 8]] and sorted(sum(runner.batches[3:], [])) == [10, 12, 14]
+
+
+async def test_a_batch_that_leaves_the_rest_to_another_in_flight_strands_nothing() -> None:
+    runner = PerBatch()
+    combiner: Combiner = Combiner(runner.run, max_batch=2, max_in_flight=2)
+    first = asyncio.ensure_future(combiner.submit(0))
+    await until(lambda: runner.batches == [[0]])
+    pair = [asyncio.ensure_future(combiner.submit(i)) for i in (2, 4)]
+    await until(lambda: runner.batches == [[0], [2, 4]])
+    last = asyncio.ensure_future(combiner.submit(6))
+    runner.release(0)  # the first finishes, finds less than a batch waiting and another in flight: it leaves
+    assert await asyncio.wait_for(first, 5) == 0
+    assert not last.done() and runner.batches == [[0], [2, 4]]
+    closing = asyncio.ensure_future(combiner.close())
+    runner.release(2)  # the second takes what the first left
+    runner.release(6)
+    assert await asyncio.wait_for(asyncio.gather(*pair, last), 5) == [20, 40, 60]
+    await asyncio.wait_for(closing, 5)
+    assert runner.batches == [[0], [2, 4], [6]]
