@@ -64,7 +64,17 @@ class Combiner(Generic[T, R]):
         return asyncio.shield(future)
 
     def _start(self, batch: list[tuple[T, asyncio.Future[R]]] | None) -> None:
-        self._tasks.add(asyncio.create_task(self._drain(batch), name=self._name))
+        task = asyncio.create_task(self._drain(batch), name=self._name)
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._ended(done, batch))
+
+    def _ended(self, task: asyncio.Task[None], batch: list[tuple[T, asyncio.Future[R]]] | None) -> None:
+        """Also for a task cancelled before its first step, whose `_drain` never ran: it must
+        not stay counted as in flight (nothing would start again), and the batch it was handed
+        goes back to the front of the queue for the next task."""
+        self._tasks.discard(task)
+        if batch:
+            self._pending[:0] = [(item, future) for item, future in batch if not future.done()]
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
@@ -72,8 +82,8 @@ class Combiner(Generic[T, R]):
 
     async def close(self) -> None:
         """Finish what was submitted (shutdown waits for accepted writes)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # shielded: a cancelled close must not cancel a batch mid-transaction
+            await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
 
     async def _drain(self, batch: list[tuple[T, asyncio.Future[R]]] | None) -> None:
         """Run batches while any wait. With others in flight, leave once less than a whole
@@ -100,7 +110,15 @@ class Combiner(Generic[T, R]):
         items = [item for item, _ in batch]
         self.batches += 1
         self.items += len(items)
-        outcomes = await self._outcomes(items)
+        try:
+            outcomes = await self._outcomes(items)
+        except asyncio.CancelledError:  # nobody waits forever on a batch that will not finish
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # a run that broke its contract: its submitters hear of it
+            log.exception("a batch of %d failed outside its run's answers", len(items))
+            outcomes = [exc] * len(items)
         for (_, future), outcome in zip(batch, outcomes):
             if future.done():
                 continue

@@ -439,7 +439,7 @@ class MessageService:
         """Where a new device starts: the user's last seq, the unread count as of it, and
         the first `page` unread messages up to it. A reconnect storm asks this once per
         device: the devices that connect together share one statement for it all, up to
-        `push.sync_point_batch` users; a second statement (up to `push.sync_point_lanes` in
+        `push.sync_point_batch` devices; a second statement (up to `push.sync_point_lanes` in
         flight) starts only once a whole batch waits (see Combiner: small statements in
         parallel cost the database more than a few full ones)."""
         return await self._sync_points.submit((user_id, page))

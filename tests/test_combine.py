@@ -165,3 +165,37 @@ async def test_a_batch_that_leaves_the_rest_to_another_in_flight_strands_nothing
     assert await asyncio.wait_for(asyncio.gather(*pair, last), 5) == [20, 40, 60]
     await asyncio.wait_for(closing, 5)
     assert runner.batches == [[0], [2, 4], [6]]
+
+
+async def test_a_batch_task_cancelled_before_its_first_step_neither_blocks_the_combiner_nor_loses_its_batch() -> None:
+    runner = PerBatch()
+    combiner: Combiner = Combiner(runner.run, max_batch=2, max_in_flight=2)
+    lone = asyncio.ensure_future(combiner.submit(8))
+    (idle_start,) = combiner._tasks
+    idle_start.cancel()  # before it ran a step: its own cleanup never runs
+    await until(lambda: not combiner._tasks)
+    assert not lone.done()
+    first = asyncio.ensure_future(combiner.submit(0))  # the combiner starts again, and 8 goes with it
+    await until(lambda: runner.batches == [[8, 0]])
+    (running,) = combiner._tasks
+    pair = [asyncio.ensure_future(combiner.submit(i)) for i in (2, 4)]  # a whole batch: handed to a second task
+    (second,) = combiner._tasks - {running}
+    second.cancel()
+    await until(lambda: combiner._tasks == {running})
+    assert combiner._tasks == {running} and [item for item, _ in combiner._pending] == [2, 4]  # back in the queue
+    runner.release(8)
+    runner.release(2)
+    assert await asyncio.wait_for(asyncio.gather(lone, first, *pair), 5) == [80, 0, 20, 40]
+    await asyncio.wait_for(combiner.close(), 5)
+    assert runner.batches == [[8, 0], [2, 4]]
+
+
+async def test_a_batch_that_raises_past_the_retries_answers_its_submitters(caplog: pytest.LogCaptureFixture) -> None:
+    async def run(items: list[int]) -> list[int | Exception]:
+        return []  # breaks the contract: every item must be answered
+
+    combiner: Combiner = Combiner(run)
+    with pytest.raises(AssertionError, match="must answer every item"):
+        await asyncio.wait_for(combiner.submit(1), 5)
+    await asyncio.wait_for(combiner.close(), 5)
+    assert "failed outside its run's answers" in caplog.text

@@ -145,8 +145,9 @@ async def test_7_reconnect_gets_exactly_the_unread_backlog_oldest_first(api: Api
 async def test_devices_connecting_together_share_one_sync_point_and_each_gets_its_own_backlog(make_client: Any, config: Config) -> None:
     """A connect storm reads its sync points in shared statements: each device still gets
     exactly its user's unread messages up to its seq, and the count of them, then what
-    is sent after it exactly once. One lane, so that every device waits on one statement."""
-    api = Api(await make_client(with_overrides(config, push={"sync_point_lanes": 1})))
+    is sent after it exactly once. Three waiting devices are less than a batch: they wait
+    for one statement, not one each."""
+    api = Api(await make_client(config))
     alice, bob, carol, dave = await api.users(4)
     to_bob = [(await api.send(alice, [bob], f"b{i}"))["id"] for i in range(3)]
     to_both = [(await api.send(alice, [bob, carol], f"c{i}"))["id"] for i in range(2)]
@@ -177,6 +178,36 @@ async def test_devices_connecting_together_share_one_sync_point_and_each_gets_it
 @pytest.fixture
 def small_backlog(config: Config) -> Config:
     return with_overrides(config, push={"backlog_limit": 450})
+
+
+async def test_a_flood_of_sync_points_runs_whole_batches_side_by_side_each_user_paged_on_its_own(make_client: Any, config: Config) -> None:
+    """Batches of 2, at most 2 statements in flight: while the first is held, a whole batch
+    waiting starts a second beside it, a third waits. Every statement pages each of its
+    users on their own (`backlog_limit` 2: each device gets its user's first 2 unread by
+    seq, and the count of all of them up to its seq), on SQLite and MariaDB."""
+    api = Api(await make_client(with_overrides(config, push={"sync_point_batch": 2, "sync_point_lanes": 2, "backlog_limit": 2})))
+    alice, bob, carol, erin, frank, dave = await api.users(6)
+    early = (await api.send(alice, [bob], "early"))["id"]
+    shared = [(await api.send(alice, [bob, carol, erin, frank], f"m{i}"))["id"] for i in range(5)]
+    await api.call("POST", "/messages/read", user=carol, json={"ids": [shared[1]]}, expect=200)
+    sync_points = api.client.app[message_service_key]._sync_points
+    held = sync_points._run = Held(sync_points._run)
+    batches = sync_points.batches
+    first = await Device.connect(api, dave)
+    await asyncio.wait_for(held.started.wait(), 5)
+    devices = [await Device.connect(api, user) for user in (bob, carol)]
+    await until(lambda: sync_points.batches == batches + 2)  # [bob, carol] was whole: a second statement beside the first
+    devices += [await Device.connect(api, user) for user in (erin, frank)]
+    await until(lambda: len(sync_points._pending) == 2)  # [erin, frank] is whole too, but two are in flight
+    assert sync_points.batches == batches + 2 and len(sync_points._tasks) == 2
+    held.release.set()
+    assert (await first.handshake())["synced"] == {"seq": 0, "count": 0}
+    expected = [([early, shared[0]], {"seq": 6, "count": 6}), ([shared[0], shared[2]], {"seq": 5, "count": 4}),
+                (shared[:2], {"seq": 5, "count": 5}), (shared[:2], {"seq": 5, "count": 5})]
+    for device, (ids, synced) in zip(devices, expected):
+        backlog = await device.handshake()
+        assert [m["id"] for m in backlog["messages"]] == ids and backlog["synced"] == synced
+    assert sync_points.batches == batches + 3
 
 
 async def test_7_large_backlogs_come_in_frames_of_200_up_to_the_limit(make_client: Any, small_backlog: Config) -> None:

@@ -284,7 +284,7 @@ def _sync_points_statement(users_count: int, with_pages: bool, derived: bool) ->
     batch size (the bind names are u0, u1, ...).
 
     A LIMITed branch is a parenthesised UNION ALL member where the database allows one
-    (MariaDB/MySQL, PostgreSQL) and a derived table only where it does not (`derived`:
+    (MariaDB; MySQL too, untested) and a derived table where it does not (`derived`:
     SQLite). MariaDB materialises every such derived table as a temporary table, rows or
     not: 0.25-0.34 ms of its CPU per user per statement against 0.02-0.04 for a
     parenthesised branch (docs/performance.md, "Connect storm, round 4"), which made the
