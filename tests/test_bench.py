@@ -75,6 +75,7 @@ async def test_fanout_smoke_run() -> None:
     result = await _bench("fanout", "--users", "12", "--recipients", "5", "--messages", "10", "--concurrency", "2")
     assert COMMON | {"recipients", "devices", "frames"} <= set(result)
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["frames"] == 10 * 5 * 2
+    assert result["receiver_gc_collections"] == 0  # the receiving devices' process stalls for no collector
     _sane_cpu(result, "frame", 10 * 5 * 2)
 
 

@@ -1,6 +1,7 @@
 """The bench's statistics must be right before its numbers mean anything."""
 
 import asyncio
+import gc
 import math
 import os
 
@@ -45,6 +46,17 @@ async def test_client_health_reports_cpu_and_loop_lag() -> None:
     await asyncio.sleep(0.03)
     result = await health.stop()
     assert result["loop_lag_max_ms"] > 1.0 and result["cpu_percent"] > 0
+
+
+async def test_client_health_counts_the_collectors_runs() -> None:
+    health = ClientHealth(interval=0.01)
+    health.start()
+    gc.collect()
+    gc.collect()
+    result = await health.stop()
+    assert result["gc_collections"] >= 2 and result["gc_ms"] >= 0
+    gc.collect()
+    assert health.gc_collections == result["gc_collections"]  # stopped: no longer counting
 
 
 def test_rss_of_this_process() -> None:

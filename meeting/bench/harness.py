@@ -5,6 +5,7 @@ yardstick; DIALECTS holds the two things they differ in."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing
 import sys
@@ -100,6 +101,15 @@ def receivers(url: str, tokens: list[str], dialect: str = "meeting") -> Iterator
 
 
 def _receiver_main(url: str, tokens: list[str], pipe: Connection, dialect: str) -> None:
+    """The receiving devices are load, not what is measured: their process runs without the
+    cyclic garbage collector. With it, over 10,000 sockets' objects, it spent 3.3-3.5 s of a
+    connect storm's CPU in collections and stalled its loop for up to ~0.6 s at a time, during
+    which it sent no upgrade and read no frame, so the storms measured the client's collector
+    more than either server (docs/performance.md, "Connect 10,000"). A run is short, and what
+    it does not free goes with the process; `receiver_gc_collections` in every result shows it
+    stayed off."""
+    gc.freeze()
+    gc.disable()
     asyncio.run(_receive(url, tokens, pipe, dialect))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import resource
 import time
@@ -50,7 +51,8 @@ class Ledger:
 
 
 class ClientHealth:
-    """The load generator's own CPU and event-loop lag, so a saturated client shows."""
+    """The load generator's own CPU, event-loop lag and cyclic garbage collections, so a
+    saturated or stalling client shows."""
 
     def __init__(self, interval: float = 0.05):
         self._interval = interval
@@ -58,6 +60,16 @@ class ClientHealth:
         self._cpu0 = self._cpu()
         self._wall0 = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self.gc_collections = 0
+        self.gc_seconds = 0.0
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.process_time()
+        else:
+            self.gc_collections += 1
+            self.gc_seconds += time.process_time() - self._gc_started
 
     @staticmethod
     def _cpu() -> float:
@@ -66,6 +78,7 @@ class ClientHealth:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
+        gc.callbacks.append(self._on_gc)
 
     async def _watch(self) -> None:
         while True:
@@ -77,10 +90,13 @@ class ClientHealth:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         wall = time.monotonic() - self._wall0
         return {"cpu_percent": round(100 * (self._cpu() - self._cpu0) / wall, 1) if wall else 0.0,
                 "loop_lag_p99_ms": percentile([x * 1000 for x in self.lags], 99),
-                "loop_lag_max_ms": max(self.lags) * 1000 if self.lags else 0.0}
+                "loop_lag_max_ms": max(self.lags) * 1000 if self.lags else 0.0,
+                "gc_collections": self.gc_collections, "gc_ms": round(self.gc_seconds * 1000, 1)}
 
 
 def rss_kib(pid: int) -> int:
