@@ -180,10 +180,7 @@ class Connection:
                 return False
             if written:
                 self._sent(frame, committed_at)
-                if not self.high_water:  # it was queued for as long as the write took
-                    self.high_water = 1
-                    if self.stats is not None and not self.stats.queue_high_water:
-                        self.stats.queue_high_water = 1
+                self._reached(1)  # it was queued for as long as the write took
                 return True
         size = frame_bytes(frame)
         if self._queue is None:
@@ -197,11 +194,7 @@ class Connection:
             return False
         self._queue.append((frame, committed_at, size))
         self._bytes += size
-        depth = len(self._queue)
-        if depth > self.high_water:
-            self.high_water = depth
-            if self.stats is not None and depth > self.stats.queue_high_water:
-                self.stats.queue_high_water = depth
+        self._reached(len(self._queue))
         if self._writer is None and not self._stopped:
             self._writer = asyncio.create_task(self._write_loop())
         return True
@@ -231,6 +224,13 @@ class Connection:
                 self._queue = None
                 self._bytes = 0
             self._wake()  # empty, or failed and closing: a waiter either has room or learns it is closed
+
+    def _reached(self, depth: int) -> None:
+        """The outbound queue was `depth` frames deep: this socket's high water, and the process's."""
+        if depth > self.high_water:
+            self.high_water = depth
+            if self.stats is not None and depth > self.stats.queue_high_water:
+                self.stats.queue_high_water = depth
 
     def _sent(self, frame: str, committed_at: float | None) -> None:
         if self.stats is not None:

@@ -50,17 +50,17 @@ from .redis_client import key
 Status = dict[str, object]
 WHAT = "presence"
 
-# KEYS: devices zset, online hash (standalone only). ARGV: connection id, now, expiry, key ttl, max, user id.
+# One connect on a Redis Cluster, where the online hash is on another shard (it follows in a
+# command of its own). KEYS: the devices zset. ARGV: connection id, now, expiry, key ttl, max.
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-if #KEYS > 1 then redis.call('HSET', KEYS[2], ARGV[6], ARGV[2]) end
 return 1
 """
 
-# Many connects in one call (standalone Redis only), each in turn exactly as _ADMIT.
+# Many connects in one call (standalone Redis only), each in turn as _ADMIT, then its user in the online hash.
 # KEYS: the devices zset of each connect, then the online hash. ARGV: now, expiry, key ttl,
 # then per connect its connection id, user id and max. Answers 1 or 0 per connect.
 _ADMIT_MANY = """
@@ -125,7 +125,7 @@ class Presence:
         try:
             admitted = await self._admit(  # type: ignore[misc]
                 keys=[self._devices_key(user_id)],
-                args=[connection_id, f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1, limit, user_id])
+                args=[connection_id, f"{now:.3f}", f"{now + self._lifetime:.3f}", int(self._lifetime) + 1, limit])
             if admitted:
                 await self._breaker.client.hset(self._seen_key, str(user_id), f"{now:.3f}")  # type: ignore[union-attr]
         except REDIS_FAILURES as exc:
