@@ -161,5 +161,6 @@ async def test_side_by_side_suite_smoke_against_the_yardstick() -> None:
         server = float(groups[0].split()[0])
         if side == "meeting":
             assert server > 0 and re.fullmatch(number, server_ceiling) and re.fullmatch(number, machine_ceiling), (name, groups)
-        toy_server += server
-    assert toy_server > 0
+        if side == "toy":
+            toy_server += server
+    assert toy_server > 0  # the toy's rows are measured too, if not every one of them ticks

@@ -536,6 +536,7 @@ async def test_a_flood_of_receipts_drops_what_does_not_fit_and_never_closes_the_
         receipts.append(frame["payload"])
     assert frame["type"] == "pong"
     got = [r["message_id"] for r in receipts]
+    assert len(got) >= 75  # three quarters of the queue were the droppable frames' to take
     assert got == ids[:len(got)] and all(r["read_count"] == 1 for r in receipts)
     assert stats.live_frames_dropped == 1200 - len(got)
     assert stats.slow_consumer_closes == 0

@@ -108,7 +108,6 @@ def _receiver_main(url: str, tokens: list[str], pipe: Connection, dialect: str) 
     more than either server (docs/performance.md, "Connect 10,000"). A run is short, and what
     it does not free goes with the process; `receiver_gc_collections` in every result shows it
     stayed off."""
-    gc.freeze()
     gc.disable()
     asyncio.run(_receive(url, tokens, pipe, dialect))
 
